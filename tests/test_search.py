@@ -1,0 +1,117 @@
+"""Integration: real Ray Tune + Optuna + ASHA searches on the shared real data, on the CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from search.run import SearchOptions, run_search
+
+SMALL = dict(storage=None, max_epochs=3, grace_period=1, image_size=28, cpus_per_trial=1, seed=0)
+
+
+def _run(tmp_path, **options):
+    return run_search(SearchOptions(**{**SMALL, "storage": str(tmp_path), **options}))
+
+
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory, pneumonia_npz):
+    folder = _run(tmp_path_factory.mktemp("exp"), space="tiny", data=str(pneumonia_npz), num_samples=8,
+                  subset=600, name="tiny")
+    return folder, pd.read_csv(folder / "leaderboard.csv")
+
+
+def test_leaderboard_has_one_row_per_trial_sorted_by_the_metric(tiny_search):
+    folder, board = tiny_search
+    assert len(board) == 8 and board["trial_id"].is_unique
+    assert list(board["rank"]) == list(range(1, 9))
+    assert board["val_auc"].is_monotonic_decreasing
+    assert (board["status"] == "TERMINATED").all()
+    for column in ("backbone", "lr", "dropout", "optimizer", "augment", "weights", "image_size", "val_acc", "val_f1",
+                   "val_loss", "best_epoch", "epochs", "stopped_early", "wall_seconds", "params_m"):
+        assert column in board and board[column].notna().all(), column
+    assert board["val_auc"].iloc[0] > 0.9  # real X-rays: even a tiny budget separates the classes
+
+
+def test_asha_stops_some_trials_early(tiny_search):
+    _, board = tiny_search
+    stopped = board[board["stopped_early"]]
+    assert len(stopped) >= 2
+    assert (stopped["epochs"] < 3).all()
+    assert (board.loc[~board["stopped_early"], "epochs"] == 3).all()
+
+
+def test_optuna_learns_asha_stopped_trials_as_pruned(tiny_search):
+    folder, board = tiny_search
+    study = pd.read_csv(folder / "optuna_trials.csv")
+    assert len(study) == 8
+    assert (study["state"] == "PRUNED").sum() == board["stopped_early"].sum()
+    assert (study["state"] == "COMPLETE").sum() == (~board["stopped_early"]).sum()
+
+
+def test_outputs_record_config_versions_and_data_fingerprint(tiny_search, pneumonia_npz):
+    folder, board = tiny_search
+    record = json.loads((folder / "search_config.json").read_text())
+    assert record["data"]["fingerprint"] and record["data"]["counts"]["train"] == {"normal": 300, "pneumonia": 300}
+    assert {"torch", "timm", "ray", "optuna"} <= set(record["versions"])
+    assert record["options"]["num_samples"] == 8 and record["profile"] == "cpu"
+    per_backbone = pd.read_csv(folder / "leaderboard_by_backbone.csv")
+    assert set(per_backbone["backbone"]) == set(board["backbone"])
+    assert per_backbone["trials"].sum() == 8
+    assert (folder / "search_progress.png").stat().st_size > 1000
+
+
+def test_backbones_space_with_real_pretrained_weights(tmp_path, pneumonia_npz):
+    """The `backbones` space on real ImageNet weights (installed EfficientNet-Lite0 package): the
+    conditional freezing depth is drawn and the frozen share shows in the leaderboard."""
+    folder = _run(tmp_path, space="backbones", data=str(pneumonia_npz), backbones="efficientnet_lite0",
+                  num_samples=3, max_epochs=1, subset=300, weights="imagenet", name="lite0")
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 3 and (board["status"] == "TERMINATED").all()
+    assert board["freeze_depth"].between(0, 5).all() and board["weights"].eq("imagenet").all()
+    frozen_share = 1 - board["trainable_params_m"] / board["params_m"]
+    assert ((frozen_share > 0) == (board["freeze_depth"] > 0)).all()
+
+
+def test_search_on_a_folder_of_pngs(tmp_path, png_folder):
+    folder = _run(tmp_path, space="tiny", data=str(png_folder), num_samples=2, max_epochs=2, name="pngs")
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 2 and board["val_auc"].notna().all()
+    record = json.loads((folder / "search_config.json").read_text())
+    assert record["data"]["class_names"] == ["normal lung", "viral pneumonia"]
+
+
+def _cli(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "search.run", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such/folder"], "data path '/no/such/folder' does not exist"),
+    (["--space", "nope"], "unknown space 'nope'; known spaces: backbones, recipes, tiny"),
+    (["--max-epochs", "0"], "--max-epochs must be positive, got 0"),
+    (["--grace-period", "5", "--max-epochs", "2"], "--grace-period 5 exceeds --max-epochs 2"),
+    (["--backbones", "resnet5000"], "unknown backbone(s) ['resnet5000']"),
+    (["--gpus-per-trial", "1"], "no node can run a trial with 1 CPU and 1 GPU"),
+    (["--weights", "imagenet", "--backbones", "resnet18"], "no ImageNet weights reachable for resnet18"),
+])
+def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message):
+    base = ["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--num-samples", "1"]
+    result = _cli(*base, *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_refuses_to_overwrite_an_experiment(tmp_path, pneumonia_npz):
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    (existing / "leaderboard.csv").write_text("precious\n")
+    result = _cli("--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "mine")
+    assert result.returncode == 2 and "already exists; pass --resume" in result.stderr
+    assert (existing / "leaderboard.csv").read_text() == "precious\n"

@@ -1,0 +1,105 @@
+"""The trial configuration: plain JSON-able keys, their defaults, and validation at the boundary.
+
+Example:
+    >>> config = validate_config({"backbone": "resnet18", "lr": 3e-4}, num_classes=2)
+    >>> config["optimizer"], config["class_weights"]
+    ('adamw', 'none')
+"""
+from __future__ import annotations
+
+import difflib
+import math
+
+import timm
+
+from trainables import UserError
+
+DEFAULT_CONFIG = {
+    "recipe": None,               # name of a fixed recipe (spaces/recipes.py), a label only
+    "backbone": "resnet18",
+    "weights": "imagenet",       # "imagenet" or "random"
+    "weights_dir": None,          # folder of local checkpoints <backbone>.pth
+    "image_size": 32,             # side of the decoded images (fixed per search)
+    "batch_size": 64,
+    "max_epochs": 6,
+    "seed": 0,
+    "lr": 1e-3,                   # backbone learning rate
+    "head_lr_ratio": 1.0,         # head learning rate = lr * head_lr_ratio
+    "optimizer": "adamw",
+    "weight_decay": 1e-4,
+    "momentum": 0.9,              # SGD only
+    "schedule": "cosine",
+    "restart_epochs": 2,          # cosine_restarts only: length of the first cycle
+    "step_epochs": 2,             # step only: decay every this many epochs
+    "step_gamma": 0.3,            # step only
+    "dropout": 0.0,
+    "head": "linear",
+    "head_hidden": 256,
+    "freeze_depth": 0,
+    "class_weights": "none",      # "none", "balanced", "ratio", or explicit "3:1:1"
+    "minority_weight": 2.0,       # ratio only: weight of the rarest class, the others 1
+    "augment": "light",
+    "label_smoothing": 0.0,
+}
+
+CHOICES = {
+    "weights": ("imagenet", "random"),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("constant", "cosine", "cosine_restarts", "step"),
+    "head": ("linear", "mlp"),
+    "augment": ("none", "light", "medium", "heavy"),
+}
+POSITIVE = ("lr", "head_lr_ratio", "batch_size", "max_epochs", "image_size", "restart_epochs",
+            "step_epochs", "step_gamma", "minority_weight", "head_hidden")
+FRACTIONS = ("dropout", "label_smoothing", "momentum")
+
+
+def validate_config(config: dict, *, num_classes: int) -> dict:
+    """Defaults filled in and every key checked; the error names the key, value and what is allowed.
+
+    Raises:
+        UserError: an unknown key, or a value out of range.
+    """
+    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise UserError(f"unknown config key(s) {unknown}; known: {sorted(DEFAULT_CONFIG)}")
+    out = {**DEFAULT_CONFIG, **config}
+    for key, allowed in CHOICES.items():
+        if out[key] not in allowed:
+            raise UserError(f"{key} {out[key]!r} is not one of {list(allowed)}")
+    for key in POSITIVE:
+        if not (isinstance(out[key], (int, float)) and out[key] > 0 and math.isfinite(out[key])):
+            raise UserError(f"{key} must be a positive number, got {out[key]!r}")
+    for key in FRACTIONS:
+        if not (isinstance(out[key], (int, float)) and 0 <= out[key] < 1):
+            raise UserError(f"{key} must be in [0, 1), got {out[key]!r}")
+    if not isinstance(out["weight_decay"], (int, float)) or out["weight_decay"] < 0:
+        raise UserError(f"weight_decay must be >= 0, got {out['weight_decay']!r}")
+    if not timm.is_model(out["backbone"]):
+        close = difflib.get_close_matches(out["backbone"], timm.list_models(), n=5)
+        raise UserError(f"unknown backbone {out['backbone']!r}; close timm names: {close} "
+                        f"(all: timm.list_models())")
+    from trainables.models import num_stages  # imports timm models; kept out of module import
+    depth, stages = out["freeze_depth"], num_stages(out["backbone"])
+    if not (isinstance(depth, int) and 0 <= depth <= stages):
+        raise UserError(f"freeze_depth {depth!r} is out of range for {out['backbone']}: 0..{stages}")
+    parse_class_weights(out["class_weights"], num_classes)
+    return out
+
+
+def parse_class_weights(spec: str, num_classes: int) -> list[float] | None:
+    """An explicit "3:1:1" as a list of floats; None for the schemes computed from the labels.
+
+    Raises:
+        UserError: not a scheme, not numbers, or not one per class.
+    """
+    if spec in ("none", "balanced", "ratio"):
+        return None
+    try:
+        weights = [float(w) for w in str(spec).split(":")]
+    except ValueError:
+        weights = []
+    if len(weights) != num_classes or min(weights, default=0) <= 0:
+        raise UserError(f"class_weights {spec!r} must be 'none', 'balanced', 'ratio' or {num_classes} "
+                        f"positive numbers joined by ':' (one per class, in class order)")
+    return weights

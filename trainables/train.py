@@ -1,0 +1,217 @@
+"""The trainable: one function of `(config, data)` that trains a classifier and reports each epoch.
+
+Run it through Ray Tune (search/run.py does this):
+    tuner = tune.Tuner(tune.with_parameters(train_classifier, data=dataset), param_space=config)
+
+Each epoch it reports validation `val_auc`, `val_acc`, `val_f1`, `val_loss` (plus train loss,
+learning rate, timings and model size) with a checkpoint that ASHA, resume and retries use.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ray import tune
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+from trainables.augment import augment_batch
+from trainables.config import parse_class_weights, validate_config
+from trainables.data import Dataset
+from trainables.metrics import classification_metrics
+from trainables.models import Classifier, build_model, min_input_size
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def train_classifier(config: dict, data: Dataset) -> None:
+    """Train `config` on `data`'s train split; report validation metrics and a checkpoint per epoch."""
+    config = validate_config(config, num_classes=data.num_classes)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config["seed"])
+
+    model = build_model(config, num_classes=data.num_classes, in_chans=data.channels).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    prep = Preprocess(model, config, data)
+    train_x, train_y = (torch.from_numpy(a).to(device) for a in data.arrays("train"))
+    val_x, val_y = data.arrays("val")
+    weights = class_weights(config["class_weights"], data.arrays("train")[1], data.num_classes,
+                            minority_weight=config["minority_weight"])
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, device=device),
+                                  label_smoothing=config["label_smoothing"])
+    steps_per_epoch = max(1, len(train_y) // config["batch_size"])
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    start_epoch = 1
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+
+    for epoch in range(start_epoch, config["max_epochs"] + 1):
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(config["seed"] * 1000 + epoch)
+        train_loss = train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler,
+                                     batch_size=config["batch_size"], augment=config["augment"],
+                                     generator=generator, epoch=epoch)
+        t1 = time.perf_counter()
+        probs = predict_proba(model, prep, val_x, batch_size=256)
+        val_loss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                              torch.from_numpy(val_y)).item()
+        scores = classification_metrics(val_y, probs)
+        t2 = time.perf_counter()
+        metrics = {"val_auc": scores["auc"], "val_acc": scores["acc"], "val_f1": scores["f1"],
+                   "val_loss": val_loss, "train_loss": train_loss, "epoch": epoch,
+                   "lr": optimizer.param_groups[0]["lr"], "train_seconds": t1 - t0, "eval_seconds": t2 - t1,
+                   "params_m": n_params / 1e6, "trainable_params_m": n_trainable / 1e6,
+                   "input_size": prep.input_size}
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics},
+                       Path(folder) / CHECKPOINT_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+class Preprocess:
+    """uint8 (B, H, W, C) -> normalised float (B, C, S, S) on the model's device, with the mean and
+    std of the backbone's `pretrained_cfg` and the smallest input size the backbone accepts."""
+
+    def __init__(self, model: Classifier, config: dict, data: Dataset):
+        cfg = model.backbone.pretrained_cfg
+        mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
+        if data.channels == 1:
+            mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+        self.device = next(model.parameters()).device
+        self.mean = mean.view(1, -1, 1, 1).to(self.device)
+        self.std = std.view(1, -1, 1, 1).to(self.device)
+        self.input_size = min_input_size(config["backbone"], data.images.shape[1])
+        self.channels_last = self.device.type == "cuda"
+
+    def __call__(self, x_uint8: torch.Tensor, *, augment: str = "none",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        x = x_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        if augment != "none":
+            x = augment_batch(x, augment, generator)
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler, *, batch_size: int,
+                    augment: str, generator: torch.Generator, epoch: int) -> float:
+    """One pass over the shuffled train split; returns the mean loss.
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite (the trial diverged).
+    """
+    model.train()
+    device = train_x.device
+    amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(enabled=amp and amp_dtype == torch.float16)
+    order = torch.randperm(len(train_y), generator=generator).to(device)
+    total, seen = 0.0, 0
+    for start in range(0, len(order) - 1, batch_size):
+        idx = order[start:start + batch_size]
+        if len(idx) < 2:  # BatchNorm needs two samples
+            break
+        x = prep(train_x[idx], augment=augment, generator=generator)
+        y = train_y[idx]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            loss = loss_fn(model(x), y)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {start // batch_size}: "
+                                     f"the trial diverged (a lower lr or another optimizer may help)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, prep: Preprocess, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (N, num_classes) for uint8 images (N, H, W, C)."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = prep(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])))
+        with torch.autocast(prep.device.type, dtype=torch.bfloat16, enabled=prep.device.type == "cuda"):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), 1).cpu())
+    return torch.cat(out).numpy()
+
+
+def class_weights(spec: str, labels: np.ndarray, num_classes: int, *,
+                  minority_weight: float = 2.0) -> list[float] | None:
+    """Loss weights per class: None; "balanced" n_total / (n_class * n_classes); "ratio" the rarest
+    class `minority_weight` and the others 1; or an explicit "3:1:1".
+
+    Example:
+        >>> class_weights("balanced", np.array([0, 0, 0, 1]), 2)
+        [0.6666666666666666, 2.0]
+    """
+    if spec == "none":
+        return None
+    explicit = parse_class_weights(spec, num_classes)
+    if explicit is not None:
+        return explicit
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    if spec == "balanced":
+        return (len(labels) / (np.maximum(counts, 1) * num_classes)).tolist()
+    weights = np.ones(num_classes)
+    weights[int(np.argmin(counts))] = minority_weight
+    return weights.tolist()
+
+
+def make_optimizer(model: Classifier, config: dict) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD over two learning rates: the backbone's `lr` and the head's
+    `lr * head_lr_ratio`; no weight decay on biases and norms."""
+    groups = []
+    for part, lr in ((model.backbone, config["lr"]), (model.head, config["lr"] * config["head_lr_ratio"])):
+        for group in param_groups_weight_decay(part, config["weight_decay"]):
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+            if group["params"]:
+                groups.append({**group, "lr": lr})
+    if config["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=config["lr"], momentum=config["momentum"], nesterov=True)
+    if config["optimizer"] == "adam":
+        # Adam's weight decay is L2 on the gradient, as in the classic Keras recipes
+        return torch.optim.Adam(groups, lr=config["lr"])
+    return torch.optim.AdamW(groups, lr=config["lr"])
+
+
+def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
+    """Per-step schedule over the full `max_epochs` (so an ASHA-stopped trial saw the same
+    schedule as a finished one up to its last epoch)."""
+    total = config["max_epochs"] * steps_per_epoch
+    if config["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    if config["schedule"] == "cosine_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=max(1, round(config["restart_epochs"] * steps_per_epoch)))
+    if config["schedule"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, round(config["step_epochs"] * steps_per_epoch)),
+                                               gamma=config["step_gamma"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
