@@ -90,6 +90,7 @@ class LeaderboardCallback(tune.Callback):
         self.num_samples, self.time_budget, self.scheduler = num_samples, time_budget, scheduler
         self.best: dict[str, dict] = dict(seed_best or {})
         self.ended: dict[str, float] = {}
+        self.failed: set[str] = set()
         self.started = time.time()
         self.print_every, self.last_print = print_every, 0.0
 
@@ -112,6 +113,7 @@ class LeaderboardCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.ended[trial.trial_id] = time.time() - self.started
+        self.failed.add(trial.trial_id)
         self.write(trials)
         print(f"  trial {trial.trial_id} failed: {_error_line(trial)} (full trace: {trial.error_file})",
               flush=True)
@@ -135,19 +137,19 @@ class LeaderboardCallback(tune.Callback):
     def report(self, trials) -> None:
         self.last_print = time.time()
         elapsed = self.last_print - self.started
-        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-        running = sum(t.status == "RUNNING" for t in trials)
+        # Ray calls on_trial_complete before the trial's status changes: count what ended here
+        done = len(self.ended)
+        running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
         stopped = len(self.scheduler.stopped) if self.scheduler else 0
-        failed = sum(t.status == "ERROR" for t in trials)
-        line = (f"[{_clock(elapsed)}] trials {len(done)}/{self.num_samples} done ({stopped} stopped early by "
-                f"ASHA, {failed} failed), {running} running")
+        line = (f"[{_clock(elapsed)}] trials {done}/{self.num_samples} done ({stopped} stopped early by "
+                f"ASHA, {len(self.failed)} failed), {running} running")
         scored = {k: v for k, v in self.best.items() if v.get(self.metric) is not None}
         if scored:
             top = min(scored, key=lambda k: -scored[k][self.metric] if self.mode == "max" else scored[k][self.metric])
             backbone = next((t.config.get("backbone") for t in trials if t.trial_id == top), "")
             line += f" | best {self.metric} {scored[top][self.metric]:.4f} ({top}, {backbone})"
-        if done and len(done) < self.num_samples:
-            eta = elapsed / len(done) * (self.num_samples - len(done))
+        if done and done < self.num_samples:
+            eta = elapsed / done * (self.num_samples - done)
             if self.time_budget:
                 eta = min(eta, max(0.0, self.time_budget - elapsed))
             line += f" | ETA ~{_clock(eta)}"
@@ -157,3 +159,41 @@ class LeaderboardCallback(tune.Callback):
 def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def plot_progress(board: pd.DataFrame, folder: Path, *, metric: str, mode: str) -> None:
+    """search_progress.png: each trial's best metric at the time it ended, ASHA stops marked,
+    and the best so far."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    frame = board.dropna(subset=["ended_s", metric]).sort_values("ended_s") if not board.empty else board
+    if frame.empty:
+        return
+    minutes, stopped = frame["ended_s"] / 60, frame["stopped_early"].astype(bool)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.scatter(minutes[~stopped], frame[metric][~stopped], label="ran all epochs", zorder=3)
+    ax.scatter(minutes[stopped], frame[metric][stopped], marker="x", label="stopped early by ASHA", zorder=3)
+    best = frame[metric].cummax() if mode == "max" else frame[metric].cummin()
+    ax.step(minutes, best, where="post", color="gray", lw=1, label="best so far")
+    ax.set_xlabel("minutes since the search started (when the trial ended)")
+    ax.set_ylabel(f"{metric} at the trial's best epoch")
+    ax.set_title(f"search progress: {folder.name} ({len(frame)} trials, {int(stopped.sum())} stopped early)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "search_progress.png", dpi=120)
+    plt.close(fig)
+
+
+def print_summary(board: pd.DataFrame, folder: Path, *, metric: str) -> None:
+    if board.empty:
+        print(f"no trial finished; see {folder}")
+        return
+    cols = [c for c in ("rank", "trial_id", "status", metric, "epochs", "stopped_early", "backbone", "recipe", "lr")
+            if c in board]
+    print(f"\nleaderboard: {folder / 'leaderboard.csv'}")
+    print(board[cols].head(10).to_string(index=False))
+    stopped = int(board["stopped_early"].sum())
+    print(f"{len(board)} trials, {stopped} stopped early by ASHA, "
+          f"{int((board['status'] == 'ERROR').sum())} failed")

@@ -132,9 +132,10 @@ def run_search(options: SearchOptions) -> Path:
     Raises:
         UserError: bad options, data, weights or resources; nothing is written before the checks.
     """
+    import pandas as pd
     import ray
 
-    from search.leaderboard import LeaderboardCallback, write_atomic
+    from search.leaderboard import LeaderboardCallback, plot_progress, print_summary, write_atomic
     from search.tuner import bind_space, make_scheduler, make_searcher, make_tuner
     from spaces import get_space
     from trainables.data import load_dataset
@@ -151,7 +152,7 @@ def run_search(options: SearchOptions) -> Path:
         options = SearchOptions(**{**saved["options"], "resume": True, "address": options.address,
                                    "storage": options.storage})
     space = get_space(options.space)
-    _check_numbers(options)
+    _check_options(options)
     data_path = _data_path(options.data)
     name = options.name or f"{options.space}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = storage / name
@@ -227,9 +228,9 @@ def run_search(options: SearchOptions) -> Path:
         tuner.fit()
         if optuna_search.study.trials:  # a resumed search restores its own searcher instead
             _write_optuna_trials(optuna_search, folder, write_atomic)
-        board = _read_board(folder)
-        _plot_progress(board, folder, metric)
-        _print_summary(board, folder, metric)
+        board = pd.read_csv(folder / "leaderboard.csv")
+        plot_progress(board, folder, metric=metric, mode=mode)
+        print_summary(board, folder, metric=metric)
         return folder
     finally:
         ray.shutdown()
@@ -237,7 +238,7 @@ def run_search(options: SearchOptions) -> Path:
 
 # ---- checks at the boundary -------------------------------------------------------------------
 
-def _check_numbers(o: SearchOptions) -> None:
+def _check_options(o: SearchOptions) -> None:
     positive = {"num_samples": o.num_samples, "max_epochs": o.max_epochs, "grace_period": o.grace_period,
                 "cpus_per_trial": o.cpus_per_trial, "max_concurrent": o.max_concurrent,
                 "time_budget": o.time_budget, "image_size": o.image_size, "batch_size": o.batch_size,
@@ -257,6 +258,14 @@ def _check_numbers(o: SearchOptions) -> None:
         raise UserError(f"--grace-period {o.grace_period} exceeds --max-epochs {o.max_epochs}")
     if o.weights_dir and not Path(o.weights_dir).expanduser().is_dir():
         raise UserError(f"--weights-dir {o.weights_dir!r} is not a folder")
+    from search.tuner import SAMPLERS
+    if o.sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {o.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if o.backbones:
+        import timm
+        unknown = [b for b in o.backbones.split(",") if b.strip() and not timm.is_model(b.strip())]
+        if unknown:
+            raise UserError(f"unknown backbone(s) {unknown}; use timm model names (timm.list_models())")
 
 
 def _saved_search(folder: Path) -> dict:
@@ -292,12 +301,8 @@ def _check_resources(o: SearchOptions) -> None:
 
 
 def _backbones(space, o: SearchOptions, profile: str) -> tuple[str, ...]:
-    import timm
     if o.backbones:
         chosen = tuple(b.strip() for b in o.backbones.split(",") if b.strip())
-        unknown = [b for b in chosen if not timm.is_model(b)]
-        if unknown:
-            raise UserError(f"unknown backbone(s) {unknown}; use timm model names (timm.list_models())")
         if space.fixed:
             raise UserError(f"--backbones does not apply to the fixed space {space.name!r}")
         return chosen
@@ -342,49 +347,6 @@ def _versions() -> dict:
 def _write_optuna_trials(optuna_search, folder: Path, write_atomic) -> None:
     frame = optuna_search.study.trials_dataframe()
     write_atomic(folder / "optuna_trials.csv", lambda p: frame.to_csv(p, index=False))
-
-
-def _read_board(folder: Path):
-    import pandas as pd
-    return pd.read_csv(folder / "leaderboard.csv")
-
-
-def _plot_progress(board, folder: Path, metric: str) -> None:
-    """search_progress.png: each trial's best metric at the time it ended, ASHA stops marked,
-    and the best so far."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    frame = board.dropna(subset=["ended_s", metric]).sort_values("ended_s") if not board.empty else board
-    if frame.empty:
-        return
-    minutes, stopped = frame["ended_s"] / 60, frame["stopped_early"].astype(bool)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.scatter(minutes[~stopped], frame[metric][~stopped], label="ran all epochs", zorder=3)
-    ax.scatter(minutes[stopped], frame[metric][stopped], marker="x", label="stopped early by ASHA", zorder=3)
-    best = frame[metric].cummax() if METRICS[metric] == "max" else frame[metric].cummin()
-    ax.step(minutes, best, where="post", color="gray", lw=1, label="best so far")
-    ax.set_xlabel("minutes since the search started (when the trial ended)")
-    ax.set_ylabel(f"{metric} at the trial's best epoch")
-    ax.set_title(f"search progress: {folder.name} ({len(frame)} trials, {int(stopped.sum())} stopped early)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(folder / "search_progress.png", dpi=120)
-    plt.close(fig)
-
-
-def _print_summary(board, folder: Path, metric: str) -> None:
-    if board is None or board.empty:
-        print(f"no trial finished; see {folder}")
-        return
-    cols = [c for c in ("rank", "trial_id", "status", metric, "epochs", "stopped_early", "backbone", "recipe", "lr")
-            if c in board]
-    print(f"\nleaderboard: {folder / 'leaderboard.csv'}")
-    print(board[cols].head(10).to_string(index=False))
-    stopped = int(board["stopped_early"].sum())
-    print(f"{len(board)} trials, {stopped} stopped early by ASHA, "
-          f"{int((board['status'] == 'ERROR').sum())} failed")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,13 @@ def _cli(*args, cwd=ROOT):
     (["--backbones", "resnet5000"], "unknown backbone(s) ['resnet5000']"),
     (["--gpus-per-trial", "1"], "no node can run a trial with 1 CPU and 1 GPU"),
     (["--weights", "imagenet", "--backbones", "resnet18"], "no ImageNet weights reachable for resnet18"),
+    (["--sampler", "bogus"], "unknown sampler 'bogus'; choose one of tpe, random, qmc, gp"),
+    (["--weights-dir", "/no/dir"], "--weights-dir '/no/dir' is not a folder"),
+    (["--reduction-factor", "1"], "--reduction-factor must be >= 2, got 1.0"),
+    (["--subset", "1"], "--subset 1 is too small"),
+    (["--resume"], "--resume needs --name"),
+    (["--resume", "--name", "never-ran"], "nothing to resume at"),
+    (["--space", "recipes", "--backbones", "resnet18"], "--backbones does not apply to the fixed space 'recipes'"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message):
     base = ["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--num-samples", "1"]
@@ -115,3 +122,22 @@ def test_cli_refuses_to_overwrite_an_experiment(tmp_path, pneumonia_npz):
     result = _cli("--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "mine")
     assert result.returncode == 2 and "already exists; pass --resume" in result.stderr
     assert (existing / "leaderboard.csv").read_text() == "precious\n"
+
+
+def test_cli_names_a_corrupt_image(tmp_path, png_folder):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(png_folder, data)
+    (data / "normal lung" / "scan 7.png").write_bytes(b"\x89PNG broken")
+    result = _cli("--data", str(data), "--storage", str(tmp_path / "exp"), "--space", "tiny")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "1 image(s) could not be read" in result.stderr and "scan 7.png" in result.stderr
+    assert "--skip-corrupt" in result.stderr
+    assert not (tmp_path / "exp").exists()  # nothing written before the checks passed
+
+
+def test_cli_manifest_group_column_must_exist(tmp_path):
+    from conftest import shared
+    result = _cli("--data", str(shared("covid-ct-ucsd", "patients.csv")), "--group-column", "hospital",
+                  "--storage", str(tmp_path))
+    assert result.returncode == 2 and "--group-column 'hospital' is not a column" in result.stderr

@@ -43,9 +43,10 @@ def train_classifier(config: dict, data: Dataset) -> None:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     prep = Preprocess(model, config, data)
-    train_x, train_y = (torch.from_numpy(a).to(device) for a in data.arrays("train"))
+    train_images, train_labels = data.arrays("train")
+    train_x, train_y = torch.from_numpy(train_images).to(device), torch.from_numpy(train_labels).to(device)
     val_x, val_y = data.arrays("val")
-    weights = class_weights(config["class_weights"], data.arrays("train")[1], data.num_classes,
+    weights = class_weights(config["class_weights"], train_labels, data.num_classes,
                             minority_weight=config["minority_weight"])
     loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, device=device),
                                   label_smoothing=config["label_smoothing"])
@@ -124,9 +125,8 @@ def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler
     """
     model.train()
     device = train_x.device
-    amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(enabled=amp and amp_dtype == torch.float16)
+    amp, dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler(enabled=amp and dtype == torch.float16)
     order = torch.randperm(len(train_y), generator=generator).to(device)
     total, seen = 0.0, 0
     for start in range(0, len(order) - 1, batch_size):
@@ -135,7 +135,7 @@ def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler
             break
         x = prep(train_x[idx], augment=augment, generator=generator)
         y = train_y[idx]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
             loss = loss_fn(model(x), y)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {start // batch_size}: "
@@ -150,14 +150,22 @@ def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler
     return total / max(seen, 1)
 
 
+def autocast_dtype(device: torch.device) -> tuple[bool, torch.dtype]:
+    """Mixed precision on GPUs only: bfloat16 where supported (no loss scaling), else float16."""
+    if device.type != "cuda":
+        return False, torch.float32
+    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @torch.no_grad()
 def predict_proba(model: nn.Module, prep: Preprocess, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """Class probabilities (N, num_classes) for uint8 images (N, H, W, C)."""
     model.eval()
+    amp, dtype = autocast_dtype(prep.device)
     out = []
     for start in range(0, len(images), batch_size):
         x = prep(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])))
-        with torch.autocast(prep.device.type, dtype=torch.bfloat16, enabled=prep.device.type == "cuda"):
+        with torch.autocast(prep.device.type, dtype=dtype, enabled=amp):
             logits = model(x)
         out.append(torch.softmax(logits.float(), 1).cpu())
     return torch.cat(out).numpy()
