@@ -91,8 +91,27 @@ class LeaderboardCallback(tune.Callback):
         self.best: dict[str, dict] = dict(seed_best or {})
         self.ended: dict[str, float] = {}
         self.failed: set[str] = set()
+        self.stopped_before: set[str] = set()  # ASHA stops recorded before a --resume
         self.started = time.time()
         self.print_every, self.last_print = print_every, 0.0
+
+    def setup(self, **info):
+        """Called at the start and again after `--resume`: take back what the leaderboard on disk
+        knows of trials that ended before (their best epoch, when they ended, ASHA stops)."""
+        path = self.folder / "leaderboard.csv"
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        old = pd.read_csv(path)
+        for row in old.to_dict("records"):
+            tid = row["trial_id"]
+            if tid not in self.best and pd.notna(row.get(self.metric)):
+                self.best[tid] = {**{m: row.get(m) for m in VAL_METRICS},
+                                  "training_iteration": row.get("best_epoch")}
+            if tid not in self.ended and pd.notna(row.get("ended_s")):
+                self.ended[tid] = row["ended_s"]
+            if bool(row.get("stopped_early")):
+                self.stopped_before.add(tid)
+        self.started = time.time() - max(self.ended.values(), default=0.0)
 
     def better(self, a, b) -> bool:
         if a is None or (isinstance(a, float) and math.isnan(a)):
@@ -125,7 +144,7 @@ class LeaderboardCallback(tune.Callback):
 
     def table(self, trials) -> pd.DataFrame:
         return leaderboard(trials, self.best, metric=self.metric, mode=self.mode, ended=self.ended,
-                           stopped=self.scheduler.stopped if self.scheduler else set())
+                           stopped=self.stopped_before | (self.scheduler.stopped if self.scheduler else set()))
 
     def write(self, trials) -> pd.DataFrame:
         board = self.table(trials)
@@ -140,7 +159,7 @@ class LeaderboardCallback(tune.Callback):
         # Ray calls on_trial_complete before the trial's status changes: count what ended here
         done = len(self.ended)
         running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
-        stopped = len(self.scheduler.stopped) if self.scheduler else 0
+        stopped = len(self.stopped_before | (self.scheduler.stopped if self.scheduler else set()))
         line = (f"[{_clock(elapsed)}] trials {done}/{self.num_samples} done ({stopped} stopped early by "
                 f"ASHA, {len(self.failed)} failed), {running} running")
         scored = {k: v for k, v in self.best.items() if v.get(self.metric) is not None}

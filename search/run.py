@@ -190,7 +190,7 @@ def run_search(options: SearchOptions) -> Path:
         slots = (cluster.get("GPU", 0) / o.gpus_per_trial if o.gpus_per_trial
                  else cluster.get("CPU", 1) / o.cpus_per_trial)
         max_concurrent = o.max_concurrent or max(1, int(slots))
-        searcher, optuna_search = make_searcher(
+        searcher, _ = make_searcher(
             bind_space(space, backbones=backbones, stages=stages, pretrained=o.weights == "imagenet"),
             metric=metric, mode=mode, sampler=o.sampler, seed=o.seed, max_epochs=o.max_epochs,
             max_concurrent=max_concurrent, points=list(space.points))
@@ -226,11 +226,14 @@ def run_search(options: SearchOptions) -> Path:
                                time_budget=o.time_budget, storage=str(storage), name=name,
                                base_config=base_config, callbacks=[callback], max_retries=o.max_retries)
         tuner.fit()
-        if optuna_search.study.trials:  # a resumed search restores its own searcher instead
-            _write_optuna_trials(optuna_search, folder, write_atomic)
+        _write_optuna_trials(searcher, folder, write_atomic)
         board = pd.read_csv(folder / "leaderboard.csv")
         plot_progress(board, folder, metric=metric, mode=mode)
         print_summary(board, folder, metric=metric)
+        unfinished = num_samples - int(board["status"].isin(["TERMINATED", "ERROR"]).sum())
+        if unfinished > 0 and not (o.time_budget and board["ended_s"].max() >= o.time_budget - 60):
+            print(f"the search stopped with {unfinished} trial(s) unfinished; continue it with "
+                  f"python -m search.run --resume --name {name} --storage {options.storage}")
         return folder
     finally:
         ray.shutdown()
@@ -344,8 +347,10 @@ def _versions() -> dict:
             "platform": platform.platform(), "cuda": torch.version.cuda}
 
 
-def _write_optuna_trials(optuna_search, folder: Path, write_atomic) -> None:
-    frame = optuna_search.study.trials_dataframe()
+def _write_optuna_trials(searcher, folder: Path, write_atomic) -> None:
+    """optuna_trials.csv from the searcher state Ray saved (a resumed search ran a restored copy)."""
+    searcher.restore_from_dir(str(folder))
+    frame = searcher.searcher.study.trials_dataframe()
     write_atomic(folder / "optuna_trials.csv", lambda p: frame.to_csv(p, index=False))
 
 

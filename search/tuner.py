@@ -97,7 +97,7 @@ def make_tuner(trainable, data, *, searcher, scheduler, num_samples: int,
         tune.with_resources(tune.with_parameters(trainable, data=data), resources),
         param_space=base_config,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                    time_budget_s=time_budget,
+                                    time_budget_s=time_budget, reuse_actors=True,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, callbacks=callbacks, verbose=0,
