@@ -140,7 +140,6 @@ class LeaderboardCallback(tune.Callback):
 
     def on_experiment_end(self, trials, **info):
         self.write(trials)
-        self.report(trials)
 
     def table(self, trials) -> pd.DataFrame:
         return leaderboard(trials, self.best, metric=self.metric, mode=self.mode, ended=self.ended,
