@@ -136,7 +136,7 @@ def run_search(options: SearchOptions) -> Path:
     import ray
 
     from search.leaderboard import LeaderboardCallback, plot_progress, print_summary, write_atomic
-    from search.tuner import bind_space, make_scheduler, make_searcher, make_tuner
+    from search.tuner import bind_space, make_scheduler, make_searcher, make_tuner, with_data
     from spaces import get_space
     from trainables.data import load_dataset
     from trainables.models import num_stages, weights_source
@@ -196,7 +196,8 @@ def run_search(options: SearchOptions) -> Path:
             max_concurrent=max_concurrent, points=list(space.points))
         scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs,
                                    grace_period=o.grace_period, reduction_factor=o.reduction_factor)
-        callback = LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=num_samples, time_budget=o.time_budget, scheduler=scheduler)
+        callback = LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=num_samples,
+                                       time_budget=o.time_budget, scheduler=scheduler)
         base_config = {"image_size": o.image_size, "batch_size": o.batch_size, "max_epochs": o.max_epochs,
                        "seed": o.seed, "weights": o.weights, "weights_dir": o.weights_dir}
         resources = {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial}
@@ -210,7 +211,7 @@ def run_search(options: SearchOptions) -> Path:
               f"{max_concurrent} at once, {resources} per trial, sampler {o.sampler}, metric {metric}"
               + (f", time budget {o.time_budget:.0f}s" if o.time_budget else ""), flush=True)
 
-        trainable = _with_data(train_classifier, data, resources)
+        trainable = with_data(train_classifier, data, resources)
         if options.resume:
             from ray import tune
             tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
@@ -221,8 +222,7 @@ def run_search(options: SearchOptions) -> Path:
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cluster": cluster}
             write_atomic(folder / "search_config.json",
                          lambda p: p.write_text(json.dumps(record, indent=2, default=str)))
-            tuner = make_tuner(train_classifier, data, searcher=searcher, scheduler=scheduler,
-                               num_samples=num_samples, resources=resources,
+            tuner = make_tuner(trainable, searcher=searcher, scheduler=scheduler, num_samples=num_samples,
                                time_budget=o.time_budget, storage=str(storage), name=name,
                                base_config=base_config, callbacks=[callback], max_retries=o.max_retries)
         tuner.fit()
@@ -327,11 +327,6 @@ def _fixed_configs(space, o: SearchOptions, backbones, stages, num_classes: int)
         drawn = space.sample(study.ask(), backbones=backbones, stages=stages, pretrained=o.weights == "imagenet")
         configs.append(validate_config({**base, **drawn}, num_classes=num_classes))
     return configs
-
-
-def _with_data(trainable, data, resources):
-    from ray import tune
-    return tune.with_resources(tune.with_parameters(trainable, data=data), resources)
 
 
 # ---- outputs ----------------------------------------------------------------------------------

@@ -89,12 +89,17 @@ def bind_space(space, **options):
     return functools.partial(space.define, **{**space.options, **options})
 
 
-def make_tuner(trainable, data, *, searcher, scheduler, num_samples: int,
-               resources: dict, time_budget: float | None, storage: str, name: str, base_config: dict,
-               callbacks: list, max_retries: int) -> tune.Tuner:
-    """A Tuner running `trainable(config, data)`; `data` goes to the object store once."""
+def with_data(trainable, data, resources: dict):
+    """`trainable(config, data)` as Tune runs it: `data` goes to the object store once and every
+    trial reads it from there; each trial holds `resources`."""
+    return tune.with_resources(tune.with_parameters(trainable, data=data), resources)
+
+
+def make_tuner(trainable, *, searcher, scheduler, num_samples: int, time_budget: float | None, storage: str,
+               name: str, base_config: dict, callbacks: list, max_retries: int) -> tune.Tuner:
+    """A Tuner over a trainable wrapped by `with_data`."""
     return tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, data=data), resources),
+        trainable,
         param_space=base_config,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                     time_budget_s=time_budget, reuse_actors=True,
