@@ -84,11 +84,11 @@ class LeaderboardCallback(tune.Callback):
     stopped early and failed, the best so far, and an estimate of the time left."""
 
     def __init__(self, folder: str | Path, *, metric: str, mode: str, num_samples: int,
-                 time_budget: float | None, scheduler, seed_best: dict | None = None, print_every: float = 60):
+                 time_budget: float | None, scheduler, print_every: float = 60):
         self.folder = Path(folder)
         self.metric, self.mode = metric, mode
         self.num_samples, self.time_budget, self.scheduler = num_samples, time_budget, scheduler
-        self.best: dict[str, dict] = dict(seed_best or {})
+        self.best: dict[str, dict] = {}
         self.ended: dict[str, float] = {}
         self.failed: set[str] = set()
         self.stopped_before: set[str] = set()  # ASHA stops recorded before a --resume
@@ -141,9 +141,13 @@ class LeaderboardCallback(tune.Callback):
     def on_experiment_end(self, trials, **info):
         self.write(trials)
 
+    def stopped(self) -> set[str]:
+        """Trials ASHA stopped, in this run and before a --resume."""
+        return self.stopped_before | (self.scheduler.stopped if self.scheduler else set())
+
     def table(self, trials) -> pd.DataFrame:
         return leaderboard(trials, self.best, metric=self.metric, mode=self.mode, ended=self.ended,
-                           stopped=self.stopped_before | (self.scheduler.stopped if self.scheduler else set()))
+                           stopped=self.stopped())
 
     def write(self, trials) -> pd.DataFrame:
         board = self.table(trials)
@@ -158,7 +162,7 @@ class LeaderboardCallback(tune.Callback):
         # Ray calls on_trial_complete before the trial's status changes: count what ended here
         done = len(self.ended)
         running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
-        stopped = len(self.stopped_before | (self.scheduler.stopped if self.scheduler else set()))
+        stopped = len(self.stopped())
         line = (f"[{_clock(elapsed)}] trials {done}/{self.num_samples} done ({stopped} stopped early by "
                 f"ASHA, {len(self.failed)} failed), {running} running")
         scored = {k: v for k, v in self.best.items() if v.get(self.metric) is not None}

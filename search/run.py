@@ -190,7 +190,7 @@ def run_search(options: SearchOptions) -> Path:
         slots = (cluster.get("GPU", 0) / o.gpus_per_trial if o.gpus_per_trial
                  else cluster.get("CPU", 1) / o.cpus_per_trial)
         max_concurrent = o.max_concurrent or max(1, int(slots))
-        searcher, _ = make_searcher(
+        searcher = make_searcher(
             bind_space(space, backbones=backbones, stages=stages, pretrained=o.weights == "imagenet"),
             metric=metric, mode=mode, sampler=o.sampler, seed=o.seed, max_epochs=o.max_epochs,
             max_concurrent=max_concurrent, points=list(space.points))
@@ -225,13 +225,18 @@ def run_search(options: SearchOptions) -> Path:
             tuner = make_tuner(trainable, searcher=searcher, scheduler=scheduler, num_samples=num_samples,
                                time_budget=o.time_budget, storage=str(storage), name=name,
                                base_config=base_config, callbacks=[callback], max_retries=o.max_retries)
+        fit_started = time.time()
         tuner.fit()
+        budget_spent = bool(o.time_budget) and time.time() - fit_started >= o.time_budget
         _write_optuna_trials(searcher, folder, write_atomic)
         board = pd.read_csv(folder / "leaderboard.csv")
         plot_progress(board, folder, metric=metric, mode=mode)
         print_summary(board, folder, metric=metric)
         unfinished = num_samples - int(board["status"].isin(["TERMINATED", "ERROR"]).sum())
-        if unfinished > 0 and not (o.time_budget and board["ended_s"].max() >= o.time_budget - 60):
+        if unfinished > 0 and budget_spent:
+            print(f"the time budget of {o.time_budget:.0f}s ended the search with {unfinished} trial(s) "
+                  f"not run or unfinished")
+        elif unfinished > 0:
             print(f"the search stopped with {unfinished} trial(s) unfinished; continue it with "
                   f"python -m search.run --resume --name {name} --storage {options.storage}")
         return folder

@@ -64,7 +64,7 @@ class RecordingASHA(ASHAScheduler):
 
 
 def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, max_epochs: int,
-                  max_concurrent: int, points: list[dict]) -> tuple[ConcurrencyLimiter, AshaAwareOptunaSearch]:
+                  max_concurrent: int, points: list[dict]) -> ConcurrencyLimiter:
     """The Optuna searcher over a define-by-run `space_fn`, behind a concurrency limit.
 
     Raises:
@@ -74,7 +74,7 @@ def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, 
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     searcher = AshaAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=SAMPLERS[sampler](seed),
                                      points_to_evaluate=points or None, max_epochs=max_epochs)
-    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), searcher
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
 def make_scheduler(*, metric: str, mode: str, max_epochs: int, grace_period: int,
@@ -86,7 +86,7 @@ def make_scheduler(*, metric: str, mode: str, max_epochs: int, grace_period: int
 
 def bind_space(space, **options):
     """The space's define-by-run function with its options bound, as OptunaSearch wants it."""
-    return functools.partial(space.define, **{**space.options, **options})
+    return functools.partial(space.define, **options)
 
 
 def with_data(trainable, data, resources: dict):

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from trainables import UserError
@@ -37,11 +37,10 @@ class Space:
     points: tuple[dict, ...] = ()
     fixed: bool = False
     description: str = ""
-    options: dict = field(default_factory=dict)
 
     def sample(self, trial, **options) -> dict:
         """Run the define-by-run function on `trial`; return the config (drawn and constant keys)."""
-        constants = self.define(trial, **{**self.options, **options}) or {}
+        constants = self.define(trial, **options) or {}
         return {**trial.params, **constants}
 
 
