@@ -183,9 +183,9 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
-def plot_progress(board: pd.DataFrame, folder: Path, *, metric: str, mode: str) -> None:
-    """search_progress.png: each trial's best metric at the time it ended, ASHA stops marked,
-    and the best so far."""
+def plot_progress(board: pd.DataFrame, path: Path, *, metric: str, mode: str, name: str) -> None:
+    """`path` (search_progress.png): each trial's best metric at the time it ended, ASHA stops
+    marked, and the best so far."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -200,11 +200,11 @@ def plot_progress(board: pd.DataFrame, folder: Path, *, metric: str, mode: str) 
     ax.step(minutes, best, where="post", color="gray", lw=1, label="best so far")
     ax.set_xlabel("minutes since the search started (when the trial ended)")
     ax.set_ylabel(f"{metric} at the trial's best epoch")
-    ax.set_title(f"search progress: {folder.name} ({len(frame)} trials, {int(stopped.sum())} stopped early)")
+    ax.set_title(f"search progress: {name} ({len(frame)} trials, {int(stopped.sum())} stopped early)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(folder / "search_progress.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

@@ -6,7 +6,8 @@
 
 Writes `<storage>/<name>/`: Ray Tune's results, `leaderboard.csv` and
 `leaderboard_by_backbone.csv` (rewritten as trials end), `optuna_trials.csv`,
-`search_progress.png` and `search_config.json` (options, versions, data fingerprint).
+`search_progress.png` and `search_config.json` (options, versions, data fingerprint); then, unless
+`--no-finalize`, `final/` (see search/finalize.py): the retrained top-k, the ensemble, the report.
 """
 from __future__ import annotations
 
@@ -69,6 +70,14 @@ class SearchOptions:
     skip_corrupt: bool = False
     subset: int | None = None
     max_retries: int = 2
+    finalize: bool = True
+    top_k: int = 3
+    seeds: int = 1
+    refit_on_val: bool = False
+    positive_class: str | None = None
+
+
+FINALIZE_OPTIONS = ("finalize", "top_k", "seeds", "refit_on_val", "positive_class")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out, with a warning")
     p.add_argument("--subset", type=int, help="at most this many images per split (smoke runs)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a trial whose worker fails")
+    p.add_argument("--no-finalize", dest="finalize", action="store_false",
+                   help="stop after the search: no retraining, ensemble or report (python -m search.finalize)")
+    from search.finalize import add_finalize_flags
+    add_finalize_flags(p)
     return p
 
 
@@ -135,6 +148,8 @@ def run_search(options: SearchOptions) -> Path:
     import pandas as pd
     import ray
 
+    from search.evaluate import positive_class
+    from search.finalize import FinalizeOptions, finalize
     from search.leaderboard import LeaderboardCallback, plot_progress, print_summary, write_atomic
     from search.tuner import bind_space, make_scheduler, make_searcher, make_tuner, with_data
     from spaces import get_space
@@ -148,9 +163,11 @@ def run_search(options: SearchOptions) -> Path:
         if not options.name:
             raise UserError("--resume needs --name: the experiment to continue")
         saved = _saved_search(storage / options.name)
-        # a resumed search runs with the options it started with; only where it runs may change
+        # a resumed search runs with the options it started with; only where it runs, and what
+        # happens after it, may change
         options = SearchOptions(**{**saved["options"], "resume": True, "address": options.address,
-                                   "storage": options.storage})
+                                   "storage": options.storage,
+                                   **{k: getattr(options, k) for k in FINALIZE_OPTIONS}})
     space = get_space(options.space)
     _check_options(options)
     data_path = _data_path(options.data)
@@ -172,6 +189,7 @@ def run_search(options: SearchOptions) -> Path:
                                                    if getattr(options, k) is None}})
         if o.name is None:
             o.name = name
+        o.data = str(data_path.resolve())  # recorded absolute: finalize and --resume find it from anywhere
         _check_resources(o)
 
         data = load_dataset(data_path, image_size=o.image_size, channels=o.channels, seed=o.seed,
@@ -179,6 +197,7 @@ def run_search(options: SearchOptions) -> Path:
         if saved and saved["data"]["fingerprint"] != data.fingerprint:
             raise UserError(f"the data at {data_path} changed since the search started (fingerprint "
                             f"{saved['data']['fingerprint']}, now {data.fingerprint}); start a new search")
+        positive_class(data.class_names, o.positive_class)  # a bad --positive-class fails now
         backbones = _backbones(space, o, profile)
         stages = {b: num_stages(b) for b in backbones}
         configs = _fixed_configs(space, o, backbones, stages, data.num_classes)
@@ -230,7 +249,7 @@ def run_search(options: SearchOptions) -> Path:
         budget_spent = bool(o.time_budget) and time.time() - fit_started >= o.time_budget
         _write_optuna_trials(searcher, folder, write_atomic)
         board = pd.read_csv(folder / "leaderboard.csv")
-        plot_progress(board, folder, metric=metric, mode=mode)
+        plot_progress(board, folder / "search_progress.png", metric=metric, mode=mode, name=name)
         print_summary(board, folder, metric=metric)
         unfinished = num_samples - int(board["status"].isin(["TERMINATED", "ERROR"]).sum())
         if unfinished > 0 and budget_spent:
@@ -238,7 +257,12 @@ def run_search(options: SearchOptions) -> Path:
                   f"not run or unfinished")
         elif unfinished > 0:
             print(f"the search stopped with {unfinished} trial(s) unfinished; continue it with "
-                  f"python -m search.run --resume --name {name} --storage {options.storage}")
+                  f"python -m search.run --resume --name {name} --storage {options.storage}, or finalize "
+                  f"what it found with python -m search.finalize --experiment {folder}")
+            return folder
+        if o.finalize:
+            finalize(FinalizeOptions(experiment=str(folder), top_k=o.top_k, seeds=o.seeds,
+                                     refit_on_val=o.refit_on_val, positive_class=o.positive_class), data=data)
         return folder
     finally:
         ray.shutdown()
@@ -260,6 +284,9 @@ def _check_options(o: SearchOptions) -> None:
         raise UserError(f"--gpus-per-trial above 1 must be a whole number, got {o.gpus_per_trial}")
     if o.reduction_factor < 2:
         raise UserError(f"--reduction-factor must be >= 2, got {o.reduction_factor}")
+    for key in ("top_k", "seeds"):
+        if getattr(o, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(o, key)}")
     if o.max_retries < 0:
         raise UserError(f"--max-retries must be >= 0, got {o.max_retries}")
     if o.grace_period and o.max_epochs and o.grace_period > o.max_epochs:

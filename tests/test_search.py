@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 from search.run import SearchOptions, run_search
 
-SMALL = dict(storage=None, max_epochs=3, grace_period=1, image_size=28, cpus_per_trial=1, seed=0)
+SMALL = dict(storage=None, max_epochs=3, grace_period=1, image_size=28, cpus_per_trial=1, seed=0, finalize=False)
 
 
 def _run(tmp_path, **options):
@@ -105,6 +105,9 @@ def _cli(*args, cwd=ROOT):
     (["--resume"], "--resume needs --name"),
     (["--resume", "--name", "never-ran"], "nothing to resume at"),
     (["--space", "recipes", "--backbones", "resnet18"], "--backbones does not apply to the fixed space 'recipes'"),
+    (["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--space", "tiny", "--positive-class", "covid"],
+     "--positive-class 'covid' is not a class of this data; classes: ['normal', 'pneumonia']"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message):
     base = ["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--num-samples", "1"]

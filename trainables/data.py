@@ -155,9 +155,9 @@ def _load_folder(root: Path, *, image_size: int, channels: int, group_column, sk
         if "train" not in split_dirs.values():
             raise UserError(f"{root} has split folders but no train/ folder")
         entries = [(p, cls.name, split) for d, split in split_dirs.items()
-                   for cls in _visible_dirs(d) for p in _images_under(cls)]
+                   for cls in _visible_dirs(d) for p in images_under(cls)]
     else:
-        entries = [(p, cls.name, None) for cls in subdirs for p in _images_under(cls)]
+        entries = [(p, cls.name, None) for cls in subdirs for p in images_under(cls)]
     if not entries:
         loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
         hint = (f"; the {len(loose)} images directly in it need one sub-folder per class"
@@ -280,7 +280,18 @@ def decode_image(path: str | os.PathLike, *, image_size: int, channels: int) -> 
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _decode_all(files: list[Path], *, image_size: int, channels: int, skip_corrupt: bool):
+def decode_images(files: list[Path], *, image_size: int, channels: int) -> np.ndarray:
+    """Decode image files into uint8 (N, image_size, image_size, channels), as `load_dataset` does.
+
+    Raises:
+        UserError: naming every file that is not a readable image.
+    """
+    return _decode_all(files, image_size=image_size, channels=channels, skip_corrupt=False,
+                       fix="fix or remove them")[0]
+
+
+def _decode_all(files: list[Path], *, image_size: int, channels: int, skip_corrupt: bool,
+                fix: str = "fix or remove them, or pass --skip-corrupt to leave them out"):
     def one(p):
         try:
             return decode_image(p, image_size=image_size, channels=channels), None
@@ -291,8 +302,7 @@ def _decode_all(files: list[Path], *, image_size: int, channels: int, skip_corru
         results = list(pool.map(one, files))
     bad = [err for _, err in results if err]
     if bad and not skip_corrupt:
-        raise UserError(f"{len(bad)} image(s) could not be read: {_listing(bad)}; fix or remove them, "
-                        f"or pass --skip-corrupt to leave them out")
+        raise UserError(f"{len(bad)} image(s) could not be read: {_listing(bad)}; {fix}")
     if bad:
         warnings.warn(f"left out {len(bad)} unreadable image(s): {'; '.join(bad)}", stacklevel=2)
     keep = np.array([err is None for _, err in results])
@@ -418,7 +428,7 @@ def _visible_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
                   and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,77 +33,105 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def train_classifier(config: dict, data: Dataset) -> None:
     """Train `config` on `data`'s train split; report validation metrics and a checkpoint per epoch."""
-    config = validate_config(config, num_classes=data.num_classes)
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(config["seed"])
-
-    model = build_model(config, num_classes=data.num_classes, in_chans=data.channels).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    prep = Preprocess(model, config, data)
-    train_images, train_labels = data.arrays("train")
-    train_x, train_y = torch.from_numpy(train_images).to(device), torch.from_numpy(train_labels).to(device)
-    val_x, val_y = data.arrays("val")
-    weights = class_weights(config["class_weights"], train_labels, data.num_classes,
-                            minority_weight=config["minority_weight"])
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, device=device),
-                                  label_smoothing=config["label_smoothing"])
-    steps_per_epoch = max(1, len(train_y) // config["batch_size"])
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    start_epoch = 1
+    run = Training(config, data)
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"] + 1
-
-    for epoch in range(start_epoch, config["max_epochs"] + 1):
-        t0 = time.perf_counter()
-        generator = torch.Generator().manual_seed(config["seed"] * 1000 + epoch)
-        train_loss = train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler,
-                                     batch_size=config["batch_size"], augment=config["augment"],
-                                     generator=generator, epoch=epoch)
-        t1 = time.perf_counter()
-        probs = predict_proba(model, prep, val_x, batch_size=256)
-        val_loss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-                              torch.from_numpy(val_y)).item()
-        scores = classification_metrics(val_y, probs)
-        t2 = time.perf_counter()
-        metrics = {"val_auc": scores["auc"], "val_acc": scores["acc"], "val_f1": scores["f1"],
-                   "val_loss": val_loss, "train_loss": train_loss, "epoch": epoch,
-                   "lr": optimizer.param_groups[0]["lr"], "train_seconds": t1 - t0, "eval_seconds": t2 - t1,
-                   "params_m": n_params / 1e6, "trainable_params_m": n_trainable / 1e6,
-                   "input_size": prep.input_size}
+            run.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, map_location=run.device,
+                                           weights_only=True))
+    for metrics in run.epochs():
         with tempfile.TemporaryDirectory() as folder:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics},
-                       Path(folder) / CHECKPOINT_FILE)
+            torch.save({**run.state_dict(), "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+class Training:
+    """One model, its optimizer and schedule, trained epoch by epoch on `train_splits`.
+
+    Example (outside Ray Tune, as search/finalize.py retrains):
+        >>> run = Training(config, data, train_splits=("train", "val"))
+        >>> history = list(run.epochs(until=8))
+        >>> test_probs = run.predict(data.arrays("test")[0])
+    """
+
+    def __init__(self, config: dict, data: Dataset, *, train_splits: tuple[str, ...] = ("train",)):
+        self.config = config = validate_config(config, num_classes=data.num_classes)
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(config["seed"])
+        self.model = build_model(config, num_classes=data.num_classes, in_chans=data.channels).to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.prep = Preprocess(self.model, config["backbone"], channels=data.channels,
+                               image_size=data.images.shape[1])
+        images, labels = zip(*(data.arrays(s) for s in train_splits))
+        train_labels = np.concatenate(labels)
+        self.train_x = torch.from_numpy(np.concatenate(images)).to(device)
+        self.train_y = torch.from_numpy(train_labels).to(device)
+        self.val_x, self.val_y = data.arrays("val")
+        weights = class_weights(config["class_weights"], train_labels, data.num_classes,
+                                minority_weight=config["minority_weight"])
+        self.loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, device=device),
+                                           label_smoothing=config["label_smoothing"])
+        steps_per_epoch = max(1, len(train_labels) // config["batch_size"])
+        self.optimizer = make_optimizer(self.model, config)
+        self.scheduler = make_scheduler(self.optimizer, config, steps_per_epoch)
+        self.epoch = 0
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = state["epoch"]
+
+    def epochs(self, until: int | None = None) -> Iterator[dict]:
+        """Train up to epoch `until` (default `max_epochs`; the schedule always spans `max_epochs`),
+        yielding each epoch's validation metrics, train loss, learning rate, timings and model size."""
+        config, model = self.config, self.model
+        n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        while self.epoch < (until or config["max_epochs"]):
+            self.epoch += 1
+            t0 = time.perf_counter()
+            generator = torch.Generator().manual_seed(config["seed"] * 1000 + self.epoch)
+            train_loss = train_one_epoch(model, self.prep, self.train_x, self.train_y, self.loss_fn,
+                                         self.optimizer, self.scheduler, batch_size=config["batch_size"],
+                                         augment=config["augment"], generator=generator, epoch=self.epoch)
+            t1 = time.perf_counter()
+            probs = self.predict(self.val_x)
+            val_loss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                                  torch.from_numpy(self.val_y)).item()
+            scores = classification_metrics(self.val_y, probs)
+            t2 = time.perf_counter()
+            yield {"val_auc": scores["auc"], "val_acc": scores["acc"], "val_f1": scores["f1"],
+                   "val_loss": val_loss, "train_loss": train_loss, "epoch": self.epoch,
+                   "lr": self.optimizer.param_groups[0]["lr"], "train_seconds": t1 - t0,
+                   "eval_seconds": t2 - t1, "params_m": n_params / 1e6,
+                   "trainable_params_m": n_trainable / 1e6, "input_size": self.prep.input_size}
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return predict_proba(self.model, self.prep, images)
 
 
 class Preprocess:
     """uint8 (B, H, W, C) -> normalised float (B, C, S, S) on the model's device, with the mean and
     std of the backbone's `pretrained_cfg` and the smallest input size the backbone accepts."""
 
-    def __init__(self, model: Classifier, config: dict, data: Dataset):
+    def __init__(self, model: Classifier, backbone: str, *, channels: int, image_size: int):
         cfg = model.backbone.pretrained_cfg
         mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
-        if data.channels == 1:
+        if channels == 1:
             mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
         self.device = next(model.parameters()).device
         self.mean = mean.view(1, -1, 1, 1).to(self.device)
         self.std = std.view(1, -1, 1, 1).to(self.device)
-        self.input_size = min_input_size(config["backbone"], data.images.shape[1])
+        self.input_size = min_input_size(backbone, image_size)
         self.channels_last = self.device.type == "cuda"
 
     def __call__(self, x_uint8: torch.Tensor, *, augment: str = "none",

@@ -1,0 +1,171 @@
+"""Search -> finalize -> predict on real X-rays (PNG files), on the CPU with a tiny budget."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
+
+from conftest import ROOT
+from search.finalize import FinalizeOptions, finalize, retrain
+from search.run import SearchOptions, run_search
+from trainables import UserError
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, png_folder):
+    """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble."""
+    storage = tmp_path_factory.mktemp("exp")
+    folder = run_search(SearchOptions(space="tiny", data=str(png_folder), storage=str(storage), name="pipeline",
+                                      num_samples=4, max_epochs=3, grace_period=3, image_size=28, seed=0,
+                                      cpus_per_trial=1, top_k=2, seeds=2))
+    return folder, json.loads((folder / "final" / "metrics.json").read_text())
+
+
+def test_finalize_writes_every_output(experiment):
+    folder, metrics = experiment
+    final = folder / "final"
+    for name in ("metrics.json", "test_predictions.csv", "val_predictions.csv", "report.md", "ensemble/model.json"):
+        assert (final / name).is_file(), name
+    for plot in ("roc.png", "confusion_matrix.png", "training_curves.png", "search_progress.png"):
+        assert (final / plot).stat().st_size > 5000, plot
+    members = [n for n, m in metrics["models"].items() if m["kind"] == "member"]
+    assert len(members) == 2 and {"ensemble-mean", "ensemble-fitted"} <= set(metrics["models"])
+    assert all(len(metrics["models"][n]["seeds"]) == 2 for n in members)
+    configs = [json.dumps(metrics["models"][n]["config"], sort_keys=True) for n in members]
+    assert len(set(configs)) == 2  # distinct configurations
+    assert sorted(p.name for p in (final / "members").iterdir()) == sorted(members)
+    report = (final / "report.md").read_text()
+    assert metrics["chosen"] in report and all(n in report for n in members) and "Youden" in report
+    assert metrics["data"]["fingerprint"] and {"torch", "timm"} <= set(metrics["versions"])
+
+
+def test_metrics_agree_with_sklearn_on_the_predictions_file(experiment):
+    folder, metrics = experiment
+    table = pd.read_csv(folder / "final" / "test_predictions.csv")
+    chosen = metrics["models"][metrics["chosen"]]["test"]
+    names = list(chosen["per_class"])
+    assert len(table) == chosen["images"] == sum(metrics["data"]["counts"]["test"].values())
+    y = table["label"].map(names.index).to_numpy()
+    pred = table["predicted"].map(names.index).to_numpy()
+    probs = table[[f"p_{n}" for n in names]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert chosen["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert chosen["auc"] == pytest.approx(roc_auc_score(y, probs[:, 1]))
+    assert chosen["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+    precision, recall, f1, _ = precision_recall_fscore_support(y, pred, zero_division=0)
+    for c, name in enumerate(names):
+        row = chosen["per_class"][name]
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((precision[c], recall[c], f1[c]))
+    pos = names.index(chosen["positive_class"])
+    assert chosen["sensitivity"] == pytest.approx(recall[pos])
+    assert chosen["specificity"] == pytest.approx(recall[1 - pos])
+    assert ((probs[:, pos] >= chosen["threshold"]) == (pred == pos)).all()
+    lo, hi = chosen["ci"]["auc"]
+    assert lo <= chosen["auc"] <= hi
+
+
+def test_threshold_is_chosen_on_validation_not_test(experiment):
+    from search.evaluate import youden_threshold
+    folder, metrics = experiment
+    chosen = metrics["models"][metrics["chosen"]]
+    pos, threshold = chosen["test"]["positive_class"], chosen["test"]["threshold"]
+    assert chosen["val"]["threshold"] == threshold
+    val = pd.read_csv(folder / "final" / "val_predictions.csv")
+    is_pos, score = (val["label"] == pos).to_numpy(), val[f"p_{pos}"].to_numpy()
+    said = score >= threshold
+    fpr, tpr, _ = roc_curve(is_pos, score)
+    assert said[is_pos].mean() - said[~is_pos].mean() == pytest.approx((tpr - fpr).max())  # Youden-optimal on val
+    assert threshold == pytest.approx(youden_threshold(is_pos, score))
+    test = pd.read_csv(folder / "final" / "test_predictions.csv")
+    test_choice = youden_threshold((test["label"] == pos).to_numpy(), test[f"p_{pos}"].to_numpy())
+    assert threshold != pytest.approx(test_choice)  # tiny splits: the test's own optimum lies elsewhere
+
+
+def test_predict_on_png_files_agrees_with_finalize(experiment, png_folder, tmp_path):
+    folder, metrics = experiment
+    table = pd.read_csv(folder / "final" / "test_predictions.csv")
+    images = tmp_path / "new"
+    for rel in table["path"]:
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png_folder / rel, images / rel)
+    out = tmp_path / "preds.csv"
+    result = _cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
+                  "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ray" not in result.stderr.lower()
+    preds = pd.read_csv(out).set_index("path").loc[table["path"]]
+    names = list(metrics["models"][metrics["chosen"]]["test"]["per_class"])
+    for name in names:
+        assert np.allclose(preds[f"p_{name}"].to_numpy(), table[f"p_{name}"].to_numpy(), atol=1e-5)
+    assert (preds["predicted"].to_numpy() == table["predicted"].to_numpy()).all()
+
+
+def test_model_directory_records_what_it_needs_and_holds_no_pickles(experiment):
+    folder, metrics = experiment
+    model = folder / "final" / "ensemble"
+    record = json.loads((model / "model.json").read_text())
+    assert record["class_names"] == ["normal lung", "viral pneumonia"]
+    assert record["threshold"] == metrics["models"][metrics["chosen"]]["val"]["threshold"]
+    assert record["preprocessing"] == {"image_size": 28, "channels": 1, "decode": "trainables.data.decode_image"}
+    assert record["data"]["fingerprint"] == metrics["data"]["fingerprint"] and "torch" in record["versions"]
+    assert all(m["config"]["backbone"] for m in record["members"])
+    assert {p.suffix for p in model.iterdir()} == {".json", ".safetensors"}
+
+
+def test_refit_on_val_keeps_validation_predictions_from_the_train_only_model(png_folder):
+    from trainables.data import load_dataset
+    data = load_dataset(png_folder, image_size=28, seed=0)
+    config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32}
+    plain = retrain(config, data, epochs=2, refit_on_val=False)
+    refit = retrain(config, data, epochs=2, refit_on_val=True)
+    assert np.allclose(plain["val"], refit["val"])  # the same train-only model (same seed) scored validation
+    assert not np.allclose(plain["test"], refit["test"])  # the saved model saw validation too
+
+
+def _cli(module, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+
+
+def _one_error(result, message):
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_finalize_errors(experiment, tmp_path):
+    folder, _ = experiment
+    _one_error(_cli("search.finalize", "--experiment", str(tmp_path / "nope")), "does not exist")
+    _one_error(_cli("search.finalize", "--experiment", str(tmp_path)), "is not an experiment folder")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(folder / "search_config.json", unfinished)
+    (unfinished / "leaderboard.csv").write_text("rank,trial_id,status,val_auc\n1,abc,RUNNING,\n")
+    _one_error(_cli("search.finalize", "--experiment", str(unfinished)), "no trial of unfinished has reported val_auc")
+    _one_error(_cli("search.finalize", "--experiment", str(folder), "--seeds", "0"), "--seeds must be at least 1")
+    with pytest.raises(UserError, match="--positive-class 'covid' is not a class of this data"):
+        finalize(FinalizeOptions(experiment=str(folder), positive_class="covid"))
+
+
+def test_predict_errors(experiment, tmp_path):
+    folder, _ = experiment
+    model = str(folder / "final" / "ensemble")
+    out = str(tmp_path / "p.csv")
+    _one_error(_cli("search.predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", out),
+               "is not a model directory (no model.json)")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_error(_cli("search.predict", "--model", model, "--images", str(empty), "--out", out), "no images")
+    (empty / "scan.png").write_bytes(b"not an image at all")
+    _one_error(_cli("search.predict", "--model", model, "--images", str(empty), "--out", out),
+               "1 image(s) could not be read")
+    _one_error(_cli("search.predict", "--model", model, "--images", str(tmp_path / "missing"), "--out", out),
+               "does not exist")
+    assert not (tmp_path / "p.csv").exists()
