@@ -149,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="model directory: <experiment>/final/ensemble")
     p.add_argument("--images", required=True, help="an image file, or a folder searched recursively")
     p.add_argument("--out", required=True, help="CSV to write: path, p_<class> per class, predicted")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     try:
         from search.leaderboard import write_atomic
-        model = load_model(args.model)
+        model = load_model(args.model, device=_device(args.device))
         images = Path(args.images).expanduser()
         files = image_files(images)
         table = predict_files(model, files, root=images if images.is_dir() else None)
@@ -167,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(table)} image(s) -> {out}: {counts} (threshold {model.record['threshold']:.3f} on "
           f"p_{model.record['positive_class']})")
     return 0
+
+
+def _device(name: str) -> str:
+    import torch
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    return name
 
 
 if __name__ == "__main__":

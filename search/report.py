@@ -183,7 +183,7 @@ def _print_summary(final: Path, summary: dict) -> None:
         mark = "*" if name == summary["chosen"] else " "
         print(f" {mark} {name:40s} test AUC {t['auc']:.4f} [{t['ci']['auc'][0]:.3f}, {t['ci']['auc'][1]:.3f}]  "
               f"acc {t['accuracy']:.3f}  sens {_f(t['sensitivity'])}  spec {_f(t['specificity'])}  "
-              f"(val {summary['search']['options']['metric']} "
+              f"(validation {summary['search']['options']['metric'][4:]} "
               f"{m['val'][summary['search']['options']['metric'][4:]]:.4f})")
     print(f"chosen: {summary['chosen']}: {summary['choice']}")
     print(f"report: {final / 'report.md'}; model: {final / 'ensemble'}")
@@ -276,7 +276,7 @@ def plot_training_curves(folder: Path, board: pd.DataFrame, members: list[dict],
             history = pd.DataFrame(retrained[trial_id]["runs"][0]["history"])
             left.plot(history["epoch"], history[metric], ls="--", color=line.get_color())
             right.plot(history["epoch"], history["train_loss"], ls="--", color=line.get_color())
-    left.set(xlabel="epoch", ylabel=metric, title=f"validation {metric} (dashed: retrained by finalize)")
+    left.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (dashed: the retraining, where it differs)")
     right.set(xlabel="epoch", ylabel="train loss", title="training loss")
     for ax in (left, right):
         ax.grid(alpha=0.3)
