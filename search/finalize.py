@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain to the config's max epochs, or to the best epoch its trial found")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--data", help="the search's data, if it moved since (checked by fingerprint)")
-    p.add_argument("--address", help="join a running Ray cluster: auto, or ray://host:10001")
+    p.add_argument("--address", help="join a running Ray cluster: auto, or the head's host:6379")
     p.add_argument("--cpus-per-model", type=float, help="CPUs per retraining (default: the search's per trial)")
     p.add_argument("--gpus-per-model", type=float, help="GPUs per retraining (default: the search's per trial)")
     return p
@@ -130,7 +130,7 @@ def finalize(options: FinalizeOptions, *, data=None) -> Path:
     try:
         cpus = options.cpus_per_model or search.get("cpus_per_trial") or 1
         gpus = options.gpus_per_model if options.gpus_per_model is not None else (search.get("gpus_per_trial") or 0)
-        _check_resources(cpus, gpus)
+        _check_resources(cpus, gpus, cluster=bool(options.address))
         print(f"finalize: retraining {len(members)} configuration(s) x {options.seeds} seed(s) "
               f"({'train+val' if options.refit_on_val else 'train'}, {options.epochs} epochs), "
               f"{cpus:g} CPU / {gpus:g} GPU each", flush=True)
@@ -271,11 +271,14 @@ def _retrain_all(members: list[dict], data, *, seeds: int, refit_on_val: bool, c
     return results
 
 
-def _check_resources(cpus: float, gpus: float) -> None:
+def _check_resources(cpus: float, gpus: float, *, cluster: bool) -> None:
     import ray
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
         have = "; ".join(f"CPU {r.get('CPU', 0):g}, GPU {r.get('GPU', 0):g}" for r in nodes)
+        if cluster:  # the autoscaler adds nodes for tasks that wait
+            print(f"warning: no node can retrain a model with {cpus:g} CPU and {gpus:g} GPU yet (nodes: {have})")
+            return
         raise UserError(f"no node can retrain a model with {cpus:g} CPU and {gpus:g} GPU (nodes: {have}); "
                         f"pass --cpus-per-model / --gpus-per-model")
 

@@ -36,13 +36,17 @@ def leaderboard(trials, best: dict[str, dict], *, metric: str, mode: str, stoppe
     for trial in trials:
         top = best.get(trial.trial_id, {})
         last = trial.last_result or {}
-        row = {"trial_id": trial.trial_id, "status": trial.status}
+        status = trial.status
+        if status == "TERMINATED" and trial.trial_id not in ended:
+            status = "INTERRUPTED"  # stopped by Ctrl-C or the time budget, not finished: --resume reruns it
+        row = {"trial_id": trial.trial_id, "status": status}
         row[metric] = top.get(metric)
         row.update({m: top.get(m) for m in VAL_METRICS if m != metric})
         row.update(best_epoch=top.get("training_iteration"), epochs=last.get("training_iteration", 0),
                    stopped_early=trial.trial_id in stopped, wall_seconds=round(last.get("time_total_s", 0.0), 1),
                    ended_s=round(ended[trial.trial_id], 1) if trial.trial_id in ended else None,
-                   params_m=last.get("params_m"), trainable_params_m=last.get("trainable_params_m"))
+                   params_m=last.get("params_m"), trainable_params_m=last.get("trainable_params_m"),
+                   node_ip=last.get("node_ip"))
         row.update({k: trial.config.get(k) for k in _config_keys(trials)})
         row["error"] = _error_line(trial) if trial.status == "ERROR" else ""
         rows.append(row)

@@ -2,7 +2,7 @@
 
     python -m search.run --space backbones --data ../shared/data/pneumoniamnist/pneumoniamnist.npz
     python -m search.run --space recipes --data path/to/images --weights random
-    python -m search.run --space backbones --data s3-mounted/images --address auto --profile gpu
+    python -m search.run --space backbones --data /mnt/shared/data/images --address auto --profile gpu --storage /mnt/shared/experiments
 
 Writes `<storage>/<name>/`: Ray Tune's results, `leaderboard.csv` and
 `leaderboard_by_backbone.csv` (rewritten as trials end), `optuna_trials.csv`,
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (cpu 1, gpu 4)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (gpu 1)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
-    p.add_argument("--address", help="join a running Ray cluster: auto, or ray://host:10001")
+    p.add_argument("--address", help="join a running Ray cluster: auto, or the head's host:6379")
     p.add_argument("--storage", default="experiments", help="experiment root (a path every node reaches)")
     p.add_argument("--name", help="experiment name (default: <space>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the experiment --name in --storage")
@@ -261,7 +261,7 @@ def run_search(options: SearchOptions) -> Path:
                   f"what it found with python -m search.finalize --experiment {folder}")
             return folder
         if o.finalize:
-            finalize(FinalizeOptions(experiment=str(folder), top_k=o.top_k, seeds=o.seeds,
+            finalize(FinalizeOptions(experiment=str(folder), top_k=o.top_k, seeds=o.seeds, address=o.address,
                                      refit_on_val=o.refit_on_val, positive_class=o.positive_class), data=data)
         return folder
     finally:
@@ -327,12 +327,19 @@ def _data_path(given: str | None) -> Path:
 
 
 def _check_resources(o: SearchOptions) -> None:
+    """On this machine a trial no node can hold is an error; on a cluster (--address) it is a
+    warning, since the autoscaler adds nodes for trials that wait."""
     import ray
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if not any(r.get("CPU", 0) >= o.cpus_per_trial and r.get("GPU", 0) >= (o.gpus_per_trial or 0) for r in nodes):
         have = "; ".join(f"CPU {r.get('CPU', 0):g}, GPU {r.get('GPU', 0):g}" for r in nodes)
-        raise UserError(f"no node can run a trial with {o.cpus_per_trial:g} CPU and {o.gpus_per_trial or 0:g} GPU "
-                        f"(nodes: {have}); lower --cpus-per-trial / --gpus-per-trial or add nodes")
+        need = f"{o.cpus_per_trial:g} CPU and {o.gpus_per_trial or 0:g} GPU"
+        if o.address:
+            print(f"warning: no node can run a trial with {need} yet (nodes: {have}); trials wait until the "
+                  f"autoscaler adds one", flush=True)
+            return
+        raise UserError(f"no node can run a trial with {need} (nodes: {have}); lower --cpus-per-trial / "
+                        f"--gpus-per-trial or add nodes")
 
 
 def _backbones(space, o: SearchOptions, profile: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 from ray import tune
@@ -39,7 +40,9 @@ def train_classifier(config: dict, data: Dataset) -> None:
         with checkpoint.as_directory() as folder:
             run.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, map_location=run.device,
                                            weights_only=True))
+    node_id = ray.get_runtime_context().get_node_id()  # which node ran each epoch (retries may move it)
     for metrics in run.epochs():
+        metrics["node_id"] = node_id
         with tempfile.TemporaryDirectory() as folder:
             torch.save({**run.state_dict(), "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,0 +1,170 @@
+"""Scale-out and failures on this machine: the cluster configs validate, trials spread over the
+nodes of a multi-node Ray cluster, a killed worker node's trials resume from their checkpoints,
+an interrupted driver continues with --resume, and a diverging trial fails alone."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+from search.run import SearchOptions, run_search
+
+SEARCH = ["--space", "tiny", "--image-size", "28", "--subset", "400", "--grace-period", "1", "--cpus-per-trial", "1",
+          "--no-finalize", "--seed", "0"]
+
+
+def _start(*args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _results(folder) -> dict[str, list[dict]]:
+    """Every trial's reported epochs, from the result.json files Ray Tune wrote."""
+    out = {}
+    for trial in sorted(folder.glob("trial_*")):
+        path = trial / "result.json"
+        if path.is_file():
+            out[trial.name[len("trial_"):]] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return out
+
+
+def _wait_for(condition, timeout: float, process: subprocess.Popen):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        if process.poll() is not None:
+            pytest.fail(f"the search ended first:\n{process.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    process.kill()
+    pytest.fail("timed out waiting for the search")
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-onprem.yaml"])
+def test_cluster_config_passes_rays_validation(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    config = yaml.safe_load((ROOT / name).read_text())
+    validate_config(prepare_config(config))
+    install = 'python3 -m venv .venv && .venv/bin/pip install -e ".[test]"'
+    assert any(install in command for command in config["setup_commands"])  # the README's own install
+    assert config["file_mounts"] == {"~/lung-search": "."}
+    broken = {**config, "setup_comands": config["setup_commands"]}  # a typo Ray's schema rejects
+    with pytest.raises(Exception, match="setup_comands"):
+        validate_config(prepare_config(broken))
+
+
+def test_aws_cluster_autoscales_gpu_workers_onto_shared_storage():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    workers = config["available_node_types"]["gpu_worker"]
+    assert workers["min_workers"] == 0 and workers["max_workers"] >= 1
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert any("/mnt/shared" in command for command in config["setup_commands"])
+    assert config["provider"]["type"] == "aws"
+
+
+@pytest.fixture
+def cluster():
+    """A Ray cluster of three nodes on this machine: a head and two workers, one CPU each."""
+    from ray.cluster_utils import Cluster
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    workers = [c.add_node(num_cpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, workers
+    c.shutdown()
+
+
+def test_trials_spread_over_nodes_and_survive_a_killed_worker(cluster, tmp_path, pneumonia_npz):
+    c, workers = cluster
+    worker_ids = {w.node_id: w for w in workers}
+    process = _start(*SEARCH, "--data", str(pneumonia_npz), "--address", c.address, "--storage", str(tmp_path),
+                     "--name", "nodes", "--num-samples", "5", "--max-epochs", "6", "--grace-period", "6",
+                     "--max-retries", "3", "--backbones", "resnet10t")
+    folder = tmp_path / "nodes"
+
+    def victim():  # a trial on a worker node that has reported 2 epochs and has more to go
+        for trial_id, rows in _results(folder).items():
+            if 2 <= len(rows) < 6 and rows[-1]["node_id"] in worker_ids:
+                return trial_id, rows[-1]["node_id"]
+        return None
+
+    trial_id, node_id = _wait_for(victim, 240, process)
+    c.remove_node(worker_ids[node_id], allow_graceful=False)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 5 and (board["status"] == "TERMINATED").all(), output[-3000:]
+    results = _results(folder)
+    assert len({row["node_id"] for rows in results.values() for row in rows}) >= 2  # more than one node ran trials
+    epochs = [row["epoch"] for row in results[trial_id]]
+    assert epochs[-1] == 6
+    assert epochs.count(1) == 1, epochs  # resumed from a checkpoint, not from epoch 0
+    assert any(row["node_id"] != node_id for row in results[trial_id])  # finished elsewhere
+
+
+def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path, pneumonia_npz):
+    args = [*SEARCH, "--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "stopped",
+            "--num-samples", "6", "--max-epochs", "3"]
+    process = _start(*args)
+    folder = tmp_path / "stopped"
+
+    def two_ended():
+        path = folder / "leaderboard.csv"
+        if path.is_file() and path.stat().st_size:
+            board = pd.read_csv(path)
+            return (board["status"] == "TERMINATED").sum() >= 2 and len(board) < 6
+        return False
+
+    _wait_for(two_ended, 300, process)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=300)
+    before = pd.read_csv(folder / "leaderboard.csv")
+    ended_before = before[before["status"] == "TERMINATED"].set_index("trial_id")
+    assert len(ended_before) < 6 and "--resume" in output, output[-3000:]
+    assert ended_before["ended_s"].notna().all()
+    assert set(before["status"]) <= {"TERMINATED", "INTERRUPTED"}, before["status"]
+    rows_before = {t: len(r) for t, r in _results(folder).items() if t in ended_before.index}
+
+    resumed = _start(*args, "--resume")
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output[-3000:]
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 6 and board["trial_id"].is_unique and (board["status"] == "TERMINATED").all()
+    after = board.set_index("trial_id").loc[ended_before.index]
+    assert (after["epochs"] == ended_before["epochs"]).all()
+    assert (after["ended_s"] == ended_before["ended_s"]).all()
+    assert {t: len(r) for t, r in _results(folder).items() if t in rows_before} == rows_before  # not rerun
+    study = pd.read_csv(folder / "optuna_trials.csv")
+    assert len(study) == 6  # the sampler's study carried over the interruption
+
+
+def _diverging(trial, *, backbones, stages, pretrained):
+    """small_cnn, once with a learning rate no network survives (module level: Ray pickles it)."""
+    trial.suggest_float("lr", 1e-4, 1e8, log=True)
+    trial.suggest_categorical("optimizer", ["adam", "sgd"])
+    return {"backbone": "small_cnn", "weights": "random"}
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path, pneumonia_npz):
+    from spaces import register_space
+    points = ({"lr": 1e8, "optimizer": "sgd"}, {"lr": 1e-3, "optimizer": "adam"}, {"lr": 3e-3, "optimizer": "adam"})
+    register_space("diverging", backbones=("small_cnn",), points=points, fixed=True)(_diverging)
+    folder = run_search(SearchOptions(space="diverging", data=str(pneumonia_npz), storage=str(tmp_path), name="nan",
+                                      num_samples=3, max_epochs=2, grace_period=2, image_size=28, subset=300,
+                                      cpus_per_trial=1, max_retries=1, finalize=False))
+    board = pd.read_csv(folder / "leaderboard.csv")
+    failed = board[board["status"] == "ERROR"]
+    assert len(failed) == 1 and failed["lr"].iloc[0] == 1e8
+    assert "FloatingPointError" in failed["error"].iloc[0] and "diverged" in failed["error"].iloc[0]
+    finished = board[board["status"] == "TERMINATED"]
+    assert len(finished) == 2 and finished["val_auc"].notna().all() and (finished["epochs"] == 2).all()
+    study = pd.read_csv(folder / "optuna_trials.csv")
+    assert (study["state"] == "FAIL").sum() == 1
