@@ -185,6 +185,9 @@ def _load_data(record: dict, moved_to: str | None):
     if data.fingerprint != record["data"]["fingerprint"]:
         raise UserError(f"the data at {path} is not the data the search ran on (fingerprint "
                         f"{record['data']['fingerprint']}, now {data.fingerprint})")
+    if o.get("dedupe"):
+        from search.run import audited
+        data, _ = audited(data, dedupe=True)
     return data
 
 

@@ -68,6 +68,7 @@ class SearchOptions:
     batch_size: int | None = None
     group_column: str | None = None
     skip_corrupt: bool = False
+    dedupe: bool = False
     subset: int | None = None
     max_retries: int = 2
     finalize: bool = True
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="training batch size (64)")
     p.add_argument("--group-column", help="manifest column of patient ids (detected by name when obvious)")
     p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out, with a warning")
+    p.add_argument("--dedupe", action="store_true",
+                   help="drop train/val copies of files that also appear in a later split (the audit names them)")
     p.add_argument("--subset", type=int, help="at most this many images per split (smoke runs)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a trial whose worker fails")
     p.add_argument("--no-finalize", dest="finalize", action="store_false",
@@ -153,6 +156,7 @@ def run_search(options: SearchOptions) -> Path:
     from search.leaderboard import LeaderboardCallback, plot_progress, print_summary, write_atomic
     from search.tuner import bind_space, make_scheduler, make_searcher, make_tuner, with_data
     from spaces import get_space
+    from trainables.audit import render as render_audit
     from trainables.data import load_dataset
     from trainables.models import num_stages, weights_source
     from trainables.train import train_classifier
@@ -198,6 +202,7 @@ def run_search(options: SearchOptions) -> Path:
             raise UserError(f"the data at {data_path} changed since the search started (fingerprint "
                             f"{saved['data']['fingerprint']}, now {data.fingerprint}); start a new search")
         positive_class(data.class_names, o.positive_class)  # a bad --positive-class fails now
+        data, audit = audited(data, dedupe=o.dedupe)
         backbones = _backbones(space, o, profile)
         stages = {b: num_stages(b) for b in backbones}
         configs = _fixed_configs(space, o, backbones, stages, data.num_classes)
@@ -244,6 +249,8 @@ def run_search(options: SearchOptions) -> Path:
             tuner = make_tuner(trainable, searcher=searcher, scheduler=scheduler, num_samples=num_samples,
                                time_budget=o.time_budget, storage=str(storage), name=name,
                                base_config=base_config, callbacks=[callback], max_retries=o.max_retries)
+        write_atomic(folder / "data_report.json", lambda p: p.write_text(json.dumps(audit, indent=2)))
+        write_atomic(folder / "data_report.md", lambda p: p.write_text(render_audit(audit)))
         fit_started = time.time()
         tuner.fit()
         budget_spent = bool(o.time_budget) and time.time() - fit_started >= o.time_budget
@@ -266,6 +273,19 @@ def run_search(options: SearchOptions) -> Path:
         return folder
     finally:
         ray.shutdown()
+
+
+def audited(data, *, dedupe: bool):
+    """The data audit, printed; with `dedupe` the leaking copies dropped (and named)."""
+    from trainables.audit import audit_dataset, dedupe as drop_duplicates, summary_lines
+    report = audit_dataset(data)
+    print("\n".join(summary_lines(report)), flush=True)
+    if dedupe:
+        data, dropped = drop_duplicates(data, report)
+        report["deduped"] = dropped
+        report["counts_after_dedupe"] = data.counts()
+        print(f"  --dedupe: dropped {len(dropped)} copies: {'; '.join(dropped) or 'none'}", flush=True)
+    return data, report
 
 
 # ---- checks at the boundary -------------------------------------------------------------------

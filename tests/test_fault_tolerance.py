@@ -153,10 +153,11 @@ def _diverging(trial, *, backbones, stages, pretrained):
     return {"backbone": "small_cnn", "weights": "random"}
 
 
-def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path, pneumonia_npz):
-    from spaces import register_space
+def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path, pneumonia_npz, monkeypatch):
+    import spaces
+    monkeypatch.setattr(spaces, "_SPACES", dict(spaces._SPACES))  # the test's space leaves with it
     points = ({"lr": 1e8, "optimizer": "sgd"}, {"lr": 1e-3, "optimizer": "adam"}, {"lr": 3e-3, "optimizer": "adam"})
-    register_space("diverging", backbones=("small_cnn",), points=points, fixed=True)(_diverging)
+    spaces.register_space("diverging", backbones=("small_cnn",), points=points, fixed=True)(_diverging)
     folder = run_search(SearchOptions(space="diverging", data=str(pneumonia_npz), storage=str(tmp_path), name="nan",
                                       num_samples=3, max_epochs=2, grace_period=2, image_size=28, subset=300,
                                       cpus_per_trial=1, max_retries=1, finalize=False))

@@ -55,6 +55,7 @@ class Dataset:
     fingerprint: str
     source: str
     split_kind: str
+    root: str | None = None  # the folder `paths` are relative to (None for arrays)
 
     @property
     def num_classes(self) -> int:
@@ -138,6 +139,7 @@ class _Raw:
     fingerprint: str
     source: str
     class_names: list[str] | None = None  # for integer labels
+    root: str | None = None
 
 
 def _load_folder(root: Path, *, image_size: int, channels: int, group_column, skip_corrupt) -> _Raw:
@@ -170,7 +172,7 @@ def _load_folder(root: Path, *, image_size: int, channels: int, group_column, sk
     given = np.array([s for _, _, s in entries]) if split_dirs else None
     return _Raw(images=images, labels=[c for _, c, _ in entries], given_split=given, groups=None,
                 paths=[str(p.relative_to(root)) for p, _, _ in entries],
-                fingerprint=_file_list_fingerprint(root, files), source=f"folder:{root}")
+                fingerprint=_file_list_fingerprint(root, files), source=f"folder:{root}", root=str(root))
 
 
 def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_corrupt) -> _Raw:
@@ -249,7 +251,7 @@ def _load_manifest(path: Path, *, image_size: int, channels: int, group_column, 
                 given_split=given[keep] if given is not None else None,
                 groups=table[group].to_numpy() if group else None, paths=list(table["path"]),
                 fingerprint=_sha256_file(path)[:16] + _file_list_fingerprint(path.parent, files)[:16],
-                source=f"manifest:{path}" + (f" (groups: {group})" if group else ""))
+                source=f"manifest:{path}" + (f" (groups: {group})" if group else ""), root=str(path.parent))
 
 
 DATA_SOURCES: dict[str, tuple[Callable[[Path], bool], Callable[..., _Raw]]] = {
@@ -365,7 +367,7 @@ def _finish(raw: _Raw, *, seed: int, subset: int | None) -> Dataset:
                             f"split needs every class: add images or change the split")
     return Dataset(images=raw.images, labels=labels, class_names=class_names, split=split,
                    groups=raw.groups, paths=raw.paths, fingerprint=raw.fingerprint, source=raw.source,
-                   split_kind=kind)
+                   split_kind=kind, root=raw.root)
 
 
 def _make_split(labels: np.ndarray, given, groups, *, seed: int) -> tuple[np.ndarray, str]:
