@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,6 @@ def add_finalize_flags(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dataclasses import fields
     options = FinalizeOptions(**{f.name: getattr(args, f.name) for f in fields(FinalizeOptions)})
     try:
         finalize(options)
