@@ -213,8 +213,9 @@ def plot_roc(models: dict, chosen: str, test_y, names, positive: int, path: Path
     for name, m in models.items():
         fpr, tpr, _ = roc_curve(test_y == positive, m["test_probs"][:, positive])
         strong = name == chosen or m["kind"] == "ensemble"
+        label = f"{name}{' (chosen)' if name == chosen else ''}: AUC {m['test']['per_class'][names[positive]]['auc']:.3f}"
         line, = ax.plot(fpr, tpr, lw=2.2 if name == chosen else (1.6 if strong else 1), ls="-" if strong else "--",
-                        label=f"{name}{' (chosen)' if name == chosen else ''}: AUC {m['test']['per_class'][names[positive]]['auc']:.3f}")
+                        label=label)
         t = m["test"]
         if t["sensitivity"] is not None and t["specificity"] is not None:
             ax.plot(1 - t["specificity"], t["sensitivity"], "o", color=line.get_color(), ms=6 if name == chosen else 4)

@@ -2,7 +2,8 @@
 
     python -m search.run --space backbones --data ../shared/data/pneumoniamnist/pneumoniamnist.npz
     python -m search.run --space recipes --data path/to/images --weights random
-    python -m search.run --space backbones --data /mnt/shared/data/images --address auto --profile gpu --storage /mnt/shared/experiments
+    python -m search.run --space backbones --data /mnt/shared/data/images --address auto --profile gpu \\
+        --storage /mnt/shared/experiments
 
 Writes `<storage>/<name>/`: Ray Tune's results, `leaderboard.csv` and
 `leaderboard_by_backbone.csv` (rewritten as trials end), `optuna_trials.csv`,
@@ -61,6 +62,7 @@ class SearchOptions:
     metric: str = "val_auc"
     sampler: str = "tpe"
     backbones: str | None = None
+    recipes: str | None = None
     weights: str = "imagenet"
     weights_dir: str | None = None
     image_size: int | None = None
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="val_auc", choices=list(METRICS), help="validation metric to optimise")
     p.add_argument("--sampler", default="tpe", help="Optuna sampler: tpe, random, qmc, gp")
     p.add_argument("--backbones", help="comma-separated timm names replacing the space's backbones")
+    p.add_argument("--recipes", help="comma-separated recipe names: run only these of --space recipes")
     p.add_argument("--weights", default="imagenet", choices=["imagenet", "random"],
                    help="ImageNet weights (local --weights-dir, installed package, or timm's hub), "
                         "or random initialisation")
@@ -173,6 +176,8 @@ def run_search(options: SearchOptions) -> Path:
                                    "storage": options.storage,
                                    **{k: getattr(options, k) for k in FINALIZE_OPTIONS}})
     space = get_space(options.space)
+    if options.recipes:
+        space = _only_recipes(space, options.recipes)
     _check_options(options)
     data_path = _data_path(options.data)
     name = options.name or f"{options.space}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -369,6 +374,18 @@ def _backbones(space, o: SearchOptions, profile: str) -> tuple[str, ...]:
             raise UserError(f"--backbones does not apply to the fixed space {space.name!r}")
         return chosen
     return space.cpu_backbones if profile == "cpu" and space.cpu_backbones else space.backbones
+
+
+def _only_recipes(space, names: str):
+    import dataclasses
+    known = [p.get("recipe") for p in space.points]
+    if not space.fixed or not all(known):
+        raise UserError(f"--recipes applies to --space recipes, not {space.name!r}")
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise UserError(f"unknown recipe(s) {unknown or names!r}; recipes: {', '.join(known)}")
+    return dataclasses.replace(space, points=tuple(p for p in space.points if p["recipe"] in wanted))
 
 
 def _fixed_configs(space, o: SearchOptions, backbones, stages, num_classes: int) -> list[dict]:

@@ -109,6 +109,8 @@ def _cli(*args, cwd=ROOT):
     (["--resume", "--name", "never-ran"], "nothing to resume at"),
     (["--space", "recipes", "--backbones", "resnet18"], "--backbones does not apply to the fixed space 'recipes'"),
     (["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--space", "recipes", "--recipes", "resnet50_finetune,nope"], "unknown recipe(s) ['nope']; recipes: mobilenetv2"),
+    (["--space", "tiny", "--recipes", "resnet50_finetune"], "--recipes applies to --space recipes, not 'tiny'"),
     (["--space", "tiny", "--positive-class", "covid"],
      "--positive-class 'covid' is not a class of this data; classes: ['normal', 'pneumonia']"),
 ])
@@ -147,3 +149,10 @@ def test_cli_manifest_group_column_must_exist(tmp_path):
     result = _cli("--data", str(shared("covid-ct-ucsd", "patients.csv")), "--group-column", "hospital",
                   "--storage", str(tmp_path))
     assert result.returncode == 2 and "--group-column 'hospital' is not a column" in result.stderr
+
+
+def test_recipes_flag_runs_only_the_named_recipes(tmp_path, pneumonia_npz):
+    folder = _run(tmp_path, space="recipes", recipes="small_cnn_scratch", data=str(pneumonia_npz), max_epochs=1,
+                  subset=200, weights="random", name="one-recipe")
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert board["recipe"].tolist() == ["small_cnn_scratch"] and board["backbone"].tolist() == ["small_cnn"]
