@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +20,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
 
 STUDIES = {
     "pneumoniamnist": {
@@ -38,24 +36,23 @@ STUDIES = {
         "data": "covid19-xray-3class", "recipe": "resnet50_finetune", "positive_class": "Covid",
         "published": "ResNet50 fine-tuned (+ ensemble, weights 3:1:1): accuracy 0.988, COVID recall 1.0 (own data)"},
 }
-MARK = "<!-- seed-studies: newest first; bench/seed_studies.py --benchmarks adds a table here -->"
 
 
 def run_study(name: str, study: dict, args) -> list[dict]:
     from search.run import SearchOptions, run_search
     data = str(Path(args.shared) / study["data"])
-    common = dict(data=data, storage=args.storage, seed=args.seed, weights=args.weights,
+    shared_options = dict(data=data, storage=args.storage, seed=args.seed, weights=args.weights,
                   profile="gpu" if args.gpu else "cpu", positive_class=study.get("positive_class"),
                   image_size=args.image_size, dedupe=args.dedupe, max_epochs=args.max_epochs, subset=args.subset)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for kind, options in (
             ("recipe", SearchOptions(space="recipes", recipes=study["recipe"], name=f"{name}-recipe-{stamp}",
-                                     top_k=1, **common)),
+                                     top_k=1, **shared_options)),
             ("search", SearchOptions(space="backbones", name=f"{name}-search-{stamp}",
                                      num_samples=args.num_samples,
                                      time_budget=None if args.gpu else study.get("time_budget", args.time_budget),
-                                     **common))):
+                                     **shared_options))):
         started = time.time()
         folder = run_search(options)
         wall = time.time() - started
@@ -75,7 +72,7 @@ def run_study(name: str, study: dict, args) -> list[dict]:
                 "sensitivity (95% CI)": _ci(t["sensitivity"], t["ci"]["sensitivity"]),
                 "specificity (95% CI)": _ci(t["specificity"], t["ci"]["specificity"]),
                 "positive class": t["positive_class"], "test images": t["images"],
-                "wall (search + finalize)": _clock(wall), "weights": args.weights, "experiment": folder.name})
+                "wall (search + finalize)": common.clock(wall), "weights": args.weights, "experiment": folder.name})
     return rows
 
 
@@ -90,34 +87,10 @@ def _ci(value, interval) -> str:
     return "n/a" if value is None else f"{value:.3f} ({interval[0]:.3f}-{interval[1]:.3f})"
 
 
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
-
-
-def to_markdown(table: pd.DataFrame, args, elapsed: float) -> str:
-    cols = [c for c in table.columns if c not in ("experiment",)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    lines = [f"### {time.strftime('%Y-%m-%d')}, commit {commit}, {_machine()}, "
-             f"{'GPU profile' if args.gpu else 'CPU profile'}, seed {args.seed}, total {_clock(elapsed)}", "",
-             f"Command: `python bench/seed_studies.py {' '.join(sys.argv[1:])}`", "",
-             "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for row in table[cols].itertuples(index=False):
-        lines.append("| " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _machine() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(STUDIES), help=f"comma-separated: {', '.join(STUDIES)}")
-    p.add_argument("--shared", default=os.environ.get("SHARED_DATA", str(ROOT.parent / "shared" / "data")),
+    p.add_argument("--shared", default=str(common.SHARED),
                    help="the shared data folder")
     p.add_argument("--storage", default=str(ROOT / "experiments" / "seed-studies"))
     p.add_argument("--gpu", action="store_true", help="the gpu profile: 224 px, 64 trials of 30 epochs")
@@ -138,18 +111,10 @@ def main() -> int:
         return 2
     started = time.time()
     rows = [row for name in names for row in run_study(name, STUDIES[name], args)]
-    table = pd.DataFrame(rows)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / f"seed_studies-{time.strftime('%Y%m%d-%H%M%S')}.csv", index=False)
-    markdown = to_markdown(table, args, time.time() - started)
-    print(markdown)
-    if args.benchmarks:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text()
-        if MARK not in text:
-            text += f"\n## Seed studies (issue 7)\n\n{MARK}\n"
-        path.write_text(text.replace(MARK, f"{MARK}\n\n{markdown}", 1))
+    settings = (f"{'GPU profile' if args.gpu else 'CPU profile'}, weights {args.weights}, seed {args.seed}"
+                + (f", {args.image_size} px" if args.image_size else ""))
+    common.finish("seed_studies", pd.DataFrame(rows), settings=settings, started=started,
+                  benchmarks=args.benchmarks, section="Seed studies (issue 7)")
     return 0
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from search.evaluate import evaluate, youden_threshold
 from search.finalize import ensemble_weights, validation_key
-from search.leaderboard import plot_progress, write_atomic
+from search.leaderboard import plot_progress
 from search.predict import save_model
 
 KEY_PARAMS = ("lr", "head_lr_ratio", "optimizer", "weight_decay", "schedule", "dropout", "freeze_depth",
@@ -390,9 +390,9 @@ def render_report(folder: Path, summary: dict, models: dict, board: pd.DataFrame
               "", "## Use it", "", "```bash",
               f"python -m search.predict --model {folder}/final/ensemble --images path/to/images --out predictions.csv",
               "```", "",
-              f"Files: `metrics.json` (everything above), `test_predictions.csv` / `val_predictions.csv` (the final "
-              f"model's probabilities per image), `ensemble/` (the final model), `members/` (each member alone).",
-              "", f"Versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()
+              "Files: `metrics.json` (everything above), `test_predictions.csv` / `val_predictions.csv` (the final "
+              "model's probabilities per image), `ensemble/` (the final model), `members/` (each member alone).",
+              "", "Versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()
                                             if k in ("python", "torch", "timm", "ray", "optuna", "scikit-learn")), ""]
     return "\n".join(lines)
 

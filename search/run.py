@@ -33,6 +33,7 @@ PROFILES = {
                 cpus_per_trial=4, gpus_per_trial=1, time_budget=None),
 }
 METRICS = {"val_auc": "max", "val_acc": "max", "val_f1": "max", "val_loss": "min"}
+SCHEDULERS = ("asha", "fifo")
 DATA_ENV = "SEARCH_DATA"
 
 
@@ -50,6 +51,7 @@ class SearchOptions:
     max_epochs: int | None = None
     grace_period: int | None = None
     reduction_factor: float = 3
+    scheduler: str = "asha"
     cpus_per_trial: float | None = None
     gpus_per_trial: float | None = None
     max_concurrent: int | None = None
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped (cpu 8, gpu 30)")
     p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (cpu 1, gpu 3)")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA keeps 1/this of trials per rung")
+    p.add_argument("--scheduler", default="asha",
+                   help="asha: stop weak trials early; fifo: run every trial to --max-epochs")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (cpu 1, gpu 4)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (gpu 1)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster fits)")
@@ -164,6 +168,7 @@ def run_search(options: SearchOptions) -> Path:
     from trainables.models import num_stages, weights_source
     from trainables.train import train_classifier
 
+    clock = {"started": time.time()}
     storage = Path(options.storage).expanduser().resolve()
     saved = None
     if options.resume:
@@ -224,7 +229,8 @@ def run_search(options: SearchOptions) -> Path:
             metric=metric, mode=mode, sampler=o.sampler, seed=o.seed, max_epochs=o.max_epochs,
             max_concurrent=max_concurrent, points=list(space.points))
         scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs,
-                                   grace_period=o.grace_period, reduction_factor=o.reduction_factor)
+                                   grace_period=o.grace_period,
+                                   reduction_factor=o.reduction_factor) if o.scheduler == "asha" else None
         callback = LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=num_samples,
                                        time_budget=o.time_budget, scheduler=scheduler)
         base_config = {"image_size": o.image_size, "batch_size": o.batch_size, "max_epochs": o.max_epochs,
@@ -235,8 +241,11 @@ def run_search(options: SearchOptions) -> Path:
         print(f"data: {data.source} | classes {data.class_names} | "
               f"{ {s: sum(c.values()) for s, c in data.counts().items()} } | split {data.split_kind} | "
               f"fingerprint {data.fingerprint}")
-        print(f"search: space {space.name} ({len(backbones)} backbones), {num_samples} trials, profile "
-              f"{profile}, {o.image_size}px, max {o.max_epochs} epochs, ASHA grace {o.grace_period}, "
+        print(f"search: space {space.name} ("
+              + (f"{len(space.points)} fixed points" if space.fixed else f"{len(backbones)} backbones")
+              + f"), {num_samples} trials, profile "
+              f"{profile}, {o.image_size}px, max {o.max_epochs} epochs, "
+              + (f"ASHA grace {o.grace_period}, " if scheduler else "FIFO (no early stopping), ") +
               f"{max_concurrent} at once, {resources} per trial, sampler {o.sampler}, metric {metric}"
               + (f", time budget {o.time_budget:.0f}s" if o.time_budget else ""), flush=True)
 
@@ -256,9 +265,10 @@ def run_search(options: SearchOptions) -> Path:
                                base_config=base_config, callbacks=[callback], max_retries=o.max_retries)
         write_atomic(folder / "data_report.json", lambda p: p.write_text(json.dumps(audit, indent=2)))
         write_atomic(folder / "data_report.md", lambda p: p.write_text(render_audit(audit)))
-        fit_started = time.time()
+        clock["fit_started"] = time.time()
         tuner.fit()
-        budget_spent = bool(o.time_budget) and time.time() - fit_started >= o.time_budget
+        clock["fit_ended"] = time.time()
+        budget_spent = bool(o.time_budget) and clock["fit_ended"] - clock["fit_started"] >= o.time_budget
         _write_optuna_trials(searcher, folder, write_atomic)
         board = pd.read_csv(folder / "leaderboard.csv")
         plot_progress(board, folder / "search_progress.png", metric=metric, mode=mode, name=name)
@@ -271,10 +281,13 @@ def run_search(options: SearchOptions) -> Path:
             print(f"the search stopped with {unfinished} trial(s) unfinished; continue it with "
                   f"python -m search.run --resume --name {name} --storage {options.storage}, or finalize "
                   f"what it found with python -m search.finalize --experiment {folder}")
+            _write_timings(folder, clock, slots=max_concurrent, write_atomic=write_atomic)
             return folder
+        clock["search_ended"] = time.time()
         if o.finalize:
             finalize(FinalizeOptions(experiment=str(folder), top_k=o.top_k, seeds=o.seeds, address=o.address,
                                      refit_on_val=o.refit_on_val, positive_class=o.positive_class), data=data)
+        _write_timings(folder, clock, slots=max_concurrent, write_atomic=write_atomic)
         return folder
     finally:
         ray.shutdown()
@@ -307,6 +320,8 @@ def _check_options(o: SearchOptions) -> None:
         raise UserError(f"--gpus-per-trial must be >= 0, got {o.gpus_per_trial}")
     if o.gpus_per_trial and o.gpus_per_trial > 1 and o.gpus_per_trial != int(o.gpus_per_trial):
         raise UserError(f"--gpus-per-trial above 1 must be a whole number, got {o.gpus_per_trial}")
+    if o.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {o.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if o.reduction_factor < 2:
         raise UserError(f"--reduction-factor must be >= 2, got {o.reduction_factor}")
     for key in ("top_k", "seeds"):
@@ -416,6 +431,18 @@ def _versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "ray": ray.__version__, "optuna": optuna.__version__, "scikit-learn": sklearn.__version__,
             "platform": platform.platform(), "cuda": torch.version.cuda}
+
+
+def _write_timings(folder: Path, clock: dict, *, slots: int, write_atomic) -> None:
+    """timings.json: where this command's wall time went (bench/overhead.py reads it)."""
+    now = time.time()
+    search_ended = clock.get("search_ended", now)
+    timings = {**clock, "ended": now, "trial_slots": slots,
+               "before_fit_seconds": clock["fit_started"] - clock["started"],
+               "fit_seconds": clock["fit_ended"] - clock["fit_started"],
+               "after_fit_seconds": search_ended - clock["fit_ended"],
+               "finalize_seconds": now - search_ended, "search_seconds": search_ended - clock["started"]}
+    write_atomic(folder / "timings.json", lambda p: p.write_text(json.dumps(timings, indent=2)))
 
 
 def _write_optuna_trials(searcher, folder: Path, write_atomic) -> None:

@@ -109,6 +109,7 @@ def _cli(*args, cwd=ROOT):
     (["--resume", "--name", "never-ran"], "nothing to resume at"),
     (["--space", "recipes", "--backbones", "resnet18"], "--backbones does not apply to the fixed space 'recipes'"),
     (["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--scheduler", "hyperband"], "unknown scheduler 'hyperband'; choose one of asha, fifo"),
     (["--space", "recipes", "--recipes", "resnet50_finetune,nope"], "unknown recipe(s) ['nope']; recipes: mobilenetv2"),
     (["--space", "tiny", "--recipes", "resnet50_finetune"], "--recipes applies to --space recipes, not 'tiny'"),
     (["--space", "tiny", "--positive-class", "covid"],
@@ -156,3 +157,22 @@ def test_recipes_flag_runs_only_the_named_recipes(tmp_path, pneumonia_npz):
                   subset=200, weights="random", name="one-recipe")
     board = pd.read_csv(folder / "leaderboard.csv")
     assert board["recipe"].tolist() == ["small_cnn_scratch"] and board["backbone"].tolist() == ["small_cnn"]
+
+
+def test_unknown_scheduler_in_options_is_a_user_error(tmp_path, pneumonia_npz):
+    from trainables import UserError
+    with pytest.raises(UserError, match="unknown scheduler 'median'; choose one of asha, fifo"):
+        _run(tmp_path, space="tiny", data=str(pneumonia_npz), scheduler="median")
+    assert not any(tmp_path.iterdir())
+
+
+def test_fifo_runs_every_trial_to_max_epochs_and_timings_add_up(tmp_path, pneumonia_npz):
+    folder = _run(tmp_path, space="tiny", data=str(pneumonia_npz), num_samples=3, subset=200, scheduler="fifo",
+                  name="fifo")
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 3 and (board["epochs"] == 3).all() and not board["stopped_early"].any()
+    timings = json.loads((folder / "timings.json").read_text())
+    assert timings["trial_slots"] >= 1
+    parts = timings["before_fit_seconds"] + timings["fit_seconds"] + timings["after_fit_seconds"]
+    assert timings["search_seconds"] == pytest.approx(parts, abs=1e-6)
+    assert timings["fit_seconds"] > 0 and timings["finalize_seconds"] >= 0
