@@ -1,5 +1,6 @@
 """What every benchmark shares: where the data is, and how a result table is recorded (printed,
-written as `bench/results/<name>-<stamp>.csv`, and with `--benchmarks` put at the top of its section
+written as `bench/results/<name>-<stamp>.csv`
+(or under $BENCH_RESULTS), and with `--benchmarks` put at the top of its section
 of BENCHMARKS.md with the date, machine, command and commit; older tables stay below it)."""
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def to_markdown(table: pd.DataFrame, *, settings: str, elapsed: float) -> str:
 def finish(name: str, table: pd.DataFrame, *, settings: str, started: float, benchmarks: bool,
            section: str) -> str:
     """Print `table`, write its CSV, and with `benchmarks` add it to `section` of BENCHMARKS.md."""
-    out = ROOT / "bench" / "results"
+    out = Path(os.environ.get("BENCH_RESULTS", ROOT / "bench" / "results"))
     out.mkdir(parents=True, exist_ok=True)
     csv = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     table.to_csv(csv, index=False)

@@ -1,0 +1,54 @@
+"""The benchmark scripts' own arithmetic, on a real (small) search: a regression here would make
+BENCHMARKS.md report wrong shares and compute counts."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from bench.asha_vs_fifo import epochs_in_order, reach
+from bench.overhead import breakdown
+from conftest import ROOT
+from search.run import SearchOptions, run_search
+
+
+@pytest.fixture(scope="module")
+def fifo_search(tmp_path_factory, pneumonia_npz):
+    return run_search(SearchOptions(space="tiny", data=str(pneumonia_npz), num_samples=3, max_epochs=2,
+                                    subset=200, image_size=28, scheduler="fifo", finalize=False,
+                                    storage=str(tmp_path_factory.mktemp("bench")), name="fifo"))
+
+
+def test_overhead_breakdown_accounts_for_every_slot_second(fifo_search):
+    table, summary = breakdown(fifo_search)
+    timings = json.loads((fifo_search / "timings.json").read_text())
+    total = table["slot-seconds"].sum()
+    assert total == pytest.approx(timings["trial_slots"] * timings["search_seconds"], abs=0.5)  # rounded to 0.1 s
+    seconds = dict(zip(table["component"], table["slot-seconds"]))
+    assert seconds["training steps"] > 0 and seconds["evaluation steps"] > 0
+    assert summary["trials"] == 3 and summary["trial_epochs"] == 6
+    assert 0 < summary["in_steps_share"] < summary["in_steps_share_of_fit"] <= 1
+
+
+def test_compute_to_reach_counts_trial_epochs_in_finishing_order(fifo_search):
+    frame = epochs_in_order(fifo_search)
+    board = pd.read_csv(fifo_search / "leaderboard.csv")
+    assert len(frame) == board["epochs"].sum() == 6
+    assert frame["finished"].is_monotonic_increasing
+    best = frame["val_auc"].max()
+    epochs, seconds = reach(frame, best, frame["finished"].min() - 1)
+    assert epochs == int(frame.index[frame["val_auc"] == best][0]) + 1 and seconds >= 1
+    assert reach(frame, best + 0.01, 0) == (None, None)
+
+
+def test_throughput_script_prints_and_writes_its_table(tmp_path):
+    env = {**os.environ, "BENCH_RESULTS": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "bench/throughput.py", "--steps", "2", "--warmup", "1", "--repeats", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (csv,) = tmp_path.glob("throughput-*.csv")
+    table = pd.read_csv(csv)
+    assert list(table["loop"]) == ["trial loop", "bare timm (fp32)"] and (table["images/s (median)"] > 0).all()
+    assert "| resnet18 | trial loop |" in result.stdout
