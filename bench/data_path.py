@@ -36,6 +36,10 @@ def _tensors(data) -> float:
 def shared_trial(config: dict, refs: list) -> None:
     import ray
     from ray import tune
+
+    import torch  # noqa: F401  (imported before the clock: a trial's own module has them loaded already)
+
+    import trainables.data  # noqa: F401
     start = time.perf_counter()
     data = ray.get(refs[0])
     _tensors(data)
@@ -43,6 +47,7 @@ def shared_trial(config: dict, refs: list) -> None:
 
 
 def decoding_trial(config: dict) -> None:
+    import torch  # noqa: F401
     from ray import tune
 
     from trainables.data import load_dataset

@@ -3,18 +3,20 @@ from spaces import register_space
 
 BACKBONES = ("mobilenetv2_100", "mobilenetv3_small_100", "mobilenetv3_large_100", "resnet18", "resnet50",
              "densenet121", "efficientnet_b0", "efficientnet_lite0", "inception_v3", "inception_resnet_v2",
-             "legacy_xception")
+             "legacy_xception", "small_cnn")
 # cheap at the CPU profile's 32 px; the Inception family needs 75 px and Xception is large
 CPU_BACKBONES = ("mobilenetv2_100", "mobilenetv3_small_100", "mobilenetv3_large_100", "resnet18",
-                 "resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite0")
+                 "resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite0", "small_cnn")
+SCRATCH = {"small_cnn"}  # no ImageNet weights exist: always trained from scratch, never frozen
 
 
 @register_space("backbones", backbones=BACKBONES, cpu_backbones=CPU_BACKBONES)
 def backbones(trial, *, backbones, stages, pretrained):
     """Backbone, learning rates, dropout, freezing depth, class weights, optimizer, schedule, augmentation, head."""
     backbone = trial.suggest_categorical("backbone", list(backbones))
+    scratch = backbone in SCRATCH
     trial.suggest_float("lr", 1e-5, 3e-3, log=True)
-    if pretrained:  # freezing and a faster head only make sense on top of pretrained features
+    if pretrained and not scratch:  # freezing and a faster head only make sense on top of pretrained features
         trial.suggest_int("freeze_depth", 0, stages[backbone])
         trial.suggest_float("head_lr_ratio", 1.0, 100.0, log=True)
     trial.suggest_float("dropout", 0.0, 0.6)
@@ -27,4 +29,4 @@ def backbones(trial, *, backbones, stages, pretrained):
     trial.suggest_categorical("augment", ["none", "light", "medium", "heavy"])
     if trial.suggest_categorical("head", ["linear", "mlp"]) == "mlp":
         trial.suggest_categorical("head_hidden", [128, 256, 512])
-    return None
+    return {"weights": "random"} if scratch else None

@@ -44,8 +44,11 @@ def test_freeze_depth_is_conditional_on_the_backbone():
     configs = _draw(get_space("backbones"), 60)
     assert {c["backbone"] for c in configs} >= {"resnet50", "inception_v3"} or len({c["backbone"] for c in configs}) > 4
     for c in configs:
-        assert 0 <= c["freeze_depth"] <= num_stages(c["backbone"])
-    assert len({c["freeze_depth"] for c in configs}) > 2
+        if c["backbone"] == "small_cnn":  # no ImageNet weights: from scratch, nothing frozen
+            assert c["weights"] == "random" and "freeze_depth" not in c and "head_lr_ratio" not in c
+        else:
+            assert 0 <= c["freeze_depth"] <= num_stages(c["backbone"]) and "weights" not in c
+    assert len({c.get("freeze_depth") for c in configs}) > 2
     # trained from scratch, freezing random layers makes no sense: the space does not draw it
     scratch = _draw(get_space("backbones"), 10, pretrained=False)
     assert all("freeze_depth" not in c and "head_lr_ratio" not in c for c in scratch)
@@ -72,3 +75,13 @@ def test_recipes_are_the_classic_pipelines():
     assert configs["small_cnn_scratch"]["weights"] == "random"
     assert {c["backbone"] for c in configs.values()} >= {"mobilenetv2_100", "resnet50", "densenet121",
                                                          "inception_resnet_v2", "inception_v3", "small_cnn"}
+
+
+def test_small_cnn_in_backbones_is_always_trained_from_scratch():
+    space = get_space("backbones")
+    study = optuna.create_study()
+    study.enqueue_trial({"backbone": "small_cnn"})
+    stages = {b: num_stages(b) for b in space.backbones}
+    config = space.sample(study.ask(), backbones=space.backbones, stages=stages, pretrained=True)
+    assert config["backbone"] == "small_cnn" and config["weights"] == "random"
+    assert validate_config(config, num_classes=2)["freeze_depth"] == 0
