@@ -79,6 +79,8 @@ def main() -> int:
     started = time.time()
     if args.experiment:
         folder = Path(args.experiment)
+        if not (folder / "timings.json").exists():
+            p.error(f"--experiment {folder}: no timings.json there (not a finished search of this version)")
     else:
         from search.run import SearchOptions, run_search
         folder = run_search(SearchOptions(space=args.space, data=args.data, weights=args.weights, finalize=False,

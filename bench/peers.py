@@ -98,6 +98,9 @@ def optuna_arm(data, *, budget: float, seed: int, base: dict, pruner: str) -> di
             "best trial": best.params["backbone"], "wall": common.clock(time.time() - started)}
 
 
+ARMS = ("backbones", "recipes", "optuna", "random")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=common.default_data())
@@ -107,7 +110,7 @@ def main() -> int:
     p.add_argument("--max-epochs", type=int, help="override the profile's epochs per trial")
     p.add_argument("--weights", default="random", choices=["imagenet", "random"])
     p.add_argument("--pruner", default="sha", choices=["sha", "median"], help="Optuna-alone pruner")
-    p.add_argument("--arms", default="backbones,recipes,optuna,random", help="which arms to run")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms: {', '.join(ARMS)}")
     p.add_argument("--storage", default="/tmp/bench-peers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
@@ -123,7 +126,10 @@ def main() -> int:
     common_options = dict(data=args.data, profile=args.profile, image_size=size, max_epochs=max_epochs,
                           weights=args.weights, seed=args.seed, storage=args.storage, finalize=False,
                           time_budget=args.budget)
-    arms = [a.strip() for a in args.arms.split(",")]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms:
+        p.error(f"unknown arm(s) {unknown or args.arms!r}; choose from {', '.join(ARMS)}")
     rows = []
     if "backbones" in arms:
         rows.append(tune_arm("backbones search (TPE + ASHA, Ray Tune)", SearchOptions(

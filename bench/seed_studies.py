@@ -104,6 +104,8 @@ def main() -> int:
     p.add_argument("--dedupe", action="store_true", help="drop leaking duplicate copies (see the data audit)")
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
+    if not Path(args.shared).is_dir():
+        p.error(f"--shared {args.shared}: no such folder (the shared data; or set SHARED_DATA)")
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = [n for n in names if n not in STUDIES]
     if unknown:

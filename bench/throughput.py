@@ -51,7 +51,7 @@ def bare_loop(config: dict, data, steps: int, warmup: int, *, amp: bool) -> floa
     import timm
 
     from trainables.models import min_input_size
-    device = torch.device("cuda" if torch.cuda.is_available() and config.get("device") != "cpu" else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = timm.create_model(config["backbone"], pretrained=False, num_classes=data.num_classes,
                               in_chans=data.channels).to(device)
@@ -108,6 +108,8 @@ def main() -> int:
                    help="torch threads (a CPU trial of the default search holds 1 core)")
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible on this machine")
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(args.threads)

@@ -242,7 +242,7 @@ def run_search(options: SearchOptions) -> Path:
               f"{ {s: sum(c.values()) for s, c in data.counts().items()} } | split {data.split_kind} | "
               f"fingerprint {data.fingerprint}")
         print(f"search: space {space.name} ("
-              + (f"{len(space.points)} fixed points" if space.fixed else f"{len(backbones)} backbones")
+              + (f"{len(space.points)} fixed point(s)" if space.fixed else f"{len(backbones)} backbones")
               + f"), {num_samples} trials, profile "
               f"{profile}, {o.image_size}px, max {o.max_epochs} epochs, "
               + (f"ASHA grace {o.grace_period}, " if scheduler else "FIFO (no early stopping), ") +
