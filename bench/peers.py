@@ -122,6 +122,7 @@ def main() -> int:
     max_epochs = args.max_epochs or profile["max_epochs"]
     started = time.time()
     data = load_dataset(args.data, image_size=size, channels=1, seed=args.seed)
+    size = int(data.images.shape[1])  # the profile's "auto" resolved
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common_options = dict(data=args.data, profile=args.profile, image_size=size, max_epochs=max_epochs,
                           weights=args.weights, seed=args.seed, storage=args.storage, finalize=False,

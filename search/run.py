@@ -25,8 +25,9 @@ from pathlib import Path
 from trainables import UserError
 
 PROFILES = {
-    # a laptop-class CPU: native-ish resolution, few epochs, two trials at a time on two cores
-    "cpu": dict(image_size=32, max_epochs=8, grace_period=1, num_samples=24, batch_size=64,
+    # a laptop-class CPU: few epochs, two trials at a time on two cores; images at 32 px when they
+    # are MedMNIST-sized, else at 64 px (see trainables.data.auto_image_size)
+    "cpu": dict(image_size="auto", max_epochs=8, grace_period=1, num_samples=24, batch_size=64,
                 cpus_per_trial=1, gpus_per_trial=0, time_budget=900),
     # GPU workers: ImageNet resolution and a longer search
     "gpu": dict(image_size=224, max_epochs=30, grace_period=3, num_samples=64, batch_size=64,
@@ -67,7 +68,7 @@ class SearchOptions:
     recipes: str | None = None
     weights: str = "imagenet"
     weights_dir: str | None = None
-    image_size: int | None = None
+    image_size: int | str | None = None
     channels: int = 1
     batch_size: int | None = None
     group_column: str | None = None
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageNet weights (local --weights-dir, installed package, or timm's hub), "
                         "or random initialisation")
     p.add_argument("--weights-dir", help="folder of local checkpoints named <backbone>.pth or .safetensors")
-    p.add_argument("--image-size", type=int, help="side of the decoded images (cpu 32, gpu 224)")
+    p.add_argument("--image-size", type=int,
+                   help="side of the decoded images (cpu: 32 for images up to 48 px, else 64; gpu 224)")
     p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="1 grayscale, 3 RGB")
     p.add_argument("--batch-size", type=int, help="training batch size (64)")
     p.add_argument("--group-column", help="manifest column of patient ids (detected by name when obvious)")
@@ -208,6 +210,7 @@ def run_search(options: SearchOptions) -> Path:
 
         data = load_dataset(data_path, image_size=o.image_size, channels=o.channels, seed=o.seed,
                             group_column=o.group_column, skip_corrupt=o.skip_corrupt, subset=o.subset)
+        o.image_size = int(data.images.shape[1])  # "auto" resolved, recorded for finalize and --resume
         if saved and saved["data"]["fingerprint"] != data.fingerprint:
             raise UserError(f"the data at {data_path} changed since the search started (fingerprint "
                             f"{saved['data']['fingerprint']}, now {data.fingerprint}); start a new search")

@@ -92,6 +92,25 @@ def _folder(root, spec):
     return root
 
 
+def test_auto_image_size_follows_the_files_own_size(tmp_path, pneumonia_npz):
+    assert load_dataset(pneumonia_npz, image_size="auto").images.shape[1:] == (32, 32, 1)  # 28 px
+    ct = load_dataset(shared("covid19-xray-3class"), image_size="auto")  # X-rays of hundreds of px
+    assert ct.images.shape[1:] == (64, 64, 1)
+    for side, expected in ((40, 32), (120, 64)):
+        root = tmp_path / str(side)
+        for name in ("a", "b"):
+            (root / name).mkdir(parents=True)
+            for k in range(12):
+                Image.new("L", (side, side + 5), 10 * k).save(root / name / f"{k}.png")
+        assert load_dataset(root, image_size="auto").images.shape[1] == expected
+
+
+@pytest.mark.parametrize("size", [4, "big", 32.5])
+def test_error_bad_image_size(pneumonia_npz, size):
+    with pytest.raises(UserError, match=f"image size {size!r} is not valid.*'auto'"):
+        load_dataset(pneumonia_npz, image_size=size)
+
+
 def test_error_no_such_path(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_dataset(tmp_path / "nowhere")

@@ -36,6 +36,10 @@ SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "vali
 GROUP_COLUMN_NAMES = ("group", "patient_id", "patient", "subject_id", "subject", "case_id")
 MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
 MAX_LISTED = 10
+# "auto" image size (the CPU profile): MedMNIST-sized images stay near their 28 px, larger files
+# (CT slices, full X-rays) go to 64 px, where the CT models gain 0.01-0.03 test AUC (BENCHMARKS.md)
+AUTO_SIZES = {"small": 32, "large": 64}
+AUTO_SMALL_UP_TO = 48
 
 
 @dataclass
@@ -91,14 +95,15 @@ class Dataset:
         return out
 
 
-def load_dataset(path: str | os.PathLike, *, image_size: int = 32, channels: int = 1, seed: int = 0,
+def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channels: int = 1, seed: int = 0,
                  group_column: str | None = None, skip_corrupt: bool = False,
                  subset: int | None = None) -> Dataset:
     """Load, validate and split a data set; every image is decoded and resized here, once.
 
     Args:
         path: image folder, `.npz` file or `.csv` manifest.
-        image_size: side of the square images handed to the trials.
+        image_size: side of the square images handed to the trials, or "auto": 32 for images
+            up to 48 px on their shorter side (the median of a sample), else 64.
         channels: 1 to convert every image to grayscale, 3 for RGB, whatever the file's mode.
         seed: seed of the stratified (or grouped) 8:1:1 split, used where none is given.
         group_column: manifest column holding patient ids; detected by name when omitted.
@@ -112,8 +117,8 @@ def load_dataset(path: str | os.PathLike, *, image_size: int = 32, channels: int
     if not path.exists():
         raise UserError(f"data path {str(path)!r} does not exist; pass --data with an image folder, "
                         f"a .npz file or a .csv manifest")
-    if image_size < 8:
-        raise UserError(f"image size {image_size} is too small; use 8 or more pixels")
+    if image_size != "auto" and (not isinstance(image_size, (int, np.integer)) or image_size < 8):
+        raise UserError(f"image size {image_size!r} is not valid; use 8 or more pixels, or 'auto'")
     if channels not in (1, 3):
         raise UserError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     for name, (matches, loader) in DATA_SOURCES.items():
@@ -196,7 +201,8 @@ def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_
         if x.ndim not in (3, 4) or len(x) != len(y):
             raise UserError(f"{path}: {s}_images has shape {x.shape} for {len(y)} labels; expected "
                             f"(N, H, W) or (N, H, W, C)")
-        images.append(_resize_array(_to_channels(x, channels), image_size))
+        size = auto_image_size(min(x.shape[1:3])) if image_size == "auto" else image_size
+        images.append(_resize_array(_to_channels(x, channels), size))
         labels.append(y.astype(np.int64))
         given.extend([s] * len(y))
     y = np.concatenate(labels)
@@ -292,8 +298,29 @@ def decode_images(files: list[Path], *, image_size: int, channels: int) -> np.nd
                        fix="fix or remove them")[0]
 
 
-def _decode_all(files: list[Path], *, image_size: int, channels: int, skip_corrupt: bool,
+def auto_image_size(native_side: int) -> int:
+    """The side an "auto" image size decodes to, given the images' own shorter side."""
+    return AUTO_SIZES["small"] if native_side <= AUTO_SMALL_UP_TO else AUTO_SIZES["large"]
+
+
+def _native_side(files: list[Path], sample: int = 64) -> int:
+    """Median shorter side of up to `sample` files spread over the list (headers only);
+    unreadable files are skipped here and reported by the decoding."""
+    sides = []
+    for p in files[:: max(1, len(files) // sample)][:sample]:
+        try:
+            with Image.open(p) as im:
+                sides.append(min(im.size))
+        except Exception:  # PIL raises many kinds; _decode_all names the file
+            continue
+    return int(np.median(sides)) if sides else AUTO_SMALL_UP_TO + 1
+
+
+def _decode_all(files: list[Path], *, image_size: int | str, channels: int, skip_corrupt: bool,
                 fix: str = "fix or remove them, or pass --skip-corrupt to leave them out"):
+    if image_size == "auto":
+        image_size = auto_image_size(_native_side(files))
+
     def one(p):
         try:
             return decode_image(p, image_size=image_size, channels=channels), None
