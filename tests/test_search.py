@@ -77,10 +77,14 @@ def test_backbones_space_with_real_pretrained_weights(tmp_path, pneumonia_npz):
 
 
 def test_search_on_a_folder_of_pngs(tmp_path, png_folder):
-    folder = _run(tmp_path, space="tiny", data=str(png_folder), num_samples=2, max_epochs=2, name="pngs", dedupe=True)
+    # no --image-size: the CPU profile's "auto" sees files of 28-90 px (median ~59) and picks 64
+    folder = _run(tmp_path, space="tiny", data=str(png_folder), num_samples=2, max_epochs=2, name="pngs", dedupe=True,
+                  image_size=None, profile="cpu")
     board = pd.read_csv(folder / "leaderboard.csv")
     assert len(board) == 2 and board["val_auc"].notna().all()
+    assert (board["image_size"] == 64).all()
     record = json.loads((folder / "search_config.json").read_text())
+    assert record["options"]["image_size"] == 64 and record["data"]["image_shape"] == [64, 64, 1]
     assert record["data"]["class_names"] == ["normal lung", "viral pneumonia"]
     audit = json.loads((folder / "data_report.json").read_text())  # written before training
     assert audit["counts"] == record["data"]["counts"] and audit["deduped"] == [] and audit["warnings"] == []
