@@ -314,11 +314,13 @@ def audited(data, *, dedupe: bool):
 def _check_options(o: SearchOptions) -> None:
     positive = {"num_samples": o.num_samples, "max_epochs": o.max_epochs, "grace_period": o.grace_period,
                 "cpus_per_trial": o.cpus_per_trial, "max_concurrent": o.max_concurrent,
-                "time_budget": o.time_budget, "image_size": o.image_size, "batch_size": o.batch_size,
+                "time_budget": o.time_budget, "batch_size": o.batch_size,
                 "subset": o.subset}
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    if o.image_size not in (None, "auto") and not (isinstance(o.image_size, int) and o.image_size > 0):
+        raise UserError(f"--image-size must be a positive number of pixels or 'auto', got {o.image_size!r}")
     if o.gpus_per_trial is not None and o.gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial must be >= 0, got {o.gpus_per_trial}")
     if o.gpus_per_trial and o.gpus_per_trial > 1 and o.gpus_per_trial != int(o.gpus_per_trial):

@@ -170,6 +170,14 @@ def test_unknown_scheduler_in_options_is_a_user_error(tmp_path, pneumonia_npz):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("size", ["big", 0, 12.5])
+def test_bad_image_size_in_options_is_a_user_error(tmp_path, pneumonia_npz, size):
+    from trainables import UserError
+    with pytest.raises(UserError, match=f"--image-size must be a positive number of pixels or 'auto', got {size!r}"):
+        _run(tmp_path, space="tiny", data=str(pneumonia_npz), image_size=size)
+    assert not any(tmp_path.iterdir())
+
+
 def test_fifo_runs_every_trial_to_max_epochs_and_timings_add_up(tmp_path, pneumonia_npz):
     folder = _run(tmp_path, space="tiny", data=str(pneumonia_npz), num_samples=3, subset=200, scheduler="fifo",
                   name="fifo")

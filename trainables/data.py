@@ -190,6 +190,7 @@ def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_
     if "train" not in splits or "train_labels" not in keys:
         raise UserError(f"{path} is not a MedMNIST-style .npz: expected train_images and train_labels "
                         f"(and optionally val_/test_), found {sorted(keys)}")
+    size = auto_image_size(min(arrays["train_images"].shape[1:3])) if image_size == "auto" else image_size
     images, labels, given = [], [], []
     for s in splits:
         if f"{s}_labels" not in keys:
@@ -201,7 +202,6 @@ def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_
         if x.ndim not in (3, 4) or len(x) != len(y):
             raise UserError(f"{path}: {s}_images has shape {x.shape} for {len(y)} labels; expected "
                             f"(N, H, W) or (N, H, W, C)")
-        size = auto_image_size(min(x.shape[1:3])) if image_size == "auto" else image_size
         images.append(_resize_array(_to_channels(x, channels), size))
         labels.append(y.astype(np.int64))
         given.extend([s] * len(y))
