@@ -116,6 +116,26 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, *, positive: int, thresh
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
 
 
+def paired_difference(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, metric: str, *,
+                      resamples: int = 1000, seed: int = 0) -> dict:
+    """`metric` of model a minus model b on the same images, with a 95% percentile interval over
+    stratified bootstrap resamples (both models scored on each resample), to tell a real margin
+    from validation noise.
+
+    Example:
+        >>> paired_difference(val_labels, ensemble_probs, member_probs, "val_auc")
+        {'difference': 0.0004, 'ci': [-0.0011, 0.0019]}
+    """
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in range(probs_a.shape[1])]
+    draws = []
+    for _ in range(resamples):
+        idx = np.concatenate([rng.choice(members, len(members)) for members in by_class if len(members)])
+        draws.append(score(labels[idx], probs_a[idx], metric) - score(labels[idx], probs_b[idx], metric))
+    return {"difference": score(labels, probs_a, metric) - score(labels, probs_b, metric),
+            "ci": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+
+
 def evaluate(labels: np.ndarray, probs: np.ndarray, class_names: list[str], *, positive: int, threshold: float,
              resamples: int = 1000, seed: int = 0) -> dict:
     """Every figure of the clinical read-out, as plain JSON-able data (see the module docstring)."""

@@ -53,7 +53,7 @@ def write_final(folder: Path, *, options, record: dict, board: pd.DataFrame, dat
                 sum(w * models[n]["val_probs"] for w, n in zip(weights, member_names)),
                 sum(w * models[n]["test_probs"] for w, n in zip(weights, member_names)),
                 val_y, test_y, names, positive, metric, options)
-    chosen, choice = _choose(models, member_names, val_y, metric)
+    chosen, choice, margin = _choose(models, member_names, val_y, metric, resamples=options.bootstrap)
 
     final = folder / "final"
     tmp = folder / f".final.tmp-{os.getpid()}"
@@ -62,7 +62,7 @@ def write_final(folder: Path, *, options, record: dict, board: pd.DataFrame, dat
     summary = {"experiment": folder.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "finalize_options": asdict(options), "search": {k: record.get(k) for k in ("space", "profile", "options")},
                "data": data.summary(), "versions": _versions(), "positive_class": names[positive],
-               "chosen": chosen, "choice": choice,
+               "chosen": chosen, "choice": choice, "choice_margin": margin,
                "models": {n: {k: v for k, v in m.items() if not k.endswith("_probs")} for n, m in models.items()}}
     (tmp / "metrics.json").write_text(json.dumps(summary, indent=2, default=_plain))
     for split, labels in (("val", val_y), ("test", test_y)):
@@ -112,21 +112,36 @@ def _auc(labels, probs) -> float:
     return auc(labels, probs)
 
 
-def _choose(models: dict, member_names: list[str], val_y, metric: str) -> tuple[str, str]:
-    """The best ensemble weighting on validation, kept only when it beats the best single member there."""
+def _choose(models: dict, member_names: list[str], val_y, metric: str, *,
+            resamples: int) -> tuple[str, str, dict | None]:
+    """The best ensemble weighting on validation, kept only when it beats the best single member
+    there; plus the validation margin over the runner-up, with its bootstrap interval."""
+    from search.evaluate import paired_difference
     key = {n: validation_key(val_y, m["val_probs"], metric) for n, m in models.items()}
     best_member = max(member_names, key=lambda n: key[n])
     ensembles = [n for n in models if n.startswith("ensemble")]
     if not ensembles:
-        return best_member, "one configuration was retrained: it is the final model"
+        return best_member, "one configuration was retrained: it is the final model", None
     best_ensemble = max(ensembles, key=lambda n: key[n])  # max keeps the first (mean) on a tie
     shown = lambda n: f"{metric} {models[n]['val'][metric[4:]]:.4f}, log loss {models[n]['val']['loss']:.4f}"  # noqa: E731
     if key[best_ensemble] > key[best_member]:
-        return best_ensemble, (f"{best_ensemble} ({shown(best_ensemble)}) beats the best single model "
-                               f"{best_member} ({shown(best_member)}) on validation")
-    return best_member, (f"the best single model {best_member} ({shown(best_member)}) is at least as good on "
-                         f"validation as the best ensemble {best_ensemble} ({shown(best_ensemble)}), so it is "
-                         f"the final model and final/ensemble holds it alone")
+        chosen, runner_up = best_ensemble, best_member
+        choice = (f"{best_ensemble} ({shown(best_ensemble)}) beats the best single model "
+                  f"{best_member} ({shown(best_member)}) on validation")
+    else:
+        chosen, runner_up = best_member, best_ensemble
+        choice = (f"the best single model {best_member} ({shown(best_member)}) is at least as good on "
+                  f"validation as the best ensemble {best_ensemble} ({shown(best_ensemble)}), so it is "
+                  f"the final model and final/ensemble holds it alone")
+    margin = {"metric": metric, "versus": runner_up, **paired_difference(
+        val_y, models[chosen]["val_probs"], models[runner_up]["val_probs"], metric, resamples=resamples)}
+    lo, hi = margin["ci"]
+    choice += (f"; {metric} difference {margin['difference']:+.4f} (95% CI {lo:+.4f} to {hi:+.4f} over "
+               f"validation resamples)")
+    if lo <= 0 <= hi:
+        choice += (f", within validation noise: this validation split cannot tell {chosen} and {runner_up} "
+                   f"apart (both are in the table below)")
+    return chosen, choice, margin
 
 
 def _saved_member(member: dict, weight: float) -> dict:
@@ -386,7 +401,9 @@ def render_report(folder: Path, summary: dict, models: dict, board: pd.DataFrame
               "- 95% intervals: percentile intervals over "
               f"{opts['bootstrap']} bootstrap resamples of the test images, stratified by class.",
               "- Ensemble weights: greedy ensemble selection with replacement (Caruana et al., 2004) on validation; "
-              "the ensemble is final only when it beats the best single member on validation.",
+              "the ensemble is final only when it beats the best single member on validation (search metric, then "
+              "log loss). The margin's interval comes from the same stratified bootstrap, over validation images, "
+              "both models scored on each resample.",
               "", "## Use it", "", "```bash",
               f"python -m search.predict --model {folder}/final/ensemble --images path/to/images --out predictions.csv",
               "```", "",

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from search.evaluate import bootstrap_ci, decide, evaluate, positive_class, rates, youden_threshold
+from search.evaluate import (bootstrap_ci, decide, evaluate, paired_difference, positive_class, rates,
+                             youden_threshold)
 from search.finalize import ensemble_weights
 from trainables import UserError
 
@@ -51,6 +52,25 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_more_images()
     assert ci_large["sensitivity"][0] < report["sensitivity"] < ci_large["sensitivity"][1]
     for key in ("auc", "sensitivity", "specificity"):
         assert np.diff(ci_large[key]) < np.diff(ci_small[key])
+
+
+def test_paired_difference_separates_a_real_margin_from_noise():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 300)
+    good = np.eye(3)[y] * 2 + rng.normal(0, 1, (300, 3))
+    good = np.exp(good) / np.exp(good).sum(1, keepdims=True)
+    noise = rng.dirichlet(np.ones(3), 300)
+    margin = paired_difference(y, good, noise, "val_auc", resamples=200)
+    assert margin["difference"] > 0.2 and 0 < margin["ci"][0] <= margin["difference"] <= margin["ci"][1]
+    swapped = paired_difference(y, noise, good, "val_auc", resamples=200)
+    assert swapped["difference"] == pytest.approx(-margin["difference"]) and swapped["ci"][1] < 0
+    assert paired_difference(y, good, noise, "val_loss", resamples=200)["ci"][1] < 0  # lower loss: negative
+    same = paired_difference(y, good, good.copy(), "val_auc", resamples=50)
+    assert same == {"difference": 0.0, "ci": [0.0, 0.0]}
+    # a slightly perturbed copy: the interval straddles zero
+    nudged = np.clip(good + rng.normal(0, 0.01, good.shape), 1e-6, 1)
+    close = paired_difference(y, good, nudged / nudged.sum(1, keepdims=True), "val_auc", resamples=200)
+    assert close["ci"][0] < 0 < close["ci"][1]
 
 
 def test_positive_class_defaults_and_errors():

@@ -69,6 +69,20 @@ def test_metrics_agree_with_sklearn_on_the_predictions_file(experiment):
     assert lo <= chosen["auc"] <= hi
 
 
+def test_the_choice_states_its_validation_margin_over_the_runner_up(experiment):
+    folder, metrics = experiment
+    margin, models = metrics["choice_margin"], metrics["models"]
+    chosen, runner_up = models[metrics["chosen"]], models[margin["versus"]]
+    assert {chosen["kind"], runner_up["kind"]} == {"member", "ensemble"}  # ensemble vs best single model
+    assert margin["difference"] == pytest.approx(chosen["val"]["auc"] - runner_up["val"]["auc"])
+    lo, hi = margin["ci"]
+    assert -1 <= lo <= hi <= 1
+    report = (folder / "final" / "report.md").read_text()
+    why = next(line for line in report.splitlines() if line.startswith("Why this model"))
+    assert f"{margin['difference']:+.4f}" in why and margin["versus"] in why
+    assert ("cannot tell" in why) == (lo <= 0 <= hi)
+
+
 def test_threshold_is_chosen_on_validation_not_test(experiment):
     from search.evaluate import youden_threshold
     folder, metrics = experiment
