@@ -98,17 +98,23 @@ def _share(a: int, b: int) -> float | None:
     return a / (a + b) if a + b else None
 
 
+def stratified_resamples(labels: np.ndarray, num_classes: int, resamples: int, seed: int):
+    """Index arrays of bootstrap resamples, each class resampled within itself (so every resample
+    has all the classes the labels have)."""
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    for _ in range(resamples):
+        yield np.concatenate([rng.choice(members, len(members)) for members in by_class if len(members)])
+
+
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, *, positive: int, threshold: float,
                  resamples: int = 1000, seed: int = 0) -> dict[str, list[float]]:
     """95% percentile intervals of AUC, sensitivity and specificity over stratified bootstrap
     resamples of the images (each class resampled within itself, so every resample has all classes)."""
-    rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(labels == c) for c in range(probs.shape[1])]
     said = decide(probs, positive, threshold) == positive
     is_pos = labels == positive
     draws = {"auc": [], "sensitivity": [], "specificity": []}
-    for _ in range(resamples):
-        idx = np.concatenate([rng.choice(members, len(members)) for members in by_class if len(members)])
+    for idx in stratified_resamples(labels, probs.shape[1], resamples, seed):
         draws["auc"].append(auc(labels[idx], probs[idx]))
         r = rates(is_pos[idx], said[idx])
         draws["sensitivity"].append(r["sensitivity"])
@@ -126,11 +132,8 @@ def paired_difference(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarr
         >>> paired_difference(val_labels, ensemble_probs, member_probs, "val_auc")
         {'difference': 0.0004, 'ci': [-0.0011, 0.0019]}
     """
-    rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(labels == c) for c in range(probs_a.shape[1])]
     draws = []
-    for _ in range(resamples):
-        idx = np.concatenate([rng.choice(members, len(members)) for members in by_class if len(members)])
+    for idx in stratified_resamples(labels, probs_a.shape[1], resamples, seed):
         draws.append(score(labels[idx], probs_a[idx], metric) - score(labels[idx], probs_b[idx], metric))
     return {"difference": score(labels, probs_a, metric) - score(labels, probs_b, metric),
             "ci": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
