@@ -82,7 +82,8 @@ def main() -> int:
         if not (folder / "timings.json").exists():
             p.error(f"--experiment {folder}: no timings.json there (not a finished search of this version)")
     else:
-        from search.run import SearchOptions, run_search
+        from search.experiment import run_search
+        from search.options import SearchOptions
         folder = run_search(SearchOptions(space=args.space, data=args.data, weights=args.weights, finalize=False,
                                           num_samples=args.num_samples, max_epochs=args.max_epochs,
                                           time_budget=args.time_budget, profile=args.profile,

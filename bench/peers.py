@@ -35,8 +35,9 @@ def tune_arm(label: str, options, data) -> dict:
     """Run a search (no finalize) and evaluate its best trial's last checkpoint on test."""
     import torch
 
-    from search.run import run_search
-    from trainables.train import CHECKPOINT_FILE, Training
+    from search.experiment import run_search
+    from trainables.train import Training
+    from trainables.trainable import CHECKPOINT_FILE
     started = time.time()
     folder = run_search(options)
     wall = time.time() - started
@@ -115,7 +116,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
-    from search.run import PROFILES, SearchOptions
+    from search.options import PROFILES, SearchOptions
     from trainables.data import load_dataset
     profile = PROFILES[args.profile]
     size = args.image_size or profile["image_size"]

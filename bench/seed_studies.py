@@ -39,7 +39,8 @@ STUDIES = {
 
 
 def run_study(name: str, study: dict, args) -> list[dict]:
-    from search.run import SearchOptions, run_search
+    from search.experiment import run_search
+    from search.options import SearchOptions
     data = str(Path(args.shared) / study["data"])
     shared_options = dict(data=data, storage=args.storage, seed=args.seed, weights=args.weights,
                   profile="gpu" if args.gpu else "cpu", positive_class=study.get("positive_class"),

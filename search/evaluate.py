@@ -20,6 +20,8 @@ from sklearn.metrics import (accuracy_score, classification_report, confusion_ma
 
 from trainables import UserError
 
+# the validation metrics a search can optimise, and which way is better
+METRIC_MODES = {"val_auc": "max", "val_acc": "max", "val_f1": "max", "val_loss": "min"}
 NEGATIVE_NAMES = re.compile(r"(^|[^a-z])((normal|negative|healthy|benign|control)($|[^a-z])|non|no[-_ ])", re.IGNORECASE)
 
 

@@ -8,23 +8,17 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 import pandas as pd
 from ray import tune
 
+from search.evaluate import METRIC_MODES
+from search.records import write_atomic
 from trainables.config import DEFAULT_CONFIG
 
-VAL_METRICS = ("val_auc", "val_acc", "val_f1", "val_loss")
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+VAL_METRICS = tuple(METRIC_MODES)
 
 
 def leaderboard(trials, best: dict[str, dict], *, metric: str, mode: str, stopped: set[str],
@@ -167,7 +161,7 @@ class LeaderboardCallback(tune.Callback):
         done = len(self.ended)
         running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
         stopped = len(self.stopped())
-        line = (f"[{_clock(elapsed)}] trials {done}/{self.num_samples} done ({stopped} stopped early by "
+        line = (f"[{clock(elapsed)}] trials {done}/{self.num_samples} done ({stopped} stopped early by "
                 f"ASHA, {len(self.failed)} failed), {running} running")
         scored = {k: v for k, v in self.best.items() if v.get(self.metric) is not None}
         if scored:
@@ -178,38 +172,14 @@ class LeaderboardCallback(tune.Callback):
             eta = elapsed / done * (self.num_samples - done)
             if self.time_budget:
                 eta = min(eta, max(0.0, self.time_budget - elapsed))
-            line += f" | ETA ~{_clock(eta)}"
+            line += f" | ETA ~{clock(eta)}"
         print(line, flush=True)
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Seconds as m:ss, or h:mm:ss from an hour on."""
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
-
-
-def plot_progress(board: pd.DataFrame, path: Path, *, metric: str, mode: str, name: str) -> None:
-    """`path` (search_progress.png): each trial's best metric at the time it ended, ASHA stops
-    marked, and the best so far."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    frame = board.dropna(subset=["ended_s", metric]).sort_values("ended_s") if not board.empty else board
-    if frame.empty:
-        return
-    minutes, stopped = frame["ended_s"] / 60, frame["stopped_early"].astype(bool)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.scatter(minutes[~stopped], frame[metric][~stopped], label="ran all epochs", zorder=3)
-    ax.scatter(minutes[stopped], frame[metric][stopped], marker="x", label="stopped early by ASHA", zorder=3)
-    best = frame[metric].cummax() if mode == "max" else frame[metric].cummin()
-    ax.step(minutes, best, where="post", color="gray", lw=1, label="best so far")
-    ax.set_xlabel("minutes since the search started (when the trial ended)")
-    ax.set_ylabel(f"{metric} at the trial's best epoch")
-    ax.set_title(f"search progress: {name} ({len(frame)} trials, {int(stopped.sum())} stopped early)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def print_summary(board: pd.DataFrame, folder: Path, *, metric: str) -> None:

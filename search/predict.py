@@ -3,180 +3,45 @@
     python -m search.predict --model experiments/backbones-20261123-0100/final/ensemble \\
         --images new_xrays/ --out predictions.csv
 
-A model directory (written by `search.finalize`) holds `model.json` (members, their configs and
-weights in the ensemble, class names, preprocessing, the decision threshold, library versions and
-the data fingerprint) and one `.safetensors` file per trained network. Nothing is unpickled.
+Writes a CSV with `path`, `p_<class>` per class and `predicted` (the class at the model's
+threshold). The model directory format is described in `search/saved_model.py`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from search.cli import handle_errors
+from search.records import write_atomic
+from search.saved_model import device_name, image_files, load_model, predict_files
 from trainables import UserError
 
-MODEL_FORMAT = "lung-search-model/1"
 
-
-@dataclass
-class SavedModel:
-    """A loaded model directory: a weighted ensemble of members, each the mean of its seeds."""
-
-    record: dict
-    members: list[tuple[float, list]]  # (weight, [(network, preprocess), ...]) per member
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.record["class_names"]
-
-    def predict_proba(self, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities (N, classes) for uint8 images (N, size, size, channels)."""
-        from trainables.train import predict_proba
-        total = 0.0
-        for weight, networks in self.members:
-            probs = np.mean([predict_proba(net, prep, images, batch_size=batch_size) for net, prep in networks], 0)
-            total = total + weight * probs
-        return total
-
-    def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Labels at the model's threshold (see `search.evaluate.decide`)."""
-        from search.evaluate import decide
-        return decide(probs, self.class_names.index(self.record["positive_class"]), self.record["threshold"])
-
-
-def save_model(folder: Path, record: dict, members: list[dict]) -> None:
-    """Write a model directory. `record`: class_names, positive_class, threshold, preprocessing
-    (image_size, channels), data, versions, ...; `members`: name, config, weight and `states` (one
-    state dict per seed). Written beside and renamed into place, so a crash leaves no half model."""
-    import shutil
-
-    from safetensors.torch import save_file
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    saved = []
-    for m, member in enumerate(members):
-        files = []
-        for s, state in enumerate(member["states"]):
-            files.append(f"member{m}_seed{s}.safetensors")
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / files[-1])
-        saved.append({**{k: v for k, v in member.items() if k != "states"}, "files": files})
-    (tmp / "model.json").write_text(json.dumps({"format": MODEL_FORMAT, **record, "members": saved}, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-
-
-def load_model(folder: str | Path, *, device: str = "cpu") -> SavedModel:
-    """Load a model directory written by `save_model`.
-
-    Raises:
-        UserError: the folder is not a model directory, or its files are missing or unreadable.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from trainables.models import build_model
-    from trainables.train import Preprocess
-
-    folder = Path(folder).expanduser()
-    meta = folder / "model.json"
-    if not meta.is_file():
-        raise UserError(f"{folder} is not a model directory (no model.json); use <experiment>/final/ensemble "
-                        f"or a folder under <experiment>/final/members/, written by python -m search.finalize")
-    try:
-        record = json.loads(meta.read_text())
-    except ValueError as exc:
-        raise UserError(f"cannot read {meta}: {exc}") from None
-    if record.get("format") != MODEL_FORMAT:
-        raise UserError(f"{meta} has format {record.get('format')!r}; this version reads {MODEL_FORMAT!r}")
-    pre = record["preprocessing"]
-    members = []
-    for member in record["members"]:
-        config = {**member["config"], "weights": "random", "weights_dir": None}  # the files hold the weights
-        networks = []
-        for name in member["files"]:
-            path = folder / name
-            if not path.is_file():
-                raise UserError(f"model directory {folder} lacks {name}; copy the whole folder")
-            net = build_model(config, num_classes=len(record["class_names"]), in_chans=pre["channels"])
-            try:
-                net.load_state_dict(load_file(path))
-            except Exception as exc:  # safetensors and torch raise several kinds for a bad file
-                raise UserError(f"cannot load {path}: {str(exc)[:200]}") from None
-            net.to(torch.device(device)).eval()
-            networks.append((net, Preprocess(net, config["backbone"], channels=pre["channels"],
-                                             image_size=pre["image_size"])))
-        members.append((member["weight"], networks))
-    return SavedModel(record, members)
-
-
-def image_files(path: Path) -> list[Path]:
-    """The images at `path`: the file itself, or every image under the folder (recursively)."""
-    from trainables.data import IMAGE_EXTENSIONS, images_under
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise UserError(f"--images {str(path)!r} does not exist")
-    files = images_under(path)
-    if not files:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-    return files
-
-
-def predict_files(model: SavedModel, files: list[Path], *, root: Path | None = None):
-    """A table with one row per image: path, each class probability, the predicted class."""
-    import pandas as pd
-
-    from trainables.data import decode_images
-    pre = model.record["preprocessing"]
-    images = decode_images(files, image_size=pre["image_size"], channels=pre["channels"])
-    probs = model.predict_proba(images)
-    names = model.class_names
-    table = pd.DataFrame({"path": [str(f.relative_to(root)) if root else str(f) for f in files]})
-    for c, name in enumerate(names):
-        table[f"p_{name}"] = probs[:, c]
-    table["predicted"] = [names[k] for k in model.decide(probs)]
-    return table
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m search.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory: <experiment>/final/ensemble")
     p.add_argument("--images", required=True, help="an image file, or a folder searched recursively")
     p.add_argument("--out", required=True, help="CSV to write: path, p_<class> per class, predicted")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    args = p.parse_args(argv)
-    try:
-        from search.leaderboard import write_atomic
-        model = load_model(args.model, device=_device(args.device))
-        images = Path(args.images).expanduser()
-        files = image_files(images)
-        table = predict_files(model, files, root=images if images.is_dir() else None)
-        out = Path(args.out).expanduser()
-        if not out.parent.is_dir():
-            raise UserError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
-        write_atomic(out, lambda f: table.to_csv(f, index=False))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    counts = table["predicted"].value_counts().to_dict()
-    print(f"{len(table)} image(s) -> {out}: {counts} (threshold {model.record['threshold']:.3f} on "
-          f"p_{model.record['positive_class']})")
-    return 0
+    return p
 
 
-def _device(name: str) -> str:
-    import torch
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    return name
+def predict(args: argparse.Namespace) -> None:
+    out = Path(args.out).expanduser()
+    if not out.parent.is_dir():
+        raise UserError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    model = load_model(args.model, device=device_name(args.device))
+    images = Path(args.images).expanduser()
+    table = predict_files(model, image_files(images), root=images if images.is_dir() else None)
+    write_atomic(out, lambda f: table.to_csv(f, index=False))
+    print(f"{len(table)} image(s) -> {out}: {table['predicted'].value_counts().to_dict()} (threshold "
+          f"{model.record['threshold']:.3f} on p_{model.record['positive_class']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return handle_errors(lambda: predict(args))
 
 
 if __name__ == "__main__":

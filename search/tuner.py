@@ -9,7 +9,6 @@ above every stopped one, and stopped trials by how far they got, then by their s
 from __future__ import annotations
 
 import functools
-import warnings
 
 import optuna
 from ray import tune
@@ -17,17 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from trainables import UserError
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-SAMPLERS = {
-    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True),
-    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-    "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
-    "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
-}
+from search.samplers import SAMPLERS
 
 
 class AshaAwareOptunaSearch(OptunaSearch):
@@ -65,13 +54,8 @@ class RecordingASHA(ASHAScheduler):
 
 def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, max_epochs: int,
                   max_concurrent: int, points: list[dict]) -> ConcurrencyLimiter:
-    """The Optuna searcher over a define-by-run `space_fn`, behind a concurrency limit.
-
-    Raises:
-        UserError: unknown sampler name.
-    """
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    """The Optuna searcher (`sampler`: a name in SAMPLERS) over a define-by-run `space_fn`, behind a
+    concurrency limit."""
     searcher = AshaAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=SAMPLERS[sampler](seed),
                                      points_to_evaluate=points or None, max_epochs=max_epochs)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)

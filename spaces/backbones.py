@@ -1,5 +1,5 @@
 """`backbones`: the classic transfer-learning backbones and the training choices that matter."""
-from spaces import register_space
+from spaces._registry import register_space
 
 BACKBONES = ("mobilenetv2_100", "mobilenetv3_small_100", "mobilenetv3_large_100", "resnet18", "resnet50",
              "densenet121", "efficientnet_b0", "efficientnet_lite0", "inception_v3", "inception_resnet_v2",

@@ -4,7 +4,7 @@ Each recipe is a config in the vocabulary of the `backbones` space, so the leade
 them beside searched configs. Recipes that start from ImageNet weights take the search's
 `--weights` setting; the small CNN is always trained from scratch.
 """
-from spaces import register_space
+from spaces._registry import register_space
 
 FINETUNE = {"freeze_depth": 0, "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "step",
             "step_epochs": 2, "step_gamma": 0.5, "class_weights": "balanced", "head": "linear",

@@ -1,5 +1,5 @@
 """`tiny`: a small fast space for CPUs, smoke runs and CI: small models from scratch."""
-from spaces import register_space
+from spaces._registry import register_space
 
 BACKBONES = ("small_cnn", "resnet10t", "mobilenetv3_small_050")
 

@@ -11,7 +11,8 @@ import pytest
 from bench.asha_vs_fifo import epochs_in_order, reach
 from bench.overhead import breakdown
 from conftest import ROOT
-from search.run import SearchOptions, run_search
+from search.experiment import run_search
+from search.options import SearchOptions
 
 
 @pytest.fixture(scope="module")

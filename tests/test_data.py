@@ -7,7 +7,8 @@ from PIL import Image
 
 from conftest import shared
 from trainables import UserError
-from trainables.data import SPLITS, decode_image, load_dataset
+from trainables.data import SPLITS, load_dataset
+from trainables.images import decode_image
 
 
 def test_npz_keeps_the_medmnist_split(pneumonia_npz):
@@ -107,7 +108,7 @@ def test_auto_image_size_follows_the_files_own_size(tmp_path, pneumonia_npz):
 
 @pytest.mark.parametrize("size", [4, "big", 32.5])
 def test_error_bad_image_size(pneumonia_npz, size):
-    with pytest.raises(UserError, match=f"image size {size!r} is not valid.*'auto'"):
+    with pytest.raises(UserError, match=f"--image-size must be 'auto' or a whole number of pixels, 8 or more; got {size!r}"):
         load_dataset(pneumonia_npz, image_size=size)
 
 

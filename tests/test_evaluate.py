@@ -5,7 +5,7 @@ from sklearn.metrics import roc_curve
 
 from search.evaluate import (bootstrap_ci, decide, evaluate, paired_difference, positive_class, rates,
                              youden_threshold)
-from search.finalize import ensemble_weights
+from search.ensemble import ensemble_weights
 from trainables import UserError
 
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from search.run import SearchOptions, run_search
+from search.experiment import run_search
+from search.options import SearchOptions
 
 SEARCH = ["--space", "tiny", "--image-size", "28", "--subset", "400", "--grace-period", "1", "--cpus-per-trial", "1",
           "--no-finalize", "--seed", "0"]
@@ -154,10 +155,10 @@ def _diverging(trial, *, backbones, stages, pretrained):
 
 
 def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path, pneumonia_npz, monkeypatch):
-    import spaces
-    monkeypatch.setattr(spaces, "_SPACES", dict(spaces._SPACES))  # the test's space leaves with it
+    from spaces import _registry
+    monkeypatch.setattr(_registry, "_SPACES", dict(_registry._SPACES))  # the test's space leaves with it
     points = ({"lr": 1e8, "optimizer": "sgd"}, {"lr": 1e-3, "optimizer": "adam"}, {"lr": 3e-3, "optimizer": "adam"})
-    spaces.register_space("diverging", backbones=("small_cnn",), points=points, fixed=True)(_diverging)
+    _registry.register_space("diverging", backbones=("small_cnn",), points=points, fixed=True)(_diverging)
     folder = run_search(SearchOptions(space="diverging", data=str(pneumonia_npz), storage=str(tmp_path), name="nan",
                                       num_samples=3, max_epochs=2, grace_period=2, image_size=28, subset=300,
                                       cpus_per_trial=1, max_retries=1, finalize=False))

@@ -11,8 +11,10 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
 from conftest import ROOT
-from search.finalize import FinalizeOptions, finalize, retrain
-from search.run import SearchOptions, run_search
+from search.experiment import run_search
+from search.final import finalize
+from search.options import FinalizeOptions, SearchOptions
+from search.retrain import retrain
 from trainables import UserError
 
 
@@ -125,7 +127,7 @@ def test_model_directory_records_what_it_needs_and_holds_no_pickles(experiment):
     record = json.loads((model / "model.json").read_text())
     assert record["class_names"] == ["normal lung", "viral pneumonia"]
     assert record["threshold"] == metrics["models"][metrics["chosen"]]["val"]["threshold"]
-    assert record["preprocessing"] == {"image_size": 28, "channels": 1, "decode": "trainables.data.decode_image"}
+    assert record["preprocessing"] == {"image_size": 28, "channels": 1, "decode": "trainables.images.decode_image"}
     assert record["data"]["fingerprint"] == metrics["data"]["fingerprint"] and "torch" in record["versions"]
     assert all(m["config"]["backbone"] for m in record["members"])
     assert {p.suffix for p in model.iterdir()} == {".json", ".safetensors"}
@@ -142,9 +144,13 @@ def test_refit_on_val_keeps_validation_predictions_from_the_train_only_model(png
 
 
 def _cli(module, *args):
+    """`python -m module args`; search.predict runs with Ray made unimportable, as on a machine without it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=300)
+    command = [sys.executable, "-m", module, *args]
+    if module == "search.predict":
+        command = [sys.executable, "-c", "import runpy, sys; sys.modules['ray'] = None; sys.argv[0] = 'predict'; "
+                                         "runpy.run_module('search.predict', run_name='__main__')", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
 def _one_error(result, message):

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from search.run import SearchOptions, run_search
+from search.experiment import run_search
+from search.options import SearchOptions
 
 SMALL = dict(storage=None, max_epochs=3, grace_period=1, image_size=28, cpus_per_trial=1, seed=0, finalize=False)
 
@@ -107,10 +108,10 @@ def _cli(*args, cwd=ROOT):
     (["--weights", "imagenet", "--backbones", "resnet18"], "no ImageNet weights reachable for resnet18"),
     (["--sampler", "bogus"], "unknown sampler 'bogus'; choose one of tpe, random, qmc, gp"),
     (["--weights-dir", "/no/dir"], "--weights-dir '/no/dir' is not a folder"),
-    (["--reduction-factor", "1"], "--reduction-factor must be >= 2, got 1.0"),
+    (["--reduction-factor", "1"], "--reduction-factor must be at least 2, got 1.0"),
     (["--subset", "1"], "--subset 1 is too small"),
     (["--resume"], "--resume needs --name"),
-    (["--resume", "--name", "never-ran"], "nothing to resume at"),
+    (["--resume", "--name", "never-ran"], "never-ran does not exist"),
     (["--space", "recipes", "--backbones", "resnet18"], "--backbones does not apply to the fixed space 'recipes'"),
     (["--top-k", "0"], "--top-k must be at least 1, got 0"),
     (["--scheduler", "hyperband"], "unknown scheduler 'hyperband'; choose one of asha, fifo"),
@@ -173,7 +174,7 @@ def test_unknown_scheduler_in_options_is_a_user_error(tmp_path, pneumonia_npz):
 @pytest.mark.parametrize("size", ["big", 0, 12.5])
 def test_bad_image_size_in_options_is_a_user_error(tmp_path, pneumonia_npz, size):
     from trainables import UserError
-    with pytest.raises(UserError, match=f"--image-size must be a positive number of pixels or 'auto', got {size!r}"):
+    with pytest.raises(UserError, match=f"--image-size must be 'auto' or a whole number of pixels, 8 or more; got {size!r}"):
         _run(tmp_path, space="tiny", data=str(pneumonia_npz), image_size=size)
     assert not any(tmp_path.iterdir())
 

@@ -2,9 +2,8 @@
 import optuna
 import pytest
 
-from spaces import get_space, list_spaces
+from spaces import UnknownSpace, get_space, list_spaces
 from spaces.recipes import RECIPES
-from trainables import UserError
 from trainables.config import validate_config
 from trainables.models import num_stages
 
@@ -27,7 +26,7 @@ def _draw(space, n, *, pretrained=True, seed=0):
 def test_registry_lists_and_finds_spaces():
     assert {"backbones", "recipes", "tiny"} <= set(list_spaces())
     assert list_spaces("rec*") == ["recipes"]
-    with pytest.raises(UserError, match="unknown space 'nope'; known spaces: backbones, recipes, tiny"):
+    with pytest.raises(UnknownSpace, match="unknown space 'nope'; known spaces: backbones, recipes, tiny"):
         get_space("nope")
 
 

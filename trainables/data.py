@@ -16,30 +16,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from trainables import UserError
+from trainables.images import (IMAGE_EXTENSIONS, auto_image_size, check_image_size, decode_all, images_under,
+                               listing, resize_array, to_channels)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                       "validation": "val", "test": "test", "testing": "test"}
 GROUP_COLUMN_NAMES = ("group", "patient_id", "patient", "subject_id", "subject", "case_id")
 MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
-MAX_LISTED = 10
-# "auto" image size (the CPU profile): MedMNIST-sized images stay near their 28 px, larger files
-# (CT slices, full X-rays) go to 64 px, where the CT models gain 0.01-0.03 test AUC (BENCHMARKS.md)
-AUTO_SIZES = {"small": 32, "large": 64}
-AUTO_SMALL_UP_TO = 48
 
 
 @dataclass
@@ -117,8 +110,7 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
     if not path.exists():
         raise UserError(f"data path {str(path)!r} does not exist; pass --data with an image folder, "
                         f"a .npz file or a .csv manifest")
-    if image_size != "auto" and (not isinstance(image_size, (int, np.integer)) or image_size < 8):
-        raise UserError(f"image size {image_size!r} is not valid; use 8 or more pixels, or 'auto'")
+    check_image_size(image_size)
     if channels not in (1, 3):
         raise UserError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     for name, (matches, loader) in DATA_SOURCES.items():
@@ -172,7 +164,7 @@ def _load_folder(root: Path, *, image_size: int, channels: int, group_column, sk
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in class folders under "
                         f"{root}{hint}")
     files = [p for p, _, _ in entries]
-    images, keep = _decode_all(files, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
+    images, keep = decode_all(files, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
     entries = [e for e, k in zip(entries, keep) if k]
     given = np.array([s for _, _, s in entries]) if split_dirs else None
     return _Raw(images=images, labels=[c for _, c, _ in entries], given_split=given, groups=None,
@@ -202,7 +194,7 @@ def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_
         if x.ndim not in (3, 4) or len(x) != len(y):
             raise UserError(f"{path}: {s}_images has shape {x.shape} for {len(y)} labels; expected "
                             f"(N, H, W) or (N, H, W, C)")
-        images.append(_resize_array(_to_channels(x, channels), size))
+        images.append(resize_array(to_channels(x, channels), size))
         labels.append(y.astype(np.int64))
         given.extend([s] * len(y))
     y = np.concatenate(labels)
@@ -243,7 +235,7 @@ def _load_manifest(path: Path, *, image_size: int, channels: int, group_column, 
     absent = [str(p) for p, f in zip(table["path"], files) if not f.is_file()]
     if absent:
         raise UserError(f"manifest {path}: {len(absent)} listed file(s) do not exist: "
-                        f"{_listing(absent)} (paths are relative to the manifest's folder)")
+                        f"{listing(absent)} (paths are relative to the manifest's folder)")
     given = None
     if "split" in columns:
         given = table["split"].str.lower().map(SPLIT_FOLDER_NAMES)
@@ -251,7 +243,7 @@ def _load_manifest(path: Path, *, image_size: int, channels: int, group_column, 
         if bad:
             raise UserError(f"manifest {path}: unknown split value(s) {bad}; use train, val or test")
         given = given.to_numpy()
-    images, keep = _decode_all(files, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
+    images, keep = decode_all(files, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
     table = table[keep]
     return _Raw(images=images, labels=list(table["label"]),
                 given_split=given[keep] if given is not None else None,
@@ -265,104 +257,6 @@ DATA_SOURCES: dict[str, tuple[Callable[[Path], bool], Callable[..., _Raw]]] = {
     "npz": (lambda p: p.suffix.lower() == ".npz", _load_npz),
     "manifest": (lambda p: p.suffix.lower() == ".csv", _load_manifest),
 }
-
-
-# ---- decoding --------------------------------------------------------------------------------
-
-def decode_image(path: str | os.PathLike, *, image_size: int, channels: int) -> np.ndarray:
-    """Read one image file as uint8 (image_size, image_size, channels), whatever its mode.
-
-    16-bit and float images are scaled to 0..255 by their own maximum; alpha is dropped; every
-    image ends in the same mode, so the file's mode can never carry the label.
-    """
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            arr = np.asarray(im, dtype=np.float32)
-            top = float(arr.max())
-            arr = arr * (255.0 / top) if top > 255 else arr
-            im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-        im = im.convert("RGB" if channels == 3 else "L")
-        im = im.resize((image_size, image_size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def decode_images(files: list[Path], *, image_size: int, channels: int) -> np.ndarray:
-    """Decode image files into uint8 (N, image_size, image_size, channels), as `load_dataset` does.
-
-    Raises:
-        UserError: naming every file that is not a readable image.
-    """
-    return _decode_all(files, image_size=image_size, channels=channels, skip_corrupt=False,
-                       fix="fix or remove them")[0]
-
-
-def auto_image_size(native_side: int) -> int:
-    """The side an "auto" image size decodes to, given the images' own shorter side."""
-    return AUTO_SIZES["small"] if native_side <= AUTO_SMALL_UP_TO else AUTO_SIZES["large"]
-
-
-def _native_side(files: list[Path], sample: int = 64) -> int:
-    """Median shorter side of up to `sample` files spread over the list (headers only);
-    unreadable files are skipped here and reported by the decoding."""
-    sides = []
-    for p in files[:: max(1, len(files) // sample)][:sample]:
-        try:
-            with Image.open(p) as im:
-                sides.append(min(im.size))
-        except Exception:  # PIL raises many kinds; _decode_all names the file
-            continue
-    return int(np.median(sides)) if sides else AUTO_SMALL_UP_TO + 1
-
-
-def _decode_all(files: list[Path], *, image_size: int | str, channels: int, skip_corrupt: bool,
-                fix: str = "fix or remove them, or pass --skip-corrupt to leave them out"):
-    if image_size == "auto":
-        image_size = auto_image_size(_native_side(files))
-
-    def one(p):
-        try:
-            return decode_image(p, image_size=image_size, channels=channels), None
-        except Exception as exc:  # PIL raises many kinds for a bad file
-            return None, f"{p} ({type(exc).__name__}: {str(exc)[:80]})"
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(one, files))
-    bad = [err for _, err in results if err]
-    if bad and not skip_corrupt:
-        raise UserError(f"{len(bad)} image(s) could not be read: {_listing(bad)}; {fix}")
-    if bad:
-        warnings.warn(f"left out {len(bad)} unreadable image(s): {'; '.join(bad)}", stacklevel=2)
-    keep = np.array([err is None for _, err in results])
-    good = [img for img, err in results if err is None]
-    if not good:
-        raise UserError("none of the images could be read")
-    return np.stack(good), keep
-
-
-def _to_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    if x.dtype != np.uint8:
-        x = np.clip(x.astype(np.float32) * (255.0 / max(float(x.max()), 1.0) if x.max() > 255 else 1.0),
-                    0, 255).astype(np.uint8)
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.shape[-1] == channels:
-        return x
-    if channels == 3:
-        return np.repeat(x[..., :1], 3, axis=-1)
-    gray = x[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.round(gray)[..., None].astype(np.uint8)
-
-
-def _resize_array(x: np.ndarray, size: int) -> np.ndarray:
-    if x.shape[1] == size and x.shape[2] == size:
-        return np.ascontiguousarray(x)
-    out = np.empty((len(x), size, size, x.shape[-1]), np.uint8)
-    for i, img in enumerate(x):
-        im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-        out[i] = np.asarray(im.resize((size, size), Image.BILINEAR)).reshape(size, size, -1)
-    return out
 
 
 # ---- validation and splitting ----------------------------------------------------------------
@@ -457,11 +351,6 @@ def _visible_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                  and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
 def _file_list_fingerprint(root: Path, files: list[Path]) -> str:
     lines = sorted(f"{p.relative_to(root)}\t{p.stat().st_size}" for p in files)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
@@ -473,8 +362,3 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:32]
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:MAX_LISTED])
-    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")

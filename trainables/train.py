@@ -1,25 +1,23 @@
-"""The trainable: one function of `(config, data)` that trains a classifier and reports each epoch.
+"""The training loop: one model, its optimizer and schedule, trained epoch by epoch on a Dataset,
+and the preprocessing and prediction that every later stage shares. No Ray here:
+`trainables.trainable` runs this loop inside Ray Tune, `search.retrain` as Ray tasks, and
+`search.predict` uses `Preprocess` and `predict_proba` without Ray.
 
-Run it through Ray Tune (search/run.py does this):
-    tuner = tune.Tuner(tune.with_parameters(train_classifier, data=dataset), param_space=config)
-
-Each epoch it reports validation `val_auc`, `val_acc`, `val_f1`, `val_loss` (plus train loss,
-learning rate, timings and model size) with a checkpoint that ASHA, resume and retries use.
+Example:
+    >>> run = Training(config, data)
+    >>> for metrics in run.epochs(until=3):
+    ...     print(metrics["epoch"], metrics["val_auc"])
 """
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 import torch.nn.functional as F
-from ray import tune
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
@@ -29,29 +27,11 @@ from trainables.data import Dataset
 from trainables.metrics import classification_metrics
 from trainables.models import Classifier, build_model, min_input_size
 
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def train_classifier(config: dict, data: Dataset) -> None:
-    """Train `config` on `data`'s train split; report validation metrics and a checkpoint per epoch."""
-    run = Training(config, data)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            run.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, map_location=run.device,
-                                           weights_only=True))
-    node_id = ray.get_runtime_context().get_node_id()  # which node ran each epoch (retries may move it)
-    for metrics in run.epochs():
-        metrics["node_id"] = node_id
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save({**run.state_dict(), "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
 
 class Training:
     """One model, its optimizer and schedule, trained epoch by epoch on `train_splits`.
 
-    Example (outside Ray Tune, as search/finalize.py retrains):
+    Example (outside Ray Tune, as search/retrain.py does):
         >>> run = Training(config, data, train_splits=("train", "val"))
         >>> history = list(run.epochs(until=8))
         >>> test_probs = run.predict(data.arrays("test")[0])

@@ -1,0 +1,105 @@
+"""Members and ensembles, scored on validation and test, and the final model chosen on validation.
+
+A member is one retrained configuration (the mean of its seeds). `ensemble-mean` averages the
+members' probabilities; `ensemble-fitted` weights them by greedy ensemble selection on validation.
+The better ensemble is final only when it beats the best single member on validation.
+
+Example:
+    >>> models = score_models(members, data, positive=1, metric="val_auc", resamples=1000)
+    >>> chosen, why, margin = choose(models, val_labels, "val_auc", resamples=1000)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from search.evaluate import METRIC_MODES, auc, evaluate, paired_difference, score, youden_threshold
+from trainables.data import Dataset
+
+
+def ensemble_weights(val_probs: list[np.ndarray], labels: np.ndarray, metric: str, *, rounds: int = 20) -> np.ndarray:
+    """Greedy ensemble selection with replacement (Caruana et al., 2004): start empty, and `rounds`
+    times add the member whose addition scores best on validation (`metric`, then log loss to break
+    ties); the weights are how often each was added.
+
+    Example:
+        >>> ensemble_weights([p1, p2, p3], val_labels, "val_auc")
+        array([0.55, 0.3 , 0.15])
+    """
+    counts = np.zeros(len(val_probs))
+    total = np.zeros_like(val_probs[0])
+    for _ in range(rounds):
+        keys = [validation_key(labels, (total + p) / (counts.sum() + 1), metric) for p in val_probs]
+        best = max(range(len(val_probs)), key=lambda i: keys[i])
+        counts[best] += 1
+        total = total + val_probs[best]
+    return counts / counts.sum()
+
+
+def validation_key(labels: np.ndarray, probs: np.ndarray, metric: str) -> tuple[float, float]:
+    """Higher is better: the search metric (negated for a loss), then negated log loss."""
+    primary = score(labels, probs, metric)
+    return (-primary if METRIC_MODES[metric] == "min" else primary, -score(labels, probs, "val_loss"))
+
+
+def score_models(members: list[dict], data: Dataset, *, positive: int, metric: str, resamples: int) -> dict:
+    """Every member (its seeds averaged) and, with two or more members, both ensembles: each with
+    its validation figures, its threshold (Youden's J on validation) and the test read-out."""
+    val_y, test_y = data.arrays("val")[1], data.arrays("test")[1]
+
+    def scored(entry, val_probs, test_probs):
+        threshold = youden_threshold(val_y == positive, val_probs[:, positive])
+        val = {m[4:]: score(val_y, val_probs, m) for m in METRIC_MODES} | {"threshold": threshold}
+        test = evaluate(test_y, test_probs, data.class_names, positive=positive, threshold=threshold,
+                        resamples=resamples, seed=0)
+        return {**entry, "val": val, "test": test, "val_probs": val_probs, "test_probs": test_probs}
+
+    models = {}
+    for member in members:
+        runs = member["runs"]
+        entry = {"kind": "member", "trial_id": member["trial_id"], "config": member["config"],
+                 "epochs": member["epochs"], "seeds": [r["seed"] for r in runs], "search": member["search"],
+                 "test_auc_per_seed": [auc(test_y, r["test"]) for r in runs]}
+        models[member["name"]] = scored(entry, np.mean([r["val"] for r in runs], 0),
+                                        np.mean([r["test"] for r in runs], 0))
+    names = list(models)
+    if len(names) > 1:
+        fitted = ensemble_weights([models[n]["val_probs"] for n in names], val_y, metric)
+        for kind, weights in (("mean", np.full(len(names), 1 / len(names))), ("fitted", fitted)):
+            entry = {"kind": "ensemble", "weighting": kind, "weights": dict(zip(names, weights.tolist()))}
+            models[f"ensemble-{kind}"] = scored(entry, sum(w * models[n]["val_probs"] for w, n in zip(weights, names)),
+                                                sum(w * models[n]["test_probs"] for w, n in zip(weights, names)))
+    return models
+
+
+def choose(models: dict, val_y: np.ndarray, metric: str, *, resamples: int) -> tuple[str, str, dict | None]:
+    """The best ensemble weighting on validation, kept only when it beats the best single member
+    there; returns its name, why, and the validation margin over the runner-up with its bootstrap
+    interval."""
+    key = {n: validation_key(val_y, m["val_probs"], metric) for n, m in models.items()}
+    best_member = max((n for n, m in models.items() if m["kind"] == "member"), key=lambda n: key[n])
+    ensembles = [n for n, m in models.items() if m["kind"] == "ensemble"]
+    if not ensembles:
+        return best_member, "one configuration was retrained: it is the final model", None
+    best_ensemble = max(ensembles, key=lambda n: key[n])  # max keeps the first (mean) on a tie
+
+    def shown(n):
+        return f"{metric} {models[n]['val'][metric[4:]]:.4f}, log loss {models[n]['val']['loss']:.4f}"
+
+    if key[best_ensemble] > key[best_member]:
+        chosen, runner_up = best_ensemble, best_member
+        choice = (f"{best_ensemble} ({shown(best_ensemble)}) beats the best single model "
+                  f"{best_member} ({shown(best_member)}) on validation")
+    else:
+        chosen, runner_up = best_member, best_ensemble
+        choice = (f"the best single model {best_member} ({shown(best_member)}) is at least as good on "
+                  f"validation as the best ensemble {best_ensemble} ({shown(best_ensemble)}), so it is "
+                  f"the final model and final/ensemble holds it alone")
+    margin = {"metric": metric, "versus": runner_up, **paired_difference(
+        val_y, models[chosen]["val_probs"], models[runner_up]["val_probs"], metric, resamples=resamples)}
+    lo, hi = margin["ci"]
+    choice += (f"; {metric} difference {margin['difference']:+.4f} (95% CI {lo:+.4f} to {hi:+.4f} over "
+               f"validation resamples)")
+    if lo <= 0 <= hi:
+        choice += (f", within validation noise: this validation split cannot tell {chosen} and {runner_up} "
+                   f"apart (both are in the table below)")
+    return chosen, choice, margin

@@ -1,0 +1,247 @@
+"""A search from start to end: options checked, Ray started or joined, the data loaded and audited,
+the Tuner built (or restored for --resume) and run, the leaderboards and plots written, then the
+final model (search.final) unless the options say not to.
+
+Example:
+    >>> folder = run_search(SearchOptions(space="tiny", data="pneumoniamnist.npz", num_samples=4))
+    >>> pd.read_csv(folder / "leaderboard.csv").head()
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import ray
+from ray import tune
+
+from search.cluster import check_fits, connected, slots
+from search.data import audited, data_path, load_search_data, write_audit
+from search.evaluate import METRIC_MODES, positive_class
+from search.final import finalize
+from search.leaderboard import LeaderboardCallback, print_summary
+from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions, SharedOptions, check_search,
+                            with_profile)
+from search.plots import plot_progress
+from search.records import read_search_record, versions, write_atomic, write_json
+from search.tuner import bind_space, make_scheduler, make_searcher, make_tuner, with_data
+from spaces import Space, get_space
+from trainables import UserError
+from trainables.config import validate_config
+from trainables.data import Dataset
+from trainables.models import num_stages, weights_source
+from trainables.trainable import train_classifier
+
+
+@dataclass
+class Search:
+    """A search ready to run: the options as used (profile values filled in, data path absolute,
+    image size resolved), where it writes, and what it runs on."""
+
+    options: SearchOptions
+    profile: str
+    folder: Path
+    space: Space
+    backbones: tuple[str, ...]
+    stages: dict[str, int]  # feature stages per backbone: the range of freeze_depth
+    data: Dataset
+    audit: dict
+    slots: int
+    cluster: dict
+
+
+def run_search(options: SearchOptions) -> Path:
+    """Run (or resume) a search and return its experiment folder.
+
+    Raises:
+        UserError: bad options, data, weights or resources; nothing is written before the checks.
+    """
+    clock = {"started": time.time()}
+    options, saved = _resumed(options)
+    check_search(options)
+    folder = Path(options.storage).expanduser().resolve() / (
+        options.name or f"{options.space}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if folder.exists() and not options.resume:
+        raise UserError(f"experiment {folder} already exists; pass --resume to continue it or choose "
+                        f"another --name")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the progress lines replace Ray's tables
+    # a failed trial gets one line from the leaderboard callback; its trace stays in its folder
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    with connected(options.address):
+        search = _prepare(options, folder, saved)
+        tuner, searcher = _tuner(search)
+        write_audit(folder, search.audit)
+        clock["fit_started"] = time.time()
+        tuner.fit()
+        clock["fit_ended"] = time.time()
+        finished = _after_fit(search, searcher, fit_seconds=clock["fit_ended"] - clock["fit_started"])
+        clock["search_ended"] = time.time()
+        o = search.options
+        if finished and o.finalize:
+            shared = {f.name: getattr(o, f.name) for f in fields(SharedOptions)}
+            finalize(FinalizeOptions(experiment=str(folder), **shared), data=search.data)
+    _write_timings(folder, clock, slots=search.slots)
+    return folder
+
+
+def _resumed(options: SearchOptions) -> tuple[SearchOptions, dict | None]:
+    """With --resume: the options the search started with (only where it runs and what happens
+    after it may change) and its record."""
+    if not options.resume:
+        return options, None
+    if not options.name:
+        raise UserError("--resume needs --name: the experiment to continue")
+    saved = read_search_record(Path(options.storage).expanduser().resolve() / options.name)
+    kept = {k: v for k, v in saved["options"].items() if k not in CHANGEABLE_ON_RESUME}
+    return replace(options, **{**kept, "resume": True}), saved
+
+
+def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search:
+    """The checks that need Ray or the data, then everything a search runs on."""
+    cluster = ray.cluster_resources()
+    profile = options.profile if options.profile != "auto" else ("gpu" if cluster.get("GPU") else "cpu")
+    path = data_path(options.data)
+    space = _space(options)
+    if space.fixed and options.num_samples is None:  # a fixed space runs each of its points once
+        options = replace(options, num_samples=len(space.points))
+    o = replace(with_profile(options, profile), name=folder.name, data=str(path.resolve()))
+    check_search(o)  # again, on the options as used: profile values included
+    check_fits(o.cpus_per_trial, o.gpus_per_trial or 0, task="run a trial", cluster=bool(o.address),
+               flags="--cpus-per-trial / --gpus-per-trial")
+    data = load_search_data(path, image_size=o.image_size, channels=o.channels, seed=o.seed,
+                            group_column=o.group_column, skip_corrupt=o.skip_corrupt, subset=o.subset,
+                            fingerprint=saved["data"]["fingerprint"] if saved else None)
+    o.image_size = int(data.images.shape[1])  # "auto" resolved, recorded for finalize and --resume
+    positive_class(data.class_names, o.positive_class)  # a bad --positive-class fails now
+    data, audit = audited(data, dedupe=o.dedupe)
+    backbones = _backbones(space, o, profile)
+    stages = {b: num_stages(b) for b in backbones}
+    for config in _fixed_configs(space, o, backbones, stages, data.num_classes):
+        if config["weights"] == "imagenet":
+            weights_source(config["backbone"], "imagenet", o.weights_dir)  # fails now, not in every trial
+    return Search(options=o, profile=profile, folder=folder, space=space, backbones=backbones, stages=stages,
+                  data=data, audit=audit, slots=o.max_concurrent or slots(o.cpus_per_trial, o.gpus_per_trial),
+                  cluster=cluster)
+
+
+def _space(o: SearchOptions) -> Space:
+    """The space to search; with --recipes only the named recipes of it."""
+    space = get_space(o.space)
+    if not o.recipes:
+        return space
+    known = [p.get("recipe") for p in space.points]
+    if not space.fixed or not all(known):
+        raise UserError(f"--recipes applies to --space recipes, not {space.name!r}")
+    wanted = [n.strip() for n in o.recipes.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise UserError(f"unknown recipe(s) {unknown or o.recipes!r}; recipes: {', '.join(known)}")
+    return replace(space, points=tuple(p for p in space.points if p["recipe"] in wanted))
+
+
+def _backbones(space: Space, o: SearchOptions, profile: str) -> tuple[str, ...]:
+    if o.backbones:
+        if space.fixed:
+            raise UserError(f"--backbones does not apply to the fixed space {space.name!r}")
+        return tuple(b.strip() for b in o.backbones.split(",") if b.strip())
+    return space.cpu_backbones if profile == "cpu" and space.cpu_backbones else space.backbones
+
+
+def _fixed_configs(space: Space, o: SearchOptions, backbones, stages, num_classes: int) -> list[dict]:
+    """Configs drawn before the search and validated now: each recipe, or one per backbone (so a
+    bad backbone, or one whose weights cannot be reached, fails here and not in every trial)."""
+    base = {"weights": o.weights, "image_size": o.image_size, "batch_size": o.batch_size,
+            "max_epochs": o.max_epochs}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=o.seed))
+    configs = []
+    for point in space.points or [{"backbone": b} for b in backbones]:
+        study.enqueue_trial(point)
+        drawn = space.sample(study.ask(), backbones=backbones, stages=stages, pretrained=o.weights == "imagenet")
+        configs.append(validate_config({**base, **drawn}, num_classes=num_classes))
+    return configs
+
+
+def _tuner(search: Search) -> tuple[tune.Tuner, object]:
+    """The Tuner (new, or restored with its searcher's state for --resume) and its searcher."""
+    o, folder = search.options, search.folder
+    metric, mode = o.metric, METRIC_MODES[o.metric]
+    space_fn = bind_space(search.space, backbones=search.backbones, stages=search.stages,
+                          pretrained=o.weights == "imagenet")
+    searcher = make_searcher(space_fn, metric=metric, mode=mode, sampler=o.sampler, seed=o.seed,
+                             max_epochs=o.max_epochs, max_concurrent=search.slots, points=list(search.space.points))
+    scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period,
+                               reduction_factor=o.reduction_factor) if o.scheduler == "asha" else None
+    callback = LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=o.num_samples,
+                                   time_budget=o.time_budget, scheduler=scheduler)
+    trainable = with_data(train_classifier, search.data, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial})
+    _announce(search, asha=scheduler is not None)
+    if o.resume:
+        return tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True), searcher
+    folder.mkdir(parents=True)
+    write_json(folder / "search_config.json", {
+        "options": asdict(o), "profile": search.profile, "space": search.space.name,
+        "backbones": list(search.backbones), "data": search.data.summary(), "versions": versions(),
+        "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cluster": search.cluster})
+    base_config = {"image_size": o.image_size, "batch_size": o.batch_size, "max_epochs": o.max_epochs,
+                   "seed": o.seed, "weights": o.weights, "weights_dir": o.weights_dir}
+    tuner = make_tuner(trainable, searcher=searcher, scheduler=scheduler, num_samples=o.num_samples,
+                       time_budget=o.time_budget, storage=str(folder.parent), name=folder.name,
+                       base_config=base_config, callbacks=[callback], max_retries=o.max_retries)
+    return tuner, searcher
+
+
+def _announce(search: Search, *, asha: bool) -> None:
+    o, data, space = search.options, search.data, search.space
+    resources = {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial}
+    print(f"experiment: {search.folder}")
+    print(f"data: {data.source} | classes {data.class_names} | "
+          f"{ {s: sum(c.values()) for s, c in data.counts().items()} } | split {data.split_kind} | "
+          f"fingerprint {data.fingerprint}")
+    print(f"search: space {space.name} ("
+          + (f"{len(space.points)} fixed point(s)" if space.fixed else f"{len(search.backbones)} backbones")
+          + f"), {o.num_samples} trials, profile {search.profile}, {o.image_size}px, max {o.max_epochs} epochs, "
+          + (f"ASHA grace {o.grace_period}, " if asha else "FIFO (no early stopping), ")
+          + f"{search.slots} at once, {resources} per trial, "
+          f"sampler {o.sampler}, metric {o.metric}" + (f", time budget {o.time_budget:.0f}s" if o.time_budget else ""),
+          flush=True)
+
+
+def _after_fit(search: Search, searcher, *, fit_seconds: float) -> bool:
+    """optuna_trials.csv, the progress plot and the summary; says what to do about unfinished
+    trials. Returns whether the search ran every trial (or its time budget ran out)."""
+    o, folder = search.options, search.folder
+    searcher.restore_from_dir(str(folder))  # the state Ray saved: a resumed search ran a restored copy
+    trials = searcher.searcher.study.trials_dataframe()
+    write_atomic(folder / "optuna_trials.csv", lambda p: trials.to_csv(p, index=False))
+    board = pd.read_csv(folder / "leaderboard.csv")
+    plot_progress(board, folder / "search_progress.png", metric=o.metric, mode=METRIC_MODES[o.metric],
+                  name=folder.name)
+    print_summary(board, folder, metric=o.metric)
+    unfinished = o.num_samples - int(board["status"].isin(["TERMINATED", "ERROR"]).sum())
+    if unfinished <= 0:
+        return True
+    if o.time_budget and fit_seconds >= o.time_budget:
+        print(f"the time budget of {o.time_budget:.0f}s ended the search with {unfinished} trial(s) "
+              f"not run or unfinished")
+        return True
+    print(f"the search stopped with {unfinished} trial(s) unfinished; continue it with python -m search.run "
+          f"--resume --name {folder.name} --storage {o.storage}, or finalize what it found with "
+          f"python -m search.finalize --experiment {folder}")
+    return False
+
+
+def _write_timings(folder: Path, clock: dict, *, slots: int) -> None:
+    """timings.json: where this command's wall time went (bench/overhead.py reads it)."""
+    now = time.time()
+    search_ended = clock.get("search_ended", now)
+    write_json(folder / "timings.json", {
+        **clock, "ended": now, "trial_slots": slots,
+        "before_fit_seconds": clock["fit_started"] - clock["started"],
+        "fit_seconds": clock["fit_ended"] - clock["fit_started"],
+        "after_fit_seconds": search_ended - clock["fit_ended"],
+        "finalize_seconds": now - search_ended, "search_seconds": search_ended - clock["started"]})

@@ -1,0 +1,198 @@
+"""The final model of a search: retrain its best configurations, ensemble them, evaluate on the
+test split that the search never saw, and write `<experiment>/final/`.
+
+Example:
+    >>> final = finalize(FinalizeOptions(experiment="experiments/backbones-20261123-0100", seeds=3))
+    >>> json.loads((final / "metrics.json").read_text())["chosen"]
+    'ensemble-fitted'
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from search.cluster import check_fits, connected
+from search.data import audited, load_search_data
+from search.ensemble import choose, score_models
+from search.evaluate import METRIC_MODES, decide, positive_class
+from search.options import FinalizeOptions, check_fields
+from search.plots import plot_confusion, plot_progress, plot_roc, plot_training_curves
+from search.records import read_search_record, versions, write_json
+from search.report import fmt, render_report
+from search.retrain import retrain_all, select_members
+from search.saved_model import save_model
+from trainables import UserError
+from trainables.data import Dataset
+
+
+def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
+    """Retrain, ensemble, evaluate and report; returns `<experiment>/final`.
+
+    `data` is the search's loaded Dataset when called from `search.experiment` (else it is loaded
+    again and checked against the search's fingerprint).
+
+    Raises:
+        UserError: not an experiment, no trial that reported, data changed, bad options.
+    """
+    check_fields(options)
+    folder = Path(options.experiment).expanduser().resolve()
+    record = read_search_record(folder)
+    search = record["options"]
+    metric = search["metric"]
+    board = read_leaderboard(folder, metric)
+    if data is None:
+        data = _search_data(record, options.data)
+    positive = positive_class(data.class_names, options.positive_class)
+    members = select_members(folder, board, metric=metric, top_k=options.top_k, epochs=options.epochs)
+    cpus = options.cpus_per_model or search.get("cpus_per_trial") or 1
+    gpus = options.gpus_per_model if options.gpus_per_model is not None else (search.get("gpus_per_trial") or 0)
+    with connected(options.address):
+        check_fits(cpus, gpus, task="retrain a model", flags="--cpus-per-model / --gpus-per-model",
+                   cluster=bool(options.address))
+        print(f"finalize: retraining {len(members)} configuration(s) x {options.seeds} seed(s) "
+              f"({'train+val' if options.refit_on_val else 'train'}, {options.epochs} epochs), "
+              f"{cpus:g} CPU / {gpus:g} GPU each", flush=True)
+        runs = retrain_all(members, data, seeds=options.seeds, refit_on_val=options.refit_on_val, cpus=cpus, gpus=gpus)
+    for member, member_runs in zip(members, runs):
+        member["runs"] = member_runs
+    models = score_models(members, data, positive=positive, metric=metric, resamples=options.bootstrap)
+    chosen, choice, margin = choose(models, data.arrays("val")[1], metric, resamples=options.bootstrap)
+    summary = {"experiment": folder.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "finalize_options": asdict(options), "search": {k: record.get(k) for k in ("space", "profile", "options")},
+               "data": data.summary(), "versions": versions(), "positive_class": data.class_names[positive],
+               "chosen": chosen, "choice": choice, "choice_margin": margin,
+               "models": {n: {k: v for k, v in m.items() if not k.endswith("_probs")} for n, m in models.items()}}
+    return write_final(folder, summary=summary, models=models, members=members, board=board, data=data)
+
+
+def read_leaderboard(folder: Path, metric: str) -> pd.DataFrame:
+    """The search's leaderboard, with at least one trial that reported `metric`.
+
+    Raises:
+        UserError: no trial has reported yet.
+    """
+    path = folder / "leaderboard.csv"
+    board = pd.read_csv(path) if path.is_file() and path.stat().st_size else pd.DataFrame()
+    if board.empty or metric not in board or board[metric].notna().sum() == 0:
+        raise UserError(f"no trial of {folder.name} has reported {metric} yet: nothing to finalize "
+                        f"(continue the search with --resume, or wait for a trial to finish an epoch)")
+    return board
+
+
+def _search_data(record: dict, moved_to: str | None) -> Dataset:
+    o = record["options"]
+    path = moved_to or o["data"]
+    if not path:
+        raise UserError("the search's data path is not recorded; pass --data")
+    if not Path(path).expanduser().exists():
+        raise UserError(f"the search's data {path!r} is not there any more; pass --data with where it is now")
+    data = load_search_data(Path(path).expanduser(), image_size=o["image_size"], channels=o["channels"],
+                            seed=o["seed"], group_column=o.get("group_column"),
+                            skip_corrupt=o.get("skip_corrupt", False), subset=o.get("subset"),
+                            fingerprint=record["data"]["fingerprint"])
+    return audited(data, dedupe=True)[0] if o.get("dedupe") else data
+
+
+def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict], board: pd.DataFrame,
+                data: Dataset) -> Path:
+    """`folder/final/`, built in a temporary folder and renamed into place; an older `final/` is
+    kept as `final-<date>-<time>/`."""
+    final, tmp = folder / "final", folder / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    chosen, names = summary["chosen"], data.class_names
+    positive = names.index(summary["positive_class"])
+    metric = summary["search"]["options"]["metric"]
+    write_json(tmp / "metrics.json", summary)
+    for split in ("val", "test"):
+        _predictions(data, split, models[chosen]).to_csv(tmp / f"{split}_predictions.csv", index=False)
+    _save_models(tmp, folder, summary, models, members, data)
+    test_y = data.arrays("test")[1]
+    plot_roc(models, chosen, test_y, names, positive, tmp / "roc.png")
+    plot_confusion(models[chosen]["test"]["confusion_matrix"], names, chosen, tmp / "confusion_matrix.png")
+    plot_training_curves(folder, board, members, metric, tmp / "training_curves.png")
+    plot_progress(board, tmp / "search_progress.png", metric=metric, mode=METRIC_MODES[metric], name=folder.name)
+    (tmp / "report.md").write_text(render_report(folder, summary, models, board, _siblings(folder, summary)))
+    if final.exists():
+        kept = folder / f"final-{time.strftime('%Y%m%d-%H%M%S', time.localtime(final.stat().st_mtime))}"
+        final.rename(kept)
+        print(f"the previous final/ is kept as {kept.name}/")
+    tmp.rename(final)
+    _print_summary(final, summary)
+    return final
+
+
+def _save_models(tmp: Path, folder: Path, summary: dict, models: dict, members: list[dict], data: Dataset) -> None:
+    """`members/<name>/` for each member alone, and `ensemble/`: the final model."""
+    record = {"class_names": data.class_names, "positive_class": summary["positive_class"],
+              "preprocessing": {"image_size": int(data.images.shape[1]), "channels": int(data.channels),
+                                "decode": "trainables.images.decode_image"},
+              "data": summary["data"], "versions": summary["versions"], "experiment": str(folder)}
+    by_name = {m["name"]: m for m in members}
+
+    def saved(name, weight):
+        member = by_name[name]
+        return {"name": name, "trial_id": member["trial_id"], "config": member["config"], "weight": float(weight),
+                "states": [r["state"] for r in member["runs"]]}
+
+    for name in by_name:
+        save_model(tmp / "members" / name, {**record, "kind": "single", "name": name,
+                                            "threshold": models[name]["val"]["threshold"]}, [saved(name, 1.0)])
+    chosen = summary["chosen"]
+    weights = models[chosen]["weights"] if models[chosen]["kind"] == "ensemble" else {chosen: 1.0}
+    save_model(tmp / "ensemble", {**record, "kind": "ensemble" if len(weights) > 1 else "single", "name": chosen,
+                                  "threshold": models[chosen]["val"]["threshold"]},
+               [saved(n, w) for n, w in weights.items() if w > 0])
+
+
+def _predictions(data: Dataset, split: str, model: dict) -> pd.DataFrame:
+    names, labels = data.class_names, data.arrays(split)[1]
+    probs = model[f"{split}_probs"]
+    table = pd.DataFrame({"index": np.arange(len(labels))})
+    if data.paths is not None:
+        table["path"] = [data.paths[i] for i in data.indices(split)]
+    table["label"] = [names[k] for k in labels]
+    for c, name in enumerate(names):
+        table[f"p_{name}"] = probs[:, c]
+    positive = names.index(model["test"]["positive_class"])
+    table["predicted"] = [names[k] for k in decide(probs, positive, model["val"]["threshold"])]
+    return table
+
+
+def _siblings(folder: Path, summary: dict) -> list[dict]:
+    """The chosen models of other finalized searches on the same data (e.g. `--space recipes`)."""
+    rows = []
+    for other in sorted(folder.parent.iterdir()):
+        path = other / "final" / "metrics.json"
+        if other == folder or not path.is_file():
+            continue
+        try:
+            theirs = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if theirs.get("data", {}).get("fingerprint") != summary["data"]["fingerprint"]:
+            continue
+        chosen = theirs["models"][theirs["chosen"]]
+        rows.append({"experiment": other.name, "space": theirs["search"].get("space"), "model": theirs["chosen"],
+                     "val": chosen["val"], "test": chosen["test"]})
+    return rows
+
+
+def _print_summary(final: Path, summary: dict) -> None:
+    metric = summary["search"]["options"]["metric"][4:]
+    print(f"\nfinal: {final}")
+    for name, m in summary["models"].items():
+        t = m["test"]
+        mark = "*" if name == summary["chosen"] else " "
+        print(f" {mark} {name:40s} test AUC {t['auc']:.4f} [{t['ci']['auc'][0]:.3f}, {t['ci']['auc'][1]:.3f}]  "
+              f"acc {t['accuracy']:.3f}  sens {fmt(t['sensitivity'])}  spec {fmt(t['specificity'])}  "
+              f"(validation {metric} {m['val'][metric]:.4f})")
+    print(f"chosen: {summary['chosen']}: {summary['choice']}")
+    print(f"report: {final / 'report.md'}; model: {final / 'ensemble'}")

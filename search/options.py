@@ -1,0 +1,179 @@
+"""Every option of a search and of finalize, as plain data with one default each, and the checks
+at the boundary. Each field carries its command-line help and its allowed values, so the flags
+(`search.cli.add_flags`) and the checks come from the same place.
+
+Example:
+    >>> options = with_profile(SearchOptions(space="tiny", data="pneumoniamnist.npz"), "cpu")
+    >>> check_search(options)          # raises UserError naming the flag, the value and what is allowed
+    >>> options.num_samples
+    24
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import timm
+
+from search.data import DATA_ENV
+from search.evaluate import METRIC_MODES
+from search.samplers import SAMPLERS
+from spaces import UnknownSpace, get_space, list_spaces
+from trainables import UserError
+from trainables.images import check_image_size
+
+PROFILES = {
+    # a laptop-class CPU: few epochs, two trials at a time on two cores; images at 32 px when they
+    # are MedMNIST-sized, else at 64 px (see trainables.data.auto_image_size)
+    "cpu": dict(image_size="auto", max_epochs=8, grace_period=1, num_samples=24, batch_size=64,
+                cpus_per_trial=1, gpus_per_trial=0, time_budget=900),
+    # GPU workers: ImageNet resolution and a longer search
+    "gpu": dict(image_size=224, max_epochs=30, grace_period=3, num_samples=64, batch_size=64,
+                cpus_per_trial=4, gpus_per_trial=1, time_budget=None),
+}
+
+
+def option(default, help: str, **check):
+    """A field with its help text; `check` may hold `type` (also the flag's parser), `choices`,
+    `above` (strictly) or `at_least`."""
+    return field(default=default, metadata={"help": help, **check})
+
+
+def int_or_auto(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+@dataclass(kw_only=True)
+class SharedOptions:
+    """The options `search.run` and `search.finalize` share: where Ray runs, and the final model."""
+
+    address: str | None = option(None, "join a running Ray cluster: auto, or the head's host:6379")
+    top_k: int = option(3, "distinct best configurations to retrain and ensemble", type=int, at_least=1)
+    seeds: int = option(1, "retrainings of each configuration, with seeds seed, seed+1, ...; a member "
+                           "averages them", type=int, at_least=1)
+    refit_on_val: bool = option(False, "also retrain on train+val for the saved models (threshold and "
+                                       "ensemble weights still come from validation predictions of the "
+                                       "train-only models)")
+    positive_class: str | None = option(None, "class the threshold, sensitivity and specificity are for "
+                                              "(default: the COVID class, or the abnormal one of two)")
+
+
+@dataclass(kw_only=True)
+class SearchOptions(SharedOptions):
+    """Every option of a search, as plain data (recorded in search_config.json). None means: take
+    the profile's value."""
+
+    space: str = option("backbones", f"search space: {', '.join(list_spaces())}")
+    data: str | None = option(None, f"image folder, MedMNIST-style .npz or CSV manifest (default: ${DATA_ENV})")
+    profile: str = option("auto", "defaults for size, epochs and trials; auto: gpu when the cluster has GPUs",
+                          choices=("auto", *PROFILES))
+    num_samples: int | None = option(None, "trials to run", type=int, above=0)
+    max_epochs: int | None = option(None, "epochs of a trial that is never stopped", type=int, above=0)
+    grace_period: int | None = option(None, "epochs before ASHA may stop a trial", type=int, above=0)
+    reduction_factor: float = option(3.0, "ASHA keeps 1/this of trials per rung", type=float, at_least=2)
+    scheduler: str = option("asha", "asha: stop weak trials early; fifo: run every trial to --max-epochs",
+                            choices=("asha", "fifo"))
+    cpus_per_trial: float | None = option(None, "CPUs per trial", type=float, above=0)
+    gpus_per_trial: float | None = option(None, "GPUs per trial, fractions allowed", type=float, at_least=0)
+    max_concurrent: int | None = option(None, "trials at once (default: what the cluster fits)", type=int,
+                                        above=0)
+    storage: str = option("experiments", "experiment root (a path every node reaches)")
+    name: str | None = option(None, "experiment name (default: <space>-<date>-<time>)")
+    resume: bool = option(False, "continue the experiment --name in --storage")
+    time_budget: float | None = option(None, "stop the search after this many seconds", type=float, above=0)
+    seed: int = option(0, "seed of the split, the sampler and the trials", type=int, at_least=0)
+    metric: str = option("val_auc", "validation metric to optimise", choices=tuple(METRIC_MODES))
+    sampler: str = option("tpe", "Optuna sampler", choices=tuple(SAMPLERS))
+    backbones: str | None = option(None, "comma-separated timm names replacing the space's backbones")
+    recipes: str | None = option(None, "comma-separated recipe names: run only these of --space recipes")
+    weights: str = option("imagenet", "ImageNet weights (local --weights-dir, installed package, or timm's "
+                                      "hub), or random initialisation", choices=("imagenet", "random"))
+    weights_dir: str | None = option(None, "folder of local checkpoints named <backbone>.pth or .safetensors")
+    image_size: int | str | None = option(None, "side of the decoded images; auto: 32 px for images up to "
+                                                "48 px, else 64", type=int_or_auto)
+    channels: int = option(1, "1 grayscale, 3 RGB", type=int, choices=(1, 3))
+    batch_size: int | None = option(None, "training batch size", type=int, above=0)
+    group_column: str | None = option(None, "manifest column of patient ids (detected by name when obvious)")
+    skip_corrupt: bool = option(False, "leave unreadable images out, with a warning")
+    dedupe: bool = option(False, "drop train/val copies of files that also appear in a later split (the "
+                                 "audit names them)")
+    subset: int | None = option(None, "at most this many images per split (smoke runs)", type=int, above=0)
+    max_retries: int = option(2, "retries of a trial whose worker fails", type=int, at_least=0)
+    finalize: bool = option(True, "stop after the search: no retraining, ensemble or report (python -m "
+                                  "search.finalize does it later)")
+
+
+@dataclass(kw_only=True)
+class FinalizeOptions(SharedOptions):
+    """Every option of a finalize run, as plain data (recorded in metrics.json)."""
+
+    experiment: str = field(metadata={"help": "the search's folder: <storage>/<name>"})
+    epochs: str = option("full", "retrain to the config's max epochs, or to the best epoch its trial found",
+                         choices=("full", "best"))
+    bootstrap: int = option(1000, "bootstrap resamples for the 95%% intervals", type=int, at_least=1)
+    data: str | None = option(None, "the search's data, if it moved since (checked by fingerprint)")
+    cpus_per_model: float | None = option(None, "CPUs per retraining (default: the search's per trial)",
+                                          type=float, above=0)
+    gpus_per_model: float | None = option(None, "GPUs per retraining (default: the search's per trial)",
+                                          type=float, at_least=0)
+
+
+# a resumed search runs with the options it started with: only where it runs and what happens after it
+# may change
+CHANGEABLE_ON_RESUME = ("storage", "finalize", *(f.name for f in fields(SharedOptions)))
+
+
+def with_profile(options: SearchOptions, profile: str) -> SearchOptions:
+    """The options with every unset (None) value taken from `profile`."""
+    return replace(options, **{k: v for k, v in PROFILES[profile].items() if getattr(options, k) is None})
+
+
+def check_fields(options) -> None:
+    """Every field against its declared type, choices and bounds.
+
+    Raises:
+        UserError: naming the flag, the value and what is allowed.
+    """
+    for f in fields(options):
+        value, meta = getattr(options, f.name), f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        if value is None:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            raise UserError(f"unknown {f.name.replace('_', ' ')} {value!r}; choose one of "
+                            f"{', '.join(map(str, meta['choices']))}")
+        kind = meta.get("type")
+        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, kind))):
+            raise UserError(f"{flag} must be a number{' (whole)' if kind is int else ''}, got {value!r}")
+        if "above" in meta and not value > meta["above"]:
+            raise UserError(f"{flag} must be positive, got {value}")
+        if "at_least" in meta and value < meta["at_least"]:
+            raise UserError(f"{flag} must be at least {meta['at_least']}, got {value}")
+
+
+def check_search(o: SearchOptions) -> None:
+    """All the checks of a search's options that need neither the data nor Ray; run on the options
+    as given and again on the options a search really uses (profile values filled in).
+
+    Raises:
+        UserError: the first bad option, named with its value and what is allowed.
+    """
+    check_fields(o)
+    try:
+        get_space(o.space)
+    except UnknownSpace as exc:
+        raise UserError(str(exc)) from None
+    if o.image_size is not None:
+        check_image_size(o.image_size)
+    if o.gpus_per_trial and o.gpus_per_trial > 1 and o.gpus_per_trial != int(o.gpus_per_trial):
+        raise UserError(f"--gpus-per-trial above 1 must be a whole number, got {o.gpus_per_trial}")
+    if o.grace_period and o.max_epochs and o.grace_period > o.max_epochs:
+        raise UserError(f"--grace-period {o.grace_period} exceeds --max-epochs {o.max_epochs}")
+    if o.resume and not o.name:
+        raise UserError("--resume needs --name: the experiment to continue")
+    if o.weights_dir and not Path(o.weights_dir).expanduser().is_dir():
+        raise UserError(f"--weights-dir {o.weights_dir!r} is not a folder")
+    if o.backbones:
+        unknown = [b for b in o.backbones.split(",") if b.strip() and not timm.is_model(b.strip())]
+        if unknown:
+            raise UserError(f"unknown backbone(s) {unknown}; use timm model names (timm.list_models())")

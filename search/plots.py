@@ -1,0 +1,118 @@
+"""The figures people would rather look at than read: the search over time, ROC curves, the
+confusion matrix, training curves. Each function writes one PNG.
+
+Example:
+    >>> plot_confusion([[50, 3], [4, 60]], ["normal", "pneumonia"], "ensemble-mean", Path("cm.png"))
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_curve
+
+matplotlib.use("Agg")  # files only: no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_roc(models: dict, chosen: str, test_y, names, positive: int, path: Path) -> None:
+    """Left: the positive class against the rest for every model, each operating point marked.
+    Right (3+ classes): the chosen model's one-vs-rest curve per class."""
+    panels = 2 if len(names) > 2 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 6), squeeze=False)
+    ax = axes[0, 0]
+    for name, m in models.items():
+        fpr, tpr, _ = roc_curve(test_y == positive, m["test_probs"][:, positive])
+        strong = name == chosen or m["kind"] == "ensemble"
+        label = f"{name}{' (chosen)' if name == chosen else ''}: AUC {m['test']['per_class'][names[positive]]['auc']:.3f}"
+        line, = ax.plot(fpr, tpr, lw=2.2 if name == chosen else (1.6 if strong else 1), ls="-" if strong else "--",
+                        label=label)
+        t = m["test"]
+        if t["sensitivity"] is not None and t["specificity"] is not None:
+            ax.plot(1 - t["specificity"], t["sensitivity"], "o", color=line.get_color(), ms=6 if name == chosen else 4)
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           title=f"test ROC: {names[positive]} vs rest (dots: validation-chosen thresholds)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    if panels == 2:
+        ax = axes[0, 1]
+        for c, name in enumerate(names):
+            fpr, tpr, _ = roc_curve(test_y == c, models[chosen]["test_probs"][:, c])
+            ax.plot(fpr, tpr, label=f"{name}: AUC {models[chosen]['test']['per_class'][name]['auc']:.3f}")
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{chosen}: each class vs rest")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_confusion(matrix: list[list[int]], names: list[str], title: str, path: Path) -> None:
+    """Counts, with each row's share (the per-class recall on the diagonal)."""
+    m = np.asarray(matrix)
+    share = m / np.maximum(m.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 3, 1.4 * len(names) + 2.5))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{m[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.6 else "black", fontsize=11)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted (at the validation-chosen threshold)", ylabel="true", title=f"test confusion matrix: {title}")
+    _save(fig, path)
+
+
+def plot_training_curves(folder: Path, board: pd.DataFrame, members: list[dict], metric: str, path: Path) -> None:
+    """Validation metric and train loss per epoch: the top trials of the search (solid) and the
+    retrained members (dashed, first seed)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    retrained = {m["trial_id"]: m for m in members}
+    top = list(dict.fromkeys([*retrained, *board.dropna(subset=[metric])["trial_id"].head(6)]))[:6]
+    for trial_id in top:
+        progress = folder / f"trial_{trial_id}" / "progress.csv"
+        if not progress.is_file():
+            continue
+        frame = pd.read_csv(progress)
+        row = board[board["trial_id"] == trial_id].iloc[0]
+        label = f"{trial_id} {row.get('recipe') if isinstance(row.get('recipe'), str) else row.get('backbone')}"
+        line, = left.plot(frame["training_iteration"], frame[metric], marker="o", ms=3, label=label)
+        right.plot(frame["training_iteration"], frame["train_loss"], marker="o", ms=3, color=line.get_color())
+        if trial_id in retrained:
+            history = pd.DataFrame(retrained[trial_id]["runs"][0]["history"])
+            left.plot(history["epoch"], history[metric], ls="--", color=line.get_color())
+            right.plot(history["epoch"], history["train_loss"], ls="--", color=line.get_color())
+    left.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (dashed: the retraining, where it differs)")
+    right.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_progress(board: pd.DataFrame, path: Path, *, metric: str, mode: str, name: str) -> None:
+    """`path` (search_progress.png): each trial's best metric at the time it ended, ASHA stops
+    marked, and the best so far."""
+    frame = board.dropna(subset=["ended_s", metric]).sort_values("ended_s") if not board.empty else board
+    if frame.empty:
+        return
+    minutes, stopped = frame["ended_s"] / 60, frame["stopped_early"].astype(bool)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.scatter(minutes[~stopped], frame[metric][~stopped], label="ran all epochs", zorder=3)
+    ax.scatter(minutes[stopped], frame[metric][stopped], marker="x", label="stopped early by ASHA", zorder=3)
+    best = frame[metric].cummax() if mode == "max" else frame[metric].cummin()
+    ax.step(minutes, best, where="post", color="gray", lw=1, label="best so far")
+    ax.set_xlabel("minutes since the search started (when the trial ended)")
+    ax.set_ylabel(f"{metric} at the trial's best epoch")
+    ax.set_title(f"search progress: {name} ({len(frame)} trials, {int(stopped.sum())} stopped early)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,103 @@
+"""The code's shape: data flows one way (no import cycles, nothing imports an entry point, the trial
+side never imports the search side), functions and modules stay short, and predict needs no Ray."""
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PACKAGES = ("search", "trainables", "spaces")
+ENTRY_POINTS = {"search.run", "search.finalize", "search.predict", "search.audit"}
+FORBIDDEN = {"spaces": ("trainables", "search"), "trainables": ("search", "spaces")}
+MAX_FUNCTION_LINES, MAX_MODULE_LINES = 80, 400
+
+
+def _modules() -> dict:
+    files = [f for package in PACKAGES for f in sorted((ROOT / package).rglob("*.py"))]
+    return {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f for f in files}
+
+
+def import_graph(modules: dict) -> dict[str, set[str]]:
+    """Module -> the project modules it imports, anywhere in its body (imports inside functions too)."""
+    graph = {}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+                found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return found
+
+
+def test_the_import_graph_check_finds_what_it_looks_for():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    graph = import_graph(_modules())
+    assert "trainables.train" in graph["trainables.trainable"]  # a real edge is seen
+    assert "search.experiment" in graph["search.run"]
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph(_modules())) == []
+
+
+def test_no_module_imports_an_entry_point():
+    graph = import_graph(_modules())
+    bad = [f"{a} imports {b}" for a, deps in sorted(graph.items()) for b in sorted(deps & ENTRY_POINTS)]
+    assert bad == []
+
+
+def test_the_trial_side_never_imports_the_search_side():
+    graph = import_graph(_modules())
+    bad = [f"{a} imports {b}" for a, deps in sorted(graph.items()) for b in sorted(deps)
+           if a.split(".")[0] in FORBIDDEN and b.split(".")[0] in FORBIDDEN[a.split(".")[0]]]
+    assert bad == []
+
+
+def test_functions_and_modules_stay_short():
+    long = []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long.append(f"module {name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert long == []
+
+
+@pytest.mark.parametrize("module", ["search.predict", "search.saved_model"])
+def test_predict_imports_without_ray(module):
+    code = f"import sys; sys.modules['ray'] = None; import {module}"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
