@@ -48,7 +48,7 @@ def tune_arm(label: str, options, data) -> dict:
     trial = folder / f"trial_{best['trial_id']}"
     run = Training(json.loads((trial / "params.json").read_text()), data)
     checkpoint = sorted(trial.glob("checkpoint_*"))[-1] / CHECKPOINT_FILE
-    run.load_state_dict(torch.load(checkpoint, map_location=run.device, weights_only=True))
+    run.load_state_dict(torch.load(checkpoint, map_location=run.device, weights_only=True)["folds"][0])
     return {"arm": label, "trials": len(board), "trial-epochs": int(board["epochs"].sum()),
             "best val AUC": round(float(best["val_auc"]), 4), "its test AUC": round(test_auc(run, data), 4),
             "best trial": f"{best.get('recipe') if isinstance(best.get('recipe'), str) else best['backbone']}",

@@ -1,19 +1,24 @@
-"""Members and ensembles, scored on validation and test, and the final model chosen on validation.
+"""Members and ensembles, scored on the selection images and on test, and the final model chosen.
 
 A member is one retrained configuration (the mean of its seeds). `ensemble-mean` averages the
 members' probabilities; `ensemble-fitted` weights them by greedy ensemble selection on validation.
 The better ensemble is final only when it beats the best single member on validation.
 
+Every choice (thresholds, weights, the final model) is made on the selection images: the val split,
+or in a cross-validated search the pooled out-of-fold predictions of train+val.
+
 Example:
-    >>> models = score_models(members, data, positive=1, metric="val_auc", resamples=1000)
-    >>> chosen, why, margin = choose(models, val_labels, "val_auc", resamples=1000)
+    >>> models = score_models(members, data, selection=data.indices("val"), positive=1, metric="val_auc",
+    ...                       resamples=1000)
+    >>> chosen, why, margin = choose(models, data, data.indices("val"), "val_auc", resamples=1000)
 """
 from __future__ import annotations
 
 import numpy as np
 
-from search.evaluate import METRIC_MODES, auc, evaluate, paired_difference, score, youden_threshold
+from search.evaluate import auc, evaluate, paired_difference, score, youden_threshold
 from trainables.data import Dataset
+from trainables.metrics import METRIC_MODES
 
 
 def ensemble_weights(val_probs: list[np.ndarray], labels: np.ndarray, metric: str, *, rounds: int = 20) -> np.ndarray:
@@ -41,17 +46,20 @@ def validation_key(labels: np.ndarray, probs: np.ndarray, metric: str) -> tuple[
     return (-primary if METRIC_MODES[metric] == "min" else primary, -score(labels, probs, "val_loss"))
 
 
-def score_models(members: list[dict], data: Dataset, *, positive: int, metric: str, resamples: int) -> dict:
+def score_models(members: list[dict], data: Dataset, *, selection: np.ndarray, positive: int, metric: str,
+                 resamples: int) -> dict:
     """Every member (its seeds averaged) and, with two or more members, both ensembles: each with
-    its validation figures, its threshold (Youden's J on validation) and the test read-out."""
-    val_y, test_y = data.arrays("val")[1], data.arrays("test")[1]
+    its figures on the `selection` images (keyed `val`), its threshold (Youden's J there) and the
+    test read-out (intervals over patients where the data has patient ids)."""
+    val_y, test = data.labels[selection], data.indices("test")
+    test_y, test_groups = data.labels[test], None if data.groups is None else data.groups[test]
 
     def scored(entry, val_probs, test_probs):
         threshold = youden_threshold(val_y == positive, val_probs[:, positive])
         val = {m[4:]: score(val_y, val_probs, m) for m in METRIC_MODES} | {"threshold": threshold}
-        test = evaluate(test_y, test_probs, data.class_names, positive=positive, threshold=threshold,
-                        resamples=resamples, seed=0)
-        return {**entry, "val": val, "test": test, "val_probs": val_probs, "test_probs": test_probs}
+        read_out = evaluate(test_y, test_probs, data.class_names, positive=positive, threshold=threshold,
+                            resamples=resamples, seed=0, groups=test_groups)
+        return {**entry, "val": val, "test": read_out, "val_probs": val_probs, "test_probs": test_probs}
 
     models = {}
     for member in members:
@@ -71,10 +79,12 @@ def score_models(members: list[dict], data: Dataset, *, positive: int, metric: s
     return models
 
 
-def choose(models: dict, val_y: np.ndarray, metric: str, *, resamples: int) -> tuple[str, str, dict | None]:
-    """The best ensemble weighting on validation, kept only when it beats the best single member
-    there; returns its name, why, and the validation margin over the runner-up with its bootstrap
-    interval."""
+def choose(models: dict, data: Dataset, selection: np.ndarray, metric: str, *, resamples: int,
+           where: str = "validation") -> tuple[str, str, dict | None]:
+    """The best ensemble weighting on the selection images (`where` names them in the reason),
+    kept only when it beats the best single member there; returns its name, why, and the margin
+    over the runner-up with its bootstrap interval."""
+    val_y, groups = data.labels[selection], None if data.groups is None else data.groups[selection]
     key = {n: validation_key(val_y, m["val_probs"], metric) for n, m in models.items()}
     best_member = max((n for n, m in models.items() if m["kind"] == "member"), key=lambda n: key[n])
     ensembles = [n for n, m in models.items() if m["kind"] == "ensemble"]
@@ -88,18 +98,19 @@ def choose(models: dict, val_y: np.ndarray, metric: str, *, resamples: int) -> t
     if key[best_ensemble] > key[best_member]:
         chosen, runner_up = best_ensemble, best_member
         choice = (f"{best_ensemble} ({shown(best_ensemble)}) beats the best single model "
-                  f"{best_member} ({shown(best_member)}) on validation")
+                  f"{best_member} ({shown(best_member)}) on {where}")
     else:
         chosen, runner_up = best_member, best_ensemble
         choice = (f"the best single model {best_member} ({shown(best_member)}) is at least as good on "
-                  f"validation as the best ensemble {best_ensemble} ({shown(best_ensemble)}), so it is "
+                  f"{where} as the best ensemble {best_ensemble} ({shown(best_ensemble)}), so it is "
                   f"the final model and final/ensemble holds it alone")
     margin = {"metric": metric, "versus": runner_up, **paired_difference(
-        val_y, models[chosen]["val_probs"], models[runner_up]["val_probs"], metric, resamples=resamples)}
+        val_y, models[chosen]["val_probs"], models[runner_up]["val_probs"], metric, resamples=resamples,
+        groups=groups)}
     lo, hi = margin["ci"]
     choice += (f"; {metric} difference {margin['difference']:+.4f} (95% CI {lo:+.4f} to {hi:+.4f} over "
-               f"validation resamples)")
+               f"resamples of the {where} images)")
     if lo <= 0 <= hi:
-        choice += (f", within validation noise: this validation split cannot tell {chosen} and {runner_up} "
-                   f"apart (both are in the table below)")
+        choice += (f", within noise: the {where} images cannot tell {chosen} and {runner_up} apart (both are "
+                   f"in the table below)")
     return chosen, choice, margin

@@ -20,8 +20,6 @@ from sklearn.metrics import (accuracy_score, classification_report, confusion_ma
 
 from trainables import UserError
 
-# the validation metrics a search can optimise, and which way is better
-METRIC_MODES = {"val_auc": "max", "val_acc": "max", "val_f1": "max", "val_loss": "min"}
 NEGATIVE_NAMES = re.compile(r"(^|[^a-z])((normal|negative|healthy|benign|control)($|[^a-z])|non|no[-_ ])", re.IGNORECASE)
 
 
@@ -100,49 +98,75 @@ def _share(a: int, b: int) -> float | None:
     return a / (a + b) if a + b else None
 
 
-def stratified_resamples(labels: np.ndarray, num_classes: int, resamples: int, seed: int):
+def stratified_resamples(labels: np.ndarray, num_classes: int, resamples: int, seed: int,
+                         groups: np.ndarray | None = None):
     """Index arrays of bootstrap resamples, each class resampled within itself (so every resample
-    has all the classes the labels have)."""
+    has all the classes the labels have). With `groups` (patient ids) whole patients are drawn, each
+    with all its images, stratified by the patient's most common class: the patient, not the image,
+    is the independent unit."""
     rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    if groups is None:
+        by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+        for _ in range(resamples):
+            yield np.concatenate([rng.choice(members, len(members)) for members in by_class if len(members)])
+        return
+    _, unit_of = np.unique(groups, return_inverse=True)
+    units = [np.flatnonzero(unit_of == u) for u in range(unit_of.max() + 1)]
+    unit_class = np.array([np.bincount(labels[u], minlength=num_classes).argmax() for u in units])
+    by_class = [np.flatnonzero(unit_class == c) for c in range(num_classes)]
     for _ in range(resamples):
-        yield np.concatenate([rng.choice(members, len(members)) for members in by_class if len(members)])
+        drawn = np.concatenate([rng.choice(members, len(members)) for members in by_class if len(members)])
+        yield np.concatenate([units[u] for u in drawn])
 
 
-def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, *, positive: int, threshold: float,
-                 resamples: int = 1000, seed: int = 0) -> dict[str, list[float]]:
-    """95% percentile intervals of AUC, sensitivity and specificity over stratified bootstrap
-    resamples of the images (each class resampled within itself, so every resample has all classes)."""
+def wilson(successes: int, trials: int, *, units: int | None = None, z: float = 1.959964) -> list[float] | None:
+    """95% Wilson score interval of the proportion successes / trials (None when trials is 0). It
+    never collapses to a point at 0 or 1, unlike a bootstrap of a perfect score. With `units` (the
+    independent units behind the trials, e.g. patients), the same proportion over that many."""
+    if trials == 0:
+        return None
+    p, n = successes / trials, units or trials
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def confidence_intervals(labels: np.ndarray, probs: np.ndarray, *, positive: int, threshold: float,
+                         resamples: int = 1000, seed: int = 0, groups: np.ndarray | None = None) -> dict:
+    """95% intervals: AUC as the percentile interval over stratified bootstrap resamples (of
+    patients when `groups` are given); sensitivity, specificity, PPV and NPV as Wilson intervals
+    (counting patients rather than images when `groups` are given)."""
+    draws = [auc(labels[idx], probs[idx]) for idx in stratified_resamples(labels, probs.shape[1], resamples, seed,
+                                                                          groups)]
     said = decide(probs, positive, threshold) == positive
     is_pos = labels == positive
-    draws = {"auc": [], "sensitivity": [], "specificity": []}
-    for idx in stratified_resamples(labels, probs.shape[1], resamples, seed):
-        draws["auc"].append(auc(labels[idx], probs[idx]))
-        r = rates(is_pos[idx], said[idx])
-        draws["sensitivity"].append(r["sensitivity"])
-        draws["specificity"].append(r["specificity"])
-    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
+    out = {"auc": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+    for name, among, hit in (("sensitivity", is_pos, said), ("specificity", ~is_pos, ~said),
+                             ("ppv", said, is_pos), ("npv", ~said, ~is_pos)):
+        units = len(np.unique(groups[among])) if groups is not None else None
+        out[name] = wilson(int((among & hit).sum()), int(among.sum()), units=units)
+    return out
 
 
 def paired_difference(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, metric: str, *,
-                      resamples: int = 1000, seed: int = 0) -> dict:
+                      resamples: int = 1000, seed: int = 0, groups: np.ndarray | None = None) -> dict:
     """`metric` of model a minus model b on the same images, with a 95% percentile interval over
-    stratified bootstrap resamples (both models scored on each resample), to tell a real margin
-    from validation noise.
+    stratified bootstrap resamples (of patients, with `groups`; both models scored on each
+    resample), to tell a real margin from validation noise.
 
     Example:
         >>> paired_difference(val_labels, ensemble_probs, member_probs, "val_auc")
         {'difference': 0.0004, 'ci': [-0.0011, 0.0019]}
     """
     draws = []
-    for idx in stratified_resamples(labels, probs_a.shape[1], resamples, seed):
+    for idx in stratified_resamples(labels, probs_a.shape[1], resamples, seed, groups):
         draws.append(score(labels[idx], probs_a[idx], metric) - score(labels[idx], probs_b[idx], metric))
     return {"difference": score(labels, probs_a, metric) - score(labels, probs_b, metric),
             "ci": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
 
 
 def evaluate(labels: np.ndarray, probs: np.ndarray, class_names: list[str], *, positive: int, threshold: float,
-             resamples: int = 1000, seed: int = 0) -> dict:
+             resamples: int = 1000, seed: int = 0, groups: np.ndarray | None = None) -> dict:
     """Every figure of the clinical read-out, as plain JSON-able data (see the module docstring)."""
     num_classes = len(class_names)
     pred = decide(probs, positive, threshold)
@@ -165,5 +189,6 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, class_names: list[str], *, p
         "positive_class": class_names[positive],
         "threshold": threshold,
         **rates(labels == positive, pred == positive),
-        "ci": bootstrap_ci(labels, probs, positive=positive, threshold=threshold, resamples=resamples, seed=seed),
+        "ci": confidence_intervals(labels, probs, positive=positive, threshold=threshold, resamples=resamples,
+                                   seed=seed, groups=groups),
     }

@@ -22,11 +22,11 @@ from ray import tune
 
 from search.cluster import check_fits, connected, slots
 from search.data import audited, data_path, load_search_data, write_audit
-from search.evaluate import METRIC_MODES, positive_class
+from search.evaluate import positive_class
 from search.final import finalize
 from search.leaderboard import LeaderboardCallback, print_summary
 from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions, SharedOptions, check_search,
-                            with_profile)
+                            resolve_folds, with_profile)
 from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json
 from search.tuner import bind_space, make_scheduler, make_searcher, make_tuner, with_data
@@ -34,6 +34,7 @@ from spaces import Space, get_space
 from trainables import UserError
 from trainables.config import validate_config
 from trainables.data import Dataset
+from trainables.metrics import METRIC_MODES
 from trainables.models import num_stages, weights_source
 from trainables.trainable import train_classifier
 
@@ -49,6 +50,7 @@ class Search:
     space: Space
     backbones: tuple[str, ...]
     stages: dict[str, int]  # feature stages per backbone: the range of freeze_depth
+    first: list[dict]  # trials enqueued before the sampler draws: recipes, or one per backbone
     data: Dataset
     audit: dict
     slots: int
@@ -119,14 +121,18 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
     o.image_size = int(data.images.shape[1])  # "auto" resolved, recorded for finalize and --resume
     positive_class(data.class_names, o.positive_class)  # a bad --positive-class fails now
     data, audit = audited(data, dedupe=o.dedupe)
+    o.folds = resolve_folds(o.folds, len(data.indices("train")) + len(data.indices("val")))
+    if o.folds > 1:
+        data.cv_folds(o.folds, o.seed)  # too few images or patients for the folds fails now
     backbones = _backbones(space, o, profile)
     stages = {b: num_stages(b) for b in backbones}
-    for config in _fixed_configs(space, o, backbones, stages, data.num_classes):
+    first = space.first_trials(backbones, pretrained=o.weights == "imagenet")
+    for config in _first_configs(space, o, backbones, stages, first, data.num_classes):
         if config["weights"] == "imagenet":
             weights_source(config["backbone"], "imagenet", o.weights_dir)  # fails now, not in every trial
     return Search(options=o, profile=profile, folder=folder, space=space, backbones=backbones, stages=stages,
-                  data=data, audit=audit, slots=o.max_concurrent or slots(o.cpus_per_trial, o.gpus_per_trial),
-                  cluster=cluster)
+                  first=first, data=data, audit=audit, cluster=cluster,
+                  slots=o.max_concurrent or slots(o.cpus_per_trial, o.gpus_per_trial))
 
 
 def _space(o: SearchOptions) -> Space:
@@ -152,14 +158,15 @@ def _backbones(space: Space, o: SearchOptions, profile: str) -> tuple[str, ...]:
     return space.cpu_backbones if profile == "cpu" and space.cpu_backbones else space.backbones
 
 
-def _fixed_configs(space: Space, o: SearchOptions, backbones, stages, num_classes: int) -> list[dict]:
-    """Configs drawn before the search and validated now: each recipe, or one per backbone (so a
+def _first_configs(space: Space, o: SearchOptions, backbones, stages, first: list[dict],
+                   num_classes: int) -> list[dict]:
+    """The first trials' configs, drawn and validated now: each recipe, or one per backbone (so a
     bad backbone, or one whose weights cannot be reached, fails here and not in every trial)."""
     base = {"weights": o.weights, "image_size": o.image_size, "batch_size": o.batch_size,
             "max_epochs": o.max_epochs}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=o.seed))
     configs = []
-    for point in space.points or [{"backbone": b} for b in backbones]:
+    for point in first or [{"backbone": b} for b in backbones]:
         study.enqueue_trial(point)
         drawn = space.sample(study.ask(), backbones=backbones, stages=stages, pretrained=o.weights == "imagenet")
         configs.append(validate_config({**base, **drawn}, num_classes=num_classes))
@@ -173,7 +180,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     space_fn = bind_space(search.space, backbones=search.backbones, stages=search.stages,
                           pretrained=o.weights == "imagenet")
     searcher = make_searcher(space_fn, metric=metric, mode=mode, sampler=o.sampler, seed=o.seed,
-                             max_epochs=o.max_epochs, max_concurrent=search.slots, points=list(search.space.points))
+                             max_epochs=o.max_epochs, max_concurrent=search.slots, points=search.first, folder=folder)
     scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period,
                                reduction_factor=o.reduction_factor) if o.scheduler == "asha" else None
     callback = LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=o.num_samples,
@@ -188,7 +195,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
         "backbones": list(search.backbones), "data": search.data.summary(), "versions": versions(),
         "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cluster": search.cluster})
     base_config = {"image_size": o.image_size, "batch_size": o.batch_size, "max_epochs": o.max_epochs,
-                   "seed": o.seed, "weights": o.weights, "weights_dir": o.weights_dir}
+                   "seed": o.seed, "folds": o.folds, "weights": o.weights, "weights_dir": o.weights_dir}
     tuner = make_tuner(trainable, searcher=searcher, scheduler=scheduler, num_samples=o.num_samples,
                        time_budget=o.time_budget, storage=str(folder.parent), name=folder.name,
                        base_config=base_config, callbacks=[callback], max_retries=o.max_retries)
@@ -202,9 +209,14 @@ def _announce(search: Search, *, asha: bool) -> None:
     print(f"data: {data.source} | classes {data.class_names} | "
           f"{ {s: sum(c.values()) for s, c in data.counts().items()} } | split {data.split_kind} | "
           f"fingerprint {data.fingerprint}")
+    pool = len(data.indices("train")) + len(data.indices("val"))
     print(f"search: space {space.name} ("
-          + (f"{len(space.points)} fixed point(s)" if space.fixed else f"{len(search.backbones)} backbones")
-          + f"), {o.num_samples} trials, profile {search.profile}, {o.image_size}px, max {o.max_epochs} epochs, "
+          + (f"{len(space.points)} fixed point(s)" if space.fixed else f"{len(search.backbones)} backbones"
+             + (", each tried once before the sampler takes over" if search.first else ""))
+          + f"), {o.num_samples} trials, "
+          + (f"{o.folds}-fold cross-validation of train+val ({pool} images) in every trial, " if o.folds > 1
+             else f"one validation split ({len(data.indices('val'))} images), ")
+          + f"profile {search.profile}, {o.image_size}px, max {o.max_epochs} epochs, "
           + (f"ASHA grace {o.grace_period}, " if asha else "FIFO (no early stopping), ")
           + f"{search.slots} at once, {resources} per trial, "
           f"sampler {o.sampler}, metric {o.metric}" + (f", time budget {o.time_budget:.0f}s" if o.time_budget else ""),
@@ -216,6 +228,7 @@ def _after_fit(search: Search, searcher, *, fit_seconds: float) -> bool:
     trials. Returns whether the search ran every trial (or its time budget ran out)."""
     o, folder = search.options, search.folder
     searcher.restore_from_dir(str(folder))  # the state Ray saved: a resumed search ran a restored copy
+    searcher.searcher.write_study()
     trials = searcher.searcher.study.trials_dataframe()
     write_atomic(folder / "optuna_trials.csv", lambda p: trials.to_csv(p, index=False))
     board = pd.read_csv(folder / "leaderboard.csv")

@@ -21,7 +21,7 @@ import pandas as pd
 from search.cluster import check_fits, connected
 from search.data import audited, load_search_data
 from search.ensemble import choose, score_models
-from search.evaluate import METRIC_MODES, decide, positive_class
+from search.evaluate import decide, positive_class
 from search.options import FinalizeOptions, check_fields
 from search.plots import plot_confusion, plot_progress, plot_roc, plot_training_curves
 from search.records import read_search_record, versions, write_json
@@ -30,6 +30,7 @@ from search.retrain import retrain_all, select_members
 from search.saved_model import save_model
 from trainables import UserError
 from trainables.data import Dataset
+from trainables.metrics import METRIC_MODES
 
 
 def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
@@ -51,25 +52,37 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
         data = _search_data(record, options.data)
     positive = positive_class(data.class_names, options.positive_class)
     members = select_members(folder, board, metric=metric, top_k=options.top_k, epochs=options.epochs)
+    k = int(search.get("folds") or 1)
+    if k > 1 and options.refit_on_val:
+        raise UserError(f"--refit-on-val does not apply to this cross-validated search: its members are the "
+                        f"{k} fold models of each configuration, which together saw all of train+val")
+    folds = data.cv_folds(k, search["seed"]) if k > 1 else None
+    selection = np.sort(np.concatenate([held_out for _, held_out in folds])) if folds else data.indices("val")
+    where = f"out-of-fold predictions of train+val ({k} folds)" if folds else "validation"
     cpus = options.cpus_per_model or search.get("cpus_per_trial") or 1
     gpus = options.gpus_per_model if options.gpus_per_model is not None else (search.get("gpus_per_trial") or 0)
     with connected(options.address):
         check_fits(cpus, gpus, task="retrain a model", flags="--cpus-per-model / --gpus-per-model",
                    cluster=bool(options.address))
-        print(f"finalize: retraining {len(members)} configuration(s) x {options.seeds} seed(s) "
-              f"({'train+val' if options.refit_on_val else 'train'}, {options.epochs} epochs), "
-              f"{cpus:g} CPU / {gpus:g} GPU each", flush=True)
-        runs = retrain_all(members, data, seeds=options.seeds, refit_on_val=options.refit_on_val, cpus=cpus, gpus=gpus)
+        print(f"finalize: retraining {len(members)} configuration(s) x {options.seeds} seed(s)"
+              f"{f' x {k} folds of train+val' if folds else ' on train+val' if options.refit_on_val else ' on train'}"
+              f" ({options.epochs} epochs), {cpus:g} CPU / {gpus:g} GPU each", flush=True)
+        runs = retrain_all(members, data, seeds=options.seeds, folds=folds, refit_on_val=options.refit_on_val,
+                           cpus=cpus, gpus=gpus)
     for member, member_runs in zip(members, runs):
         member["runs"] = member_runs
-    models = score_models(members, data, positive=positive, metric=metric, resamples=options.bootstrap)
-    chosen, choice, margin = choose(models, data.arrays("val")[1], metric, resamples=options.bootstrap)
+    models = score_models(members, data, selection=selection, positive=positive, metric=metric,
+                          resamples=options.bootstrap)
+    chosen, choice, margin = choose(models, data, selection, metric, resamples=options.bootstrap, where=where)
     summary = {"experiment": folder.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "finalize_options": asdict(options), "search": {k: record.get(k) for k in ("space", "profile", "options")},
                "data": data.summary(), "versions": versions(), "positive_class": data.class_names[positive],
+               "selection": {"mode": "cross-validation" if folds else "validation split", "folds": k,
+                             "images": int(len(selection)), "where": where},
                "chosen": chosen, "choice": choice, "choice_margin": margin,
                "models": {n: {k: v for k, v in m.items() if not k.endswith("_probs")} for n, m in models.items()}}
-    return write_final(folder, summary=summary, models=models, members=members, board=board, data=data)
+    return write_final(folder, summary=summary, models=models, members=members, board=board, data=data,
+                       selection=selection)
 
 
 def read_leaderboard(folder: Path, metric: str) -> pd.DataFrame:
@@ -101,7 +114,7 @@ def _search_data(record: dict, moved_to: str | None) -> Dataset:
 
 
 def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict], board: pd.DataFrame,
-                data: Dataset) -> Path:
+                data: Dataset, selection: np.ndarray) -> Path:
     """`folder/final/`, built in a temporary folder and renamed into place; an older `final/` is
     kept as `final-<date>-<time>/`."""
     final, tmp = folder / "final", folder / f".final.tmp-{os.getpid()}"
@@ -111,8 +124,8 @@ def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict
     positive = names.index(summary["positive_class"])
     metric = summary["search"]["options"]["metric"]
     write_json(tmp / "metrics.json", summary)
-    for split in ("val", "test"):
-        _predictions(data, split, models[chosen]).to_csv(tmp / f"{split}_predictions.csv", index=False)
+    for split, idx in (("val", selection), ("test", data.indices("test"))):
+        _predictions(data, split, idx, models[chosen]).to_csv(tmp / f"{split}_predictions.csv", index=False)
     _save_models(tmp, folder, summary, models, members, data)
     test_y = data.arrays("test")[1]
     plot_roc(models, chosen, test_y, names, positive, tmp / "roc.png")
@@ -140,7 +153,7 @@ def _save_models(tmp: Path, folder: Path, summary: dict, models: dict, members: 
     def saved(name, weight):
         member = by_name[name]
         return {"name": name, "trial_id": member["trial_id"], "config": member["config"], "weight": float(weight),
-                "states": [r["state"] for r in member["runs"]]}
+                "states": [state for r in member["runs"] for state in r["states"]]}
 
     for name in by_name:
         save_model(tmp / "members" / name, {**record, "kind": "single", "name": name,
@@ -152,12 +165,12 @@ def _save_models(tmp: Path, folder: Path, summary: dict, models: dict, members: 
                [saved(n, w) for n, w in weights.items() if w > 0])
 
 
-def _predictions(data: Dataset, split: str, model: dict) -> pd.DataFrame:
-    names, labels = data.class_names, data.arrays(split)[1]
+def _predictions(data: Dataset, split: str, idx: np.ndarray, model: dict) -> pd.DataFrame:
+    names, labels = data.class_names, data.labels[idx]
     probs = model[f"{split}_probs"]
     table = pd.DataFrame({"index": np.arange(len(labels))})
     if data.paths is not None:
-        table["path"] = [data.paths[i] for i in data.indices(split)]
+        table["path"] = [data.paths[i] for i in idx]
     table["label"] = [names[k] for k in labels]
     for c, name in enumerate(names):
         table[f"p_{name}"] = probs[:, c]

@@ -14,18 +14,21 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from search.evaluate import METRIC_MODES
+from trainables.metrics import METRIC_MODES
 from search.records import write_atomic
 from trainables.config import DEFAULT_CONFIG
 
 VAL_METRICS = tuple(METRIC_MODES)
+KEPT = (*VAL_METRICS, *(f"{m}_std" for m in VAL_METRICS))  # of a trial's best epoch; _std: over folds
 
 
 def leaderboard(trials, best: dict[str, dict], *, metric: str, mode: str, stopped: set[str],
                 ended: dict[str, float]) -> pd.DataFrame:
     """One row per trial, best first: id, status, the metric and the other validation metrics at
-    the trial's best epoch, epochs run, whether ASHA stopped it, wall seconds, when it ended
-    (seconds after the search started), model size, every config key, and a failed trial's error."""
+    the trial's best epoch (with their spread over folds when the search cross-validates), epochs
+    run, whether ASHA stopped it, wall seconds, when it ended (seconds after the search started),
+    model size, every config key, and a failed trial's error."""
+    spread = [k for k in KEPT[len(VAL_METRICS):] if any(k in b for b in best.values())]
     rows = []
     for trial in trials:
         top = best.get(trial.trial_id, {})
@@ -35,7 +38,7 @@ def leaderboard(trials, best: dict[str, dict], *, metric: str, mode: str, stoppe
             status = "INTERRUPTED"  # stopped by Ctrl-C or the time budget, not finished: --resume reruns it
         row = {"trial_id": trial.trial_id, "status": status}
         row[metric] = top.get(metric)
-        row.update({m: top.get(m) for m in VAL_METRICS if m != metric})
+        row.update({m: top.get(m) for m in (*VAL_METRICS, *spread) if m != metric})
         row.update(best_epoch=top.get("training_iteration"), epochs=last.get("training_iteration", 0),
                    stopped_early=trial.trial_id in stopped, wall_seconds=round(last.get("time_total_s", 0.0), 1),
                    ended_s=round(ended[trial.trial_id], 1) if trial.trial_id in ended else None,
@@ -103,8 +106,7 @@ class LeaderboardCallback(tune.Callback):
         for row in old.to_dict("records"):
             tid = row["trial_id"]
             if tid not in self.best and pd.notna(row.get(self.metric)):
-                self.best[tid] = {**{m: row.get(m) for m in VAL_METRICS},
-                                  "training_iteration": row.get("best_epoch")}
+                self.best[tid] = {**{m: row[m] for m in KEPT if m in row}, "training_iteration": row.get("best_epoch")}
             if tid not in self.ended and pd.notna(row.get("ended_s")):
                 self.ended[tid] = row["ended_s"]
             if bool(row.get("stopped_early")):
@@ -119,7 +121,7 @@ class LeaderboardCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         kept = self.best.get(trial.trial_id)
         if kept is None or self.better(result.get(self.metric), kept.get(self.metric)):
-            self.best[trial.trial_id] = {k: result.get(k) for k in (*VAL_METRICS, "training_iteration")}
+            self.best[trial.trial_id] = {k: result[k] for k in (*KEPT, "training_iteration") if k in result}
         if time.time() - self.last_print > self.print_every:
             self.report(trials)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import timm
 
 from search.data import DATA_ENV
-from search.evaluate import METRIC_MODES
 from search.samplers import SAMPLERS
 from spaces import UnknownSpace, get_space, list_spaces
 from trainables import UserError
 from trainables.images import check_image_size
+from trainables.metrics import METRIC_MODES
 
 PROFILES = {
     # a laptop-class CPU: few epochs, two trials at a time on two cores; images at 32 px when they
@@ -31,6 +31,10 @@ PROFILES = {
     "gpu": dict(image_size=224, max_epochs=30, grace_period=3, num_samples=64, batch_size=64,
                 cpus_per_trial=4, gpus_per_trial=1, time_budget=None),
 }
+# --folds auto: cross-validate when train+val is small. Below about 2,000 images one validation split
+# of ~10% holds a few dozen to a few hundred images, too few to tell the top configurations apart
+# (BENCHMARKS.md, issue 15); above it, K-fold would cost K times the compute for little gain.
+AUTO_FOLDS, AUTO_FOLDS_BELOW = 5, 2000
 
 
 def option(default, help: str, **check):
@@ -95,8 +99,11 @@ class SearchOptions(SharedOptions):
     batch_size: int | None = option(None, "training batch size", type=int, above=0)
     group_column: str | None = option(None, "manifest column of patient ids (detected by name when obvious)")
     skip_corrupt: bool = option(False, "leave unreadable images out, with a warning")
-    dedupe: bool = option(False, "drop train/val copies of files that also appear in a later split (the "
-                                 "audit names them)")
+    dedupe: bool = option(True, "keep a file that appears in two splits in both (by default only the copy in the "
+                                "later split stays: train, then val, then test; the audit names them)")
+    folds: int | str = option("auto", f"cross-validate every trial over K folds of train+val (1: one validation "
+                                      f"split); auto: {AUTO_FOLDS} when train+val holds fewer than "
+                                      f"{AUTO_FOLDS_BELOW:,} images, else 1", type=int_or_auto)
     subset: int | None = option(None, "at most this many images per split (smoke runs)", type=int, above=0)
     max_retries: int = option(2, "retries of a trial whose worker fails", type=int, at_least=0)
     finalize: bool = option(True, "stop after the search: no retraining, ensemble or report (python -m "
@@ -121,6 +128,13 @@ class FinalizeOptions(SharedOptions):
 # a resumed search runs with the options it started with: only where it runs and what happens after it
 # may change
 CHANGEABLE_ON_RESUME = ("storage", "finalize", *(f.name for f in fields(SharedOptions)))
+
+
+def resolve_folds(folds: int | str, pool: int) -> int:
+    """The number of folds `--folds` means for a train+val pool of `pool` images."""
+    if folds != "auto":
+        return int(folds)
+    return AUTO_FOLDS if pool < AUTO_FOLDS_BELOW else 1
 
 
 def with_profile(options: SearchOptions, profile: str) -> SearchOptions:
@@ -165,6 +179,8 @@ def check_search(o: SearchOptions) -> None:
         raise UserError(str(exc)) from None
     if o.image_size is not None:
         check_image_size(o.image_size)
+    if o.folds != "auto" and (isinstance(o.folds, bool) or not isinstance(o.folds, int) or o.folds < 1):
+        raise UserError(f"--folds must be 'auto' or a whole number, 1 (no cross-validation) or more; got {o.folds!r}")
     if o.gpus_per_trial and o.gpus_per_trial > 1 and o.gpus_per_trial != int(o.gpus_per_trial):
         raise UserError(f"--gpus-per-trial above 1 must be a whole number, got {o.gpus_per_trial}")
     if o.grace_period and o.max_epochs and o.grace_period > o.max_epochs:

@@ -23,7 +23,7 @@ def render_report(folder: Path, summary: dict, models: dict, board: pd.DataFrame
     sections = [_headline(folder, summary, models), _models_table(summary, models, metric), _siblings(siblings),
                 ["![ROC curves](roc.png)"], _per_class(summary["chosen"], models[summary["chosen"]]["test"]),
                 _confusion(models[summary["chosen"]]["test"]), _members(models, metric),
-                _search(summary, board, metric), _data(summary["data"]), _method(summary["finalize_options"]),
+                _search(summary, board, metric), _data(summary["data"]), _method(summary),
                 _use(folder, summary["versions"])]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -35,22 +35,25 @@ def _headline(folder: Path, summary: dict, models: dict) -> list[str]:
     return [f"# Final report: {folder.name}", "",
             f"**Final model: {chosen}.** On the held-out test split ({n_test} images, never seen by the search "
             f"or by any choice made here) it reaches **AUC {c['auc']:.3f}** (95% CI {_ci(c['ci']['auc'])}), "
-            f"**accuracy {c['accuracy']:.3f}**, and for **{pos}** at the threshold chosen on validation "
-            f"({c['threshold']:.3f} on p({pos}), Youden's J): **sensitivity {fmt(c['sensitivity'])}** "
-            f"({_ci(c['ci']['sensitivity'])}), **specificity {fmt(c['specificity'])}** "
-            f"({_ci(c['ci']['specificity'])}), PPV {fmt(c['ppv'])}, NPV {fmt(c['npv'])}.", "",
+            f"**accuracy {c['accuracy']:.3f}**, and for **{pos}** at the threshold chosen on the "
+            f"{_where(summary)} ({c['threshold']:.3f} on p({pos}), Youden's J): **sensitivity "
+            f"{fmt(c['sensitivity'])}** ({_ci(c['ci']['sensitivity'])}), **specificity {fmt(c['specificity'])}** "
+            f"({_ci(c['ci']['specificity'])}), PPV {fmt(c['ppv'])} ({_ci(c['ci']['ppv'])}), NPV {fmt(c['npv'])} "
+            f"({_ci(c['ci']['npv'])}).", "",
             f"Why this model: {summary['choice']}."]
 
 
 def _models_table(summary: dict, models: dict, metric: str) -> list[str]:
-    opts = summary["finalize_options"]
+    opts, k = summary["finalize_options"], summary["selection"]["folds"]
     members = sum(m["kind"] == "member" for m in models.values())
+    trained = (f"as {k} fold models, each on {k - 1} folds of train+val (a member averages them)" if k > 1
+               else "on train+val" if opts["refit_on_val"] else "on train")
     lines = ["## Models on the test split", "",
-             f"Members are the {members} best distinct configurations of the search, each retrained "
-             f"({opts['seeds']} seed(s), {'on train+val' if opts['refit_on_val'] else 'on train'}); `ensemble-mean` "
-             f"averages their probabilities, `ensemble-fitted` weights them by greedy ensemble selection on "
-             f"validation. Each model's threshold is its own, chosen on validation.", "",
-             f"| model | val {metric[4:]} | test AUC (95% CI) | accuracy | sensitivity (95% CI) | "
+             f"Members are the {members} best distinct configurations of the search, each retrained {trained}, "
+             f"{opts['seeds']} seed(s); `ensemble-mean` averages their probabilities, `ensemble-fitted` weights "
+             f"them by greedy ensemble selection on the {_where(summary)}. Each model's threshold is its own, "
+             f"chosen there.", "",
+             f"| model | {'OOF' if k > 1 else 'val'} {metric[4:]} | test AUC (95% CI) | accuracy | sensitivity (95% CI) | "
              f"specificity (95% CI) | PPV | NPV | threshold |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in models.items():
@@ -133,19 +136,28 @@ def _data(data: dict) -> list[str]:
     return lines
 
 
-def _method(opts: dict) -> list[str]:
+def _method(summary: dict) -> list[str]:
+    where, resamples = _where(summary), summary["finalize_options"]["bootstrap"]
+    patients = "groups_per_split" in summary["data"]
+    unit = "patients (each with all its images)" if patients else "images"
     return ["## Method", "",
-            "- The test split took no part in the search, the retraining, the choice of threshold, ensemble "
-            "weights or final model: all of those used the validation split.",
-            "- Threshold: the point of the validation ROC curve of the positive class (against all others) that "
-            "maximises Youden's J = sensitivity + specificity - 1; an image is called positive when its "
+            f"- Selection: {summary['selection']['mode']}. The test split took no part in the search, the "
+            f"retraining, the choice of threshold, ensemble weights or final model: all of those used the {where} "
+            f"({summary['selection']['images']} images).",
+            f"- Threshold: the point of the ROC curve of the positive class (against all others) on the {where} "
+            "that maximises Youden's J = sensitivity + specificity - 1; an image is called positive when its "
             "probability reaches it, otherwise it gets the most probable other class.",
-            f"- 95% intervals: percentile intervals over {opts['bootstrap']} bootstrap resamples of the test "
-            "images, stratified by class.",
-            "- Ensemble weights: greedy ensemble selection with replacement (Caruana et al., 2004) on validation; "
-            "the ensemble is final only when it beats the best single member on validation (search metric, then "
-            "log loss). The margin's interval comes from the same stratified bootstrap, over validation images, "
-            "both models scored on each resample."]
+            f"- 95% intervals: AUC, the percentile interval over {resamples} bootstrap resamples of the test "
+            f"{unit}, stratified by class; sensitivity, specificity, PPV and NPV, Wilson score intervals"
+            + (", counting patients rather than images" if patients else "") + ".",
+            f"- Ensemble weights: greedy ensemble selection with replacement (Caruana et al., 2004) on the {where}; "
+            "the ensemble is final only when it beats the best single member there (search metric, then log "
+            f"loss). The margin's interval comes from the same stratified bootstrap, over the {where}, both "
+            "models scored on each resample."]
+
+
+def _where(summary: dict) -> str:
+    return summary["selection"]["where"]
 
 
 def _use(folder: Path, versions: dict) -> list[str]:

@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import ray
 import torch
@@ -51,54 +52,75 @@ def select_members(folder: Path, board: pd.DataFrame, *, metric: str, top_k: int
     return members
 
 
-def retrain(config: dict, data: Dataset, *, epochs: int, refit_on_val: bool) -> dict:
-    """One final network: trained on train to `epochs` (validation predictions come from it); with
-    `refit_on_val` a second one on train+val, whose weights and test predictions are kept."""
+def retrain(config: dict, data: Dataset, *, epochs: int, train: np.ndarray | None = None,
+            val: np.ndarray | None = None, refit_on_val: bool = False) -> dict:
+    """One final network: trained on `train` (default the train split) to `epochs`, its predictions
+    on `val` (default the val split) and on test; with `refit_on_val` a second network on train+val,
+    whose weights and test predictions are kept."""
     started = time.time()
-    run = Training(config, data)
+    run = Training(config, data, train=train, val=val)
     history = list(run.epochs(until=epochs))
-    val = run.predict(data.arrays("val")[0])
+    val_probs = run.predict(run.val_x)
     if refit_on_val:
-        run = Training(config, data, train_splits=("train", "val"))
+        run = Training(config, data, train=np.concatenate([data.indices("train"), data.indices("val")]))
         for _ in run.epochs(until=epochs):
             pass
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
              for k, v in run.model.state_dict().items()}
-    return {"history": history, "val": val, "test": run.predict(data.arrays("test")[0]), "state": state,
+    return {"history": history, "val": val_probs, "test": run.predict(data.arrays("test")[0]), "states": [state],
             "seed": run.config["seed"], "seconds": time.time() - started}
 
 
-def retrain_all(members: list[dict], data: Dataset, *, seeds: int, refit_on_val: bool, cpus: float,
-                gpus: float) -> list[list[dict]]:
-    """Every member x seed as a Ray task (the data put in the object store once), progress printed;
-    per member, its runs in seed order.
+def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list | None, refit_on_val: bool,
+                cpus: float, gpus: float) -> list[list[dict]]:
+    """Every member x seed (x fold, with `folds`: the (train, held-out) index pairs of a
+    cross-validated search) as a Ray task, the data put in the object store once, progress printed.
+    Returns per member its runs in seed order; with folds a run holds the fold networks, the
+    out-of-fold predictions over train+val (in index order) and the fold mean on test.
 
     Raises:
         UserError: a retraining failed (its last error line).
     """
     task = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
     data_ref = ray.put(data)
+    parts = folds or [(None, None)]
     pending = {}
     for m, member in enumerate(members):
         for s in range(seeds):
             config = {**member["config"], "seed": int(member["config"].get("seed", 0)) + s}
-            ref = task.remote(config, data_ref, epochs=member["epochs"], refit_on_val=refit_on_val)
-            pending[ref] = (m, s)
-    results = [[None] * seeds for _ in members]
+            for f, (train, held_out) in enumerate(parts):
+                ref = task.remote(config, data_ref, epochs=member["epochs"], train=train, val=held_out,
+                                  refit_on_val=refit_on_val)
+                pending[ref] = (m, s, f)
+    outs = [[[None] * len(parts) for _ in range(seeds)] for _ in members]
     started, total = time.time(), len(pending)
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
-        m, s = pending.pop(ref)
+        m, s, f = pending.pop(ref)
         try:
-            results[m][s] = out = ray.get(ref)
+            outs[m][s][f] = out = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
             raise UserError(f"retraining {members[m]['name']} (seed {s}) failed: "
                             f"{str(exc.cause if hasattr(exc, 'cause') else exc).splitlines()[-1][:300]}") from None
         done, elapsed = total - len(pending), time.time() - started
         last = out["history"][-1] if out["history"] else {}
-        line = (f"[{clock(elapsed)}] retrained {done}/{total}: {members[m]['name']} seed {out['seed']} in "
-                f"{clock(out['seconds'])}, val_auc {last.get('val_auc', float('nan')):.4f}")
+        line = (f"[{clock(elapsed)}] retrained {done}/{total}: {members[m]['name']} seed {out['seed']}"
+                f"{f' fold {f + 1}/{len(parts)}' if folds else ''} in {clock(out['seconds'])}, "
+                f"val_auc {last.get('val_auc', float('nan')):.4f}")
         if pending:
             line += f" | ETA ~{clock(elapsed / done * len(pending))}"
         print(line, flush=True)
-    return results
+    return [[_join_folds(fold_outs, folds) for fold_outs in member_outs] for member_outs in outs]
+
+
+def _join_folds(outs: list[dict], folds: list | None) -> dict:
+    """One run from its fold networks: out-of-fold predictions in index order, the mean on test."""
+    if not folds:
+        return outs[0]
+    pool = np.sort(np.concatenate([held_out for _, held_out in folds]))
+    oof = np.empty((len(pool), outs[0]["val"].shape[1]), np.float32)
+    for (_, held_out), out in zip(folds, outs):
+        oof[np.searchsorted(pool, held_out)] = out["val"]
+    return {"history": outs[0]["history"], "val": oof, "test": np.mean([o["test"] for o in outs], 0),
+            "states": [state for o in outs for state in o["states"]], "seed": outs[0]["seed"],
+            "seconds": sum(o["seconds"] for o in outs)}

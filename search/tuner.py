@@ -1,16 +1,24 @@
 """The search engine: Optuna sampler -> ConcurrencyLimiter, ASHA, and a Ray Tune Tuner around them.
 
-What the sampler learns from a trial ASHA stopped early is a deliberate choice: Ray's
-`OptunaSearch` would tell Optuna such a trial as COMPLETE with its last epoch's score, ranking a
-one-epoch score against full runs. Here it is told as PRUNED, with its per-epoch scores as
-intermediate values, which is what Optuna's own pruners do: TPE then ranks every finished trial
-above every stopped one, and stopped trials by how far they got, then by their score.
+What the sampler hears is a deliberate choice. Ray passes no result to the searcher on the epoch at
+which the scheduler stops a trial (`TuneController._process_trial_result` updates the search
+algorithm only when the decision is not STOP); that last result arrives with `on_trial_complete`.
+`StudySearch` reports it there, so every epoch of every trial reaches Optuna. A trial stopped
+before `max_epochs` is told as PRUNED (its per-epoch scores as intermediate values, which is what
+Optuna's own pruners do: TPE ranks every finished trial above every stopped one, and stopped ones
+by how far they got, then by their score); a finished trial is told COMPLETE with its best epoch's
+value, the value the leaderboard ranks it by.
 """
 from __future__ import annotations
 
 import functools
+import math
+import os
+from pathlib import Path
 
 import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
@@ -18,24 +26,67 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.samplers import SAMPLERS
 
+STUDY_FILE, STUDY_NAME = "optuna.journal", "search"
 
-class AshaAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that reports trials stopped before `max_epochs` to Optuna as PRUNED."""
 
-    def __init__(self, *args, max_epochs: int, **kwargs):
+class StudySearch(OptunaSearch):
+    """OptunaSearch that tells Optuna every epoch of every trial (see the module docstring), marks
+    each Optuna trial with its Ray trial id (user attribute `ray_trial_id`), and keeps a copy of
+    the study in `folder/optuna.journal`, rewritten whenever a trial ends."""
+
+    def __init__(self, *args, max_epochs: int, folder: Path, **kwargs):
         super().__init__(*args, **kwargs)
-        self.max_epochs = max_epochs
+        self.max_epochs, self.folder = max_epochs, Path(folder)
+        self.reported: dict[str, dict[int, float]] = {}  # Ray trial id -> {epoch: metric}
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if (error or not result or result.get("training_iteration", 0) >= self.max_epochs
-                or trial_id in self._completed_trials):
-            return super().on_trial_complete(trial_id, result, error)
-        self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._completed_trials:
+            self._report(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or not result or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result, error)
+        else:
+            self._report(trial_id, result)
+            values = [v for v in self.reported[trial_id].values() if not math.isnan(v)]
+            if result.get("training_iteration", 0) >= self.max_epochs and values:
+                best = max(values) if self._mode == "max" else min(values)
+                self._ot_study.tell(self._ot_trials[trial_id], best, state=optuna.trial.TrialState.COMPLETE)
+            else:
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+        self.write_study()
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        step, value = int(result.get("training_iteration", 0)), result.get(self._metric)
+        seen = self.reported.setdefault(trial_id, {})
+        if value is not None and step not in seen:
+            seen[step] = float(value)
+            self._ot_trials[trial_id].report(float(value), step)
 
     @property
     def study(self) -> optuna.Study:
         return self._ot_study
+
+    def write_study(self) -> None:
+        """The study as the sampler holds it, copied to `folder/optuna.journal` (atomically)."""
+        tmp = self.folder / f".{STUDY_FILE}.tmp"
+        tmp.unlink(missing_ok=True)
+        copy = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(tmp))), study_name=STUDY_NAME,
+                                   direction=self._ot_study.direction)
+        copy.add_trials(self._ot_study.get_trials(deepcopy=False))
+        os.replace(tmp, self.folder / STUDY_FILE)
+
+
+def load_study(folder: Path) -> optuna.Study:
+    """The study a search kept in `folder` (as `optuna.load_study` opens it)."""
+    return optuna.load_study(study_name=STUDY_NAME, storage=JournalStorage(JournalFileBackend(str(folder / STUDY_FILE))))
 
 
 class RecordingASHA(ASHAScheduler):
@@ -53,11 +104,11 @@ class RecordingASHA(ASHAScheduler):
 
 
 def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, max_epochs: int,
-                  max_concurrent: int, points: list[dict]) -> ConcurrencyLimiter:
+                  max_concurrent: int, points: list[dict], folder: Path) -> ConcurrencyLimiter:
     """The Optuna searcher (`sampler`: a name in SAMPLERS) over a define-by-run `space_fn`, behind a
     concurrency limit."""
-    searcher = AshaAwareOptunaSearch(space=space_fn, metric=metric, mode=mode, sampler=SAMPLERS[sampler](seed),
-                                     points_to_evaluate=points or None, max_epochs=max_epochs)
+    searcher = StudySearch(space=space_fn, metric=metric, mode=mode, sampler=SAMPLERS[sampler](seed),
+                           points_to_evaluate=points or None, max_epochs=max_epochs, folder=folder)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 

@@ -14,7 +14,8 @@ class Space:
 
     `backbones`: the backbones it may draw (its `backbones` option); `cpu_backbones`: the cheaper
     default on a CPU-only machine; `points`: configs to evaluate first (the fixed recipes);
-    `fixed`: True when the space is exactly its points (run each once).
+    `fixed`: True when the space is exactly its points (run each once); `first_trial`: the values
+    each backbone is tried with before the sampler takes over, `first_trial(backbone, pretrained=...)`.
     """
 
     name: str
@@ -23,12 +24,20 @@ class Space:
     cpu_backbones: tuple[str, ...] | None = None
     points: tuple[dict, ...] = ()
     fixed: bool = False
+    first_trial: Callable[..., dict] | None = None
     description: str = ""
 
     def sample(self, trial, **options) -> dict:
         """Run the define-by-run function on `trial`; return the config (drawn and constant keys)."""
         constants = self.define(trial, **options) or {}
         return {**trial.params, **constants}
+
+    def first_trials(self, backbones, *, pretrained: bool) -> list[dict]:
+        """The trials to enqueue before the sampler draws: the fixed points, or one trial per
+        backbone at the space's first-trial values (so that no backbone is missed by chance)."""
+        if self.points or self.first_trial is None:
+            return list(self.points)
+        return [{"backbone": b, **self.first_trial(b, pretrained=pretrained)} for b in backbones]
 
 
 class UnknownSpace(LookupError):
@@ -38,12 +47,12 @@ class UnknownSpace(LookupError):
 _SPACES: dict[str, Space] = {}
 
 
-def register_space(name: str, *, backbones, cpu_backbones=None, points=(), fixed: bool = False):
+def register_space(name: str, *, backbones, cpu_backbones=None, points=(), fixed: bool = False, first_trial=None):
     """Decorator registering a define-by-run function `fn(trial, *, backbones, stages, pretrained)`."""
     def wrap(fn):
         _SPACES[name] = Space(name=name, define=fn, backbones=tuple(backbones),
                               cpu_backbones=tuple(cpu_backbones) if cpu_backbones else None,
-                              points=tuple(points), fixed=fixed,
+                              points=tuple(points), fixed=fixed, first_trial=first_trial,
                               description=(fn.__doc__ or "").strip().splitlines()[0])
         return fn
     return wrap

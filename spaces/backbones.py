@@ -10,7 +10,18 @@ CPU_BACKBONES = ("mobilenetv2_100", "mobilenetv3_small_100", "mobilenetv3_large_
 SCRATCH = {"small_cnn"}  # no ImageNet weights exist: always trained from scratch, never frozen
 
 
-@register_space("backbones", backbones=BACKBONES, cpu_backbones=CPU_BACKBONES)
+def first_trial(backbone: str, *, pretrained: bool) -> dict:
+    """A plain, sensible recipe each backbone is tried with first: AdamW with cosine decay, light
+    augmentation, a linear head; fine-tuned end to end at 1e-4 (head 10x) on ImageNet weights,
+    1e-3 from scratch."""
+    plain = {"dropout": 0.2, "class_weights": "none", "optimizer": "adamw", "weight_decay": 1e-4,
+             "schedule": "cosine", "augment": "light", "head": "linear"}
+    if pretrained and backbone not in SCRATCH:
+        return {**plain, "lr": 1e-4, "head_lr_ratio": 10.0, "freeze_depth": 0}
+    return {**plain, "lr": 1e-3}
+
+
+@register_space("backbones", backbones=BACKBONES, cpu_backbones=CPU_BACKBONES, first_trial=first_trial)
 def backbones(trial, *, backbones, stages, pretrained):
     """Backbone, learning rates, dropout, freezing depth, class weights, optimizer, schedule, augmentation, head."""
     backbone = trial.suggest_categorical("backbone", list(backbones))

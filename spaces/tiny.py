@@ -4,7 +4,12 @@ from spaces._registry import register_space
 BACKBONES = ("small_cnn", "resnet10t", "mobilenetv3_small_050")
 
 
-@register_space("tiny", backbones=BACKBONES)
+def first_trial(backbone: str, *, pretrained: bool) -> dict:
+    """Each backbone first with Adam at 1e-3, light augmentation, a little dropout."""
+    return {"lr": 1e-3, "dropout": 0.1, "optimizer": "adam", "augment": "light"}
+
+
+@register_space("tiny", backbones=BACKBONES, first_trial=first_trial)
 def tiny(trial, *, backbones, stages, pretrained):
     """Three small backbones trained from scratch; learning rate, dropout, optimizer, augmentation."""
     trial.suggest_categorical("backbone", list(backbones))

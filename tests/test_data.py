@@ -187,3 +187,53 @@ def test_subset_caps_each_split_stratified(pneumonia_npz):
     data = load_dataset(pneumonia_npz, image_size=16, subset=100)
     assert {s: sum(c.values()) for s, c in data.counts().items()} == {"train": 100, "val": 100, "test": 100}
     assert data.counts()["train"] == {"normal": 50, "pneumonia": 50}
+
+
+def _splits_of(data) -> dict:
+    out = {}
+    for group, split in zip(data.groups, data.split):
+        out.setdefault(group, set()).add(int(split))
+    return out
+
+
+@pytest.mark.parametrize("source", [("covid19-xray-3class",), ("covid-ct-ucsd", "patients.csv")])
+def test_cv_folds_partition_train_and_val_stratified_and_keep_test_out(source):
+    data = load_dataset(shared(*source), image_size=16, seed=1)
+    grouped = data.groups is not None
+    folds = data.cv_folds(5, seed=7)
+    pool = np.sort(np.concatenate([data.indices("train"), data.indices("val")]))
+    held = np.concatenate([h for _, h in folds])
+    assert len(folds) == 5 and np.array_equal(np.sort(held), pool)  # every train+val image held out once
+    assert not set(held) & set(data.indices("test"))
+    for train, held_out in folds:
+        assert not set(train) & set(held_out) and len(train) + len(held_out) == len(pool)
+        shares = np.bincount(data.labels[held_out], minlength=data.num_classes) / len(held_out)
+        assert np.abs(shares - np.bincount(data.labels[pool]) / len(pool)).max() < 0.12  # stratified
+    if grouped:  # no patient on both sides of a fold
+        for train, held_out in folds:
+            assert not set(data.groups[train]) & set(data.groups[held_out])
+    again = data.cv_folds(5, seed=7)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+
+
+def test_cv_folds_too_many_for_the_patients_is_a_clear_error(tmp_path):
+    root = _folder(tmp_path, {"train/a": 20, "train/b": 3, "val/a": 2, "val/b": 1, "test/a": 2, "test/b": 1})
+    data = load_dataset(root, image_size=8, seed=0)
+    with pytest.raises(UserError, match=r"--folds 8: a class of train\+val has only 4 images, too few for 8 folds"):
+        data.cv_folds(8, seed=0)
+
+
+def test_per_patient_sub_folders_are_groups_and_never_cross_splits(tmp_path):
+    for label in ("covid", "normal"):
+        for patient in range(10):
+            _folder(tmp_path, {f"{label}/{label}-patient {patient}": 4})
+    data = load_dataset(tmp_path, image_size=8, seed=0)
+    assert "grouped" in data.split_kind and "per-patient sub-folders" in data.source
+    assert len(set(data.groups)) == 20 and all(len(s) == 1 for s in _splits_of(data).values())
+
+
+def test_a_patient_in_two_given_splits_is_refused_by_name(tmp_path):
+    _folder(tmp_path, {"train/a/p1": 3, "train/b/p2": 3, "train/a/p3": 3, "train/b/p4": 3, "test/a/p1": 2,
+                       "test/b/p5": 2})
+    with pytest.raises(UserError, match=r"1 patient\(s\) have images in more than one given split.*p1 \(train, test\)"):
+        load_dataset(tmp_path, image_size=8)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from search.evaluate import (bootstrap_ci, decide, evaluate, paired_difference, positive_class, rates,
-                             youden_threshold)
 from search.ensemble import ensemble_weights
+from search.evaluate import (confidence_intervals, decide, evaluate, paired_difference, positive_class, rates,
+                             stratified_resamples, wilson, youden_threshold)
 from trainables import UserError
 
 
@@ -45,13 +45,42 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_more_images()
         return y, np.stack([1 - p1, p1], 1)
 
     small, large = sample(100), sample(2000)
-    ci_small = bootstrap_ci(*small, positive=1, threshold=0.5, resamples=300)
-    ci_large = bootstrap_ci(*large, positive=1, threshold=0.5, resamples=300)
+    ci_small = confidence_intervals(*small, positive=1, threshold=0.5, resamples=300)
+    ci_large = confidence_intervals(*large, positive=1, threshold=0.5, resamples=300)
     report = evaluate(*large, ["a", "b"], positive=1, threshold=0.5, resamples=300)
-    assert ci_large["auc"][0] < report["auc"] < ci_large["auc"][1]
-    assert ci_large["sensitivity"][0] < report["sensitivity"] < ci_large["sensitivity"][1]
+    for key in ("auc", "sensitivity", "specificity", "ppv", "npv"):
+        assert ci_large[key][0] < report[key] < ci_large[key][1], key
+        assert np.diff(ci_large[key]) < np.diff(ci_small[key]), key
+
+
+def test_wilson_interval_matches_its_formula_and_never_collapses_at_the_edges():
+    from scipy.stats import binomtest
+    assert wilson(17, 20) == pytest.approx(list(binomtest(17, 20).proportion_ci(method="wilson")), abs=1e-6)
+    lo, hi = wilson(20, 20)  # a perfect score on 20 cases is not certainty
+    assert hi == 1.0 and 0.8 < lo < 0.85
+    assert wilson(0, 0) is None
+    assert np.diff(wilson(20, 20, units=5)) > np.diff(wilson(20, 20))  # 20 images of 5 patients: wider
+
+
+def test_bootstrap_by_patient_draws_whole_patients():
+    labels = np.repeat([0, 1, 0, 1, 0, 1], 4)
+    groups = np.repeat(["p1", "p2", "p3", "p4", "p5", "p6"], 4)
+    for idx in stratified_resamples(labels, 2, 20, seed=3, groups=groups):
+        drawn = groups[idx]
+        assert all((drawn == g).sum() % 4 == 0 for g in set(drawn))  # every patient with all 4 images
+        assert set(labels[idx]) == {0, 1}  # stratified by the patients' class
+
+
+def test_intervals_over_patients_are_wider_than_over_images():
+    rng = np.random.default_rng(4)
+    patients = np.repeat(np.arange(40), 10)  # 10 near-identical slices per patient
+    y = np.repeat(rng.integers(0, 2, 40), 10)
+    p1 = np.clip(np.repeat(rng.normal(0.4 + 0.2 * y[::10], 0.2), 10) + rng.normal(0, 0.01, 400), 0, 1)
+    probs = np.stack([1 - p1, p1], 1)
+    by_image = confidence_intervals(y, probs, positive=1, threshold=0.5, resamples=300)
+    by_patient = confidence_intervals(y, probs, positive=1, threshold=0.5, resamples=300, groups=patients)
     for key in ("auc", "sensitivity", "specificity"):
-        assert np.diff(ci_large[key]) < np.diff(ci_small[key])
+        assert np.diff(by_patient[key]) > 1.5 * np.diff(by_image[key]), key
 
 
 def test_paired_difference_separates_a_real_margin_from_noise():

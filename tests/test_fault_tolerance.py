@@ -16,7 +16,8 @@ from conftest import ROOT
 from search.experiment import run_search
 from search.options import SearchOptions
 
-SEARCH = ["--space", "tiny", "--image-size", "28", "--subset", "400", "--grace-period", "1", "--cpus-per-trial", "1",
+SEARCH = ["--space", "tiny", "--image-size", "28", "--subset", "400", "--folds", "1", "--grace-period", "1",
+          "--cpus-per-trial", "1",
           "--no-finalize", "--seed", "0"]
 
 
@@ -54,7 +55,7 @@ def test_cluster_config_passes_rays_validation(name):
     from ray.autoscaler._private.util import prepare_config, validate_config
     config = yaml.safe_load((ROOT / name).read_text())
     validate_config(prepare_config(config))
-    install = 'python3 -m venv .venv && .venv/bin/pip install -e ".[test]"'
+    install = 'python3 -m venv .venv && .venv/bin/pip install --compile -e ".[test]"'
     assert any(install in command for command in config["setup_commands"])  # the README's own install
     assert config["file_mounts"] == {"~/lung-search": "."}
     broken = {**config, "setup_comands": config["setup_commands"]}  # a typo Ray's schema rejects
@@ -159,7 +160,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path
     monkeypatch.setattr(_registry, "_SPACES", dict(_registry._SPACES))  # the test's space leaves with it
     points = ({"lr": 1e8, "optimizer": "sgd"}, {"lr": 1e-3, "optimizer": "adam"}, {"lr": 3e-3, "optimizer": "adam"})
     _registry.register_space("diverging", backbones=("small_cnn",), points=points, fixed=True)(_diverging)
-    folder = run_search(SearchOptions(space="diverging", data=str(pneumonia_npz), storage=str(tmp_path), name="nan",
+    folder = run_search(SearchOptions(space="diverging", data=str(pneumonia_npz), storage=str(tmp_path), name="nan", folds=1,
                                       num_samples=3, max_epochs=2, grace_period=2, image_size=28, subset=300,
                                       cpus_per_trial=1, max_retries=1, finalize=False))
     board = pd.read_csv(folder / "leaderboard.csv")

@@ -22,7 +22,7 @@ from trainables import UserError
 def experiment(tmp_path_factory, png_folder):
     """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble."""
     storage = tmp_path_factory.mktemp("exp")
-    folder = run_search(SearchOptions(space="tiny", data=str(png_folder), storage=str(storage), name="pipeline",
+    folder = run_search(SearchOptions(space="tiny", data=str(png_folder), storage=str(storage), name="pipeline", folds=1,
                                       num_samples=4, max_epochs=3, grace_period=3, image_size=28, seed=0,
                                       cpus_per_trial=1, top_k=2, seeds=2))
     return folder, json.loads((folder / "final" / "metrics.json").read_text())
@@ -189,3 +189,66 @@ def test_predict_errors(experiment, tmp_path):
     _one_error(_cli("search.predict", "--model", model, "--images", str(tmp_path / "missing"), "--out", out),
                "does not exist")
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def cv_experiment(tmp_path_factory):
+    """The real 3-class X-rays (251 train images): --folds auto cross-validates (5 folds); the test
+    copies of files also in train are dropped from train by default."""
+    from conftest import shared
+    folder = run_search(SearchOptions(space="tiny", data=str(shared("covid19-xray-3class")), name="cv",
+                                      storage=str(tmp_path_factory.mktemp("cv")), num_samples=3, max_epochs=2,
+                                      grace_period=2, image_size=28, cpus_per_trial=1, top_k=2))
+    return folder, json.loads((folder / "final" / "metrics.json").read_text())
+
+
+def test_small_data_is_cross_validated_by_the_auto_rule(cv_experiment):
+    folder, metrics = cv_experiment
+    record = json.loads((folder / "search_config.json").read_text())
+    assert record["options"]["folds"] == 5
+    audit = json.loads((folder / "data_report.json").read_text())
+    assert len(audit["deduped"]) >= 6 and all("[train]" in f or "[val]" in f for f in audit["deduped"])
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert (board["folds"] == 5).all() and board["val_auc_std"].notna().all() and (board["val_auc_std"] > 0).any()
+    epochs = [json.loads(line) for line in next(folder.glob("trial_*/result.json")).read_text().splitlines()]
+    assert all(e["folds"] == 5 for e in epochs)
+
+
+def test_cross_validated_finalize_chooses_on_out_of_fold_predictions(cv_experiment):
+    from search.evaluate import youden_threshold
+    folder, metrics = cv_experiment
+    pool = sum(metrics["data"]["counts"]["train"].values()) + sum(metrics["data"]["counts"]["val"].values())
+    assert metrics["selection"]["mode"] == "cross-validation" and metrics["selection"]["images"] == pool
+    val = pd.read_csv(folder / "final" / "val_predictions.csv")
+    assert len(val) == pool and val["path"].is_unique and not val["path"].str.startswith("test/").any()
+    chosen = metrics["models"][metrics["chosen"]]
+    pos = chosen["test"]["positive_class"]
+    assert chosen["val"]["threshold"] == pytest.approx(youden_threshold((val["label"] == pos).to_numpy(),
+                                                                       val[f"p_{pos}"].to_numpy()))
+    model = json.loads((folder / "final" / "ensemble" / "model.json").read_text())
+    assert all(len(m["files"]) == 5 for m in model["members"])  # a member is its 5 fold models
+    report = (folder / "final" / "report.md").read_text()
+    assert "out-of-fold predictions of train+val (5 folds)" in report and "Selection: cross-validation" in report
+
+
+def test_cross_validated_model_predicts_like_finalize(cv_experiment, tmp_path):
+    from conftest import shared
+    folder, _ = cv_experiment
+    table = pd.read_csv(folder / "final" / "test_predictions.csv").head(12)
+    images = tmp_path / "new"
+    for rel in table["path"]:
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared("covid19-xray-3class") / rel, images / rel)
+    out = tmp_path / "preds.csv"
+    result = _cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
+                  "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    preds = pd.read_csv(out).set_index("path").loc[table["path"]]
+    for name in ("Covid", "Normal", "Viral Pneumonia"):
+        assert np.allclose(preds[f"p_{name}"].to_numpy(), table[f"p_{name}"].to_numpy(), atol=1e-5)
+
+
+def test_refit_on_val_is_refused_for_a_cross_validated_search(cv_experiment):
+    folder, _ = cv_experiment
+    with pytest.raises(UserError, match="--refit-on-val does not apply to this cross-validated search"):
+        finalize(FinalizeOptions(experiment=str(folder), refit_on_val=True))

@@ -11,7 +11,9 @@ from conftest import ROOT
 from search.experiment import run_search
 from search.options import SearchOptions
 
-SMALL = dict(storage=None, max_epochs=3, grace_period=1, image_size=28, cpus_per_trial=1, seed=0, finalize=False)
+# one validation split (the small subsets would be cross-validated by --folds auto; test_finalize covers that)
+SMALL = dict(storage=None, max_epochs=3, grace_period=1, image_size=28, cpus_per_trial=1, seed=0, finalize=False,
+             folds=1)
 
 
 def _run(tmp_path, **options):
@@ -45,18 +47,44 @@ def test_asha_stops_some_trials_early(tiny_search):
     assert (board.loc[~board["stopped_early"], "epochs"] == 3).all()
 
 
-def test_optuna_learns_asha_stopped_trials_as_pruned(tiny_search):
+def test_the_kept_study_holds_every_trial_as_the_leaderboard_ranks_it(tiny_search):
+    """Every ASHA-stopped trial reaches Optuna as PRUNED with its score at the epoch it stopped (Ray
+    never passes that result to the searcher on its own); a finished one as COMPLETE with its best
+    epoch's score. Read from optuna.journal with Optuna's own API."""
+    from search.tuner import load_study
     folder, board = tiny_search
-    study = pd.read_csv(folder / "optuna_trials.csv")
-    assert len(study) == 8
-    assert (study["state"] == "PRUNED").sum() == board["stopped_early"].sum()
-    assert (study["state"] == "COMPLETE").sum() == (~board["stopped_early"]).sum()
+    study = {t.user_attrs["ray_trial_id"]: t for t in load_study(folder).trials}
+    assert set(study) == set(board["trial_id"])
+    for row in board.to_dict("records"):
+        trial = study[row["trial_id"]]
+        epochs = [json.loads(line) for line in (folder / f"trial_{row['trial_id']}" / "result.json").read_text().splitlines()]
+        assert trial.intermediate_values == {e["training_iteration"]: e["val_auc"] for e in epochs}
+        if row["stopped_early"]:
+            assert trial.state.name == "PRUNED" and max(trial.intermediate_values) == row["epochs"] < 3
+        else:
+            assert trial.state.name == "COMPLETE" and trial.value == pytest.approx(row["val_auc"])
+    table = pd.read_csv(folder / "optuna_trials.csv")
+    assert (table["state"] == "PRUNED").sum() == board["stopped_early"].sum() >= 2
+    assert (table["state"] == "COMPLETE").sum() == (~board["stopped_early"]).sum()
+
+
+def test_every_backbone_is_tried_first_at_the_spaces_first_trial_values(tiny_search):
+    from spaces.tiny import BACKBONES, first_trial
+    _, board = tiny_search
+    values = first_trial("small_cnn", pretrained=False)
+    first = board[(board["lr"] == values["lr"]) & (board["dropout"] == values["dropout"])]
+    assert sorted(first["backbone"]) == sorted(BACKBONES)
+    assert (first["optimizer"] == values["optimizer"]).all() and (first["augment"] == values["augment"]).all()
 
 
 def test_outputs_record_config_versions_and_data_fingerprint(tiny_search, pneumonia_npz):
     folder, board = tiny_search
     record = json.loads((folder / "search_config.json").read_text())
-    assert record["data"]["fingerprint"] and record["data"]["counts"]["train"] == {"normal": 300, "pneumonia": 300}
+    audit = json.loads((folder / "data_report.json").read_text())
+    assert audit["deduped"] and all("[train]" in f for f in audit["deduped"])  # train copies of val images, dropped
+    assert record["data"]["counts"] == audit["counts_after_dedupe"]
+    assert sum(record["data"]["counts"]["train"].values()) == 600 - len(audit["deduped"])
+    assert record["data"]["fingerprint"]
     assert {"torch", "timm", "ray", "optuna"} <= set(record["versions"])
     assert record["options"]["num_samples"] == 8 and record["profile"] == "cpu"
     per_backbone = pd.read_csv(folder / "leaderboard_by_backbone.csv")
@@ -117,16 +145,21 @@ def _cli(*args, cwd=ROOT):
     (["--scheduler", "hyperband"], "unknown scheduler 'hyperband'; choose one of asha, fifo"),
     (["--space", "recipes", "--recipes", "resnet50_finetune,nope"], "unknown recipe(s) ['nope']; recipes: mobilenetv2"),
     (["--space", "tiny", "--recipes", "resnet50_finetune"], "--recipes applies to --space recipes, not 'tiny'"),
+    (["--folds", "0"], "--folds must be 'auto' or a whole number, 1 (no cross-validation) or more; got 0"),
+    (["--folds", "2000"], "--folds 2000: a class of train+val has only"),
     (["--space", "tiny", "--positive-class", "covid"],
      "--positive-class 'covid' is not a class of this data; classes: ['normal', 'pneumonia']"),
 ])
-def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message):
+def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message, capsys):
+    """`main` as the command line calls it, in this process (the subprocess tests below run the real
+    command): exit status 2, one `error:` line, nothing written."""
+    from search.run import main
     base = ["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--num-samples", "1"]
-    result = _cli(*base, *args)
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert main([*base, *args]) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr and not any(tmp_path.iterdir())
 
 
 def test_cli_refuses_to_overwrite_an_experiment(tmp_path, pneumonia_npz):
@@ -189,3 +222,10 @@ def test_fifo_runs_every_trial_to_max_epochs_and_timings_add_up(tmp_path, pneumo
     parts = timings["before_fit_seconds"] + timings["fit_seconds"] + timings["after_fit_seconds"]
     assert timings["search_seconds"] == pytest.approx(parts, abs=1e-6)
     assert timings["fit_seconds"] > 0 and timings["finalize_seconds"] >= 0
+
+
+def test_folds_auto_cross_validates_small_pools_only():
+    from search.options import AUTO_FOLDS, AUTO_FOLDS_BELOW, resolve_folds
+    assert resolve_folds("auto", 251) == AUTO_FOLDS == 5  # covid19-xray-3class
+    assert resolve_folds("auto", AUTO_FOLDS_BELOW) == 1 and resolve_folds("auto", 2698) == 1  # pneumoniamnist
+    assert resolve_folds(3, 100_000) == 3 and resolve_folds(1, 50) == 1

@@ -22,7 +22,8 @@ DEFAULT_CONFIG = {
     "image_size": 32,             # side of the decoded images (fixed per search)
     "batch_size": 64,
     "max_epochs": 6,
-    "seed": 0,
+    "seed": 0,                    # initialisation, shuffling and augmentation; with folds also the fold split
+    "folds": 1,                   # K > 1: cross-validate over K folds of train+val (trainables.trainable)
     "lr": 1e-3,                   # backbone learning rate
     "head_lr_ratio": 1.0,         # head learning rate = lr * head_lr_ratio
     "optimizer": "adamw",
@@ -49,7 +50,7 @@ CHOICES = {
     "head": ("linear", "mlp"),
     "augment": ("none", "light", "medium", "heavy"),
 }
-POSITIVE = ("lr", "head_lr_ratio", "batch_size", "max_epochs", "image_size", "restart_epochs",
+POSITIVE = ("lr", "head_lr_ratio", "batch_size", "max_epochs", "image_size", "folds", "restart_epochs",
             "step_epochs", "step_gamma", "minority_weight", "head_hidden")
 FRACTIONS = ("dropout", "label_smoothing", "momentum")
 

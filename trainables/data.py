@@ -1,11 +1,7 @@
 """Load labelled chest images once, validate them, split them, and hand out uint8 arrays.
 
-Three sources, picked by what the path is (see `DATA_SOURCES`):
-
-- an image folder: one sub-folder per class, or `train/` `val/` `test/` sub-folders that each
-  hold the class folders;
-- a MedMNIST-style `.npz` (`train_images`, `train_labels`, `val_images`, ...);
-- a CSV manifest with columns `path,label`, optionally `split` and a group column (patient id).
+The source is picked by what the path is (`trainables.sources.DATA_SOURCES`): an image folder, a
+MedMNIST-style `.npz`, or a CSV manifest.
 
 Example:
     >>> data = load_dataset("../shared/data/pneumoniamnist/pneumoniamnist.npz", image_size=32)
@@ -14,25 +10,16 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from trainables import UserError
-from trainables.images import (IMAGE_EXTENSIONS, auto_image_size, check_image_size, decode_all, images_under,
-                               listing, resize_array, to_channels)
-
-SPLITS = ("train", "val", "test")
-SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                      "validation": "val", "test": "test", "testing": "test"}
-GROUP_COLUMN_NAMES = ("group", "patient_id", "patient", "subject_id", "subject", "case_id")
-MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
+from trainables.images import check_image_size, listing
+from trainables.sources import DATA_SOURCES, SPLITS, Raw
 
 
 @dataclass
@@ -68,6 +55,33 @@ class Dataset:
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         idx = self.indices(split)
         return self.images[idx], self.labels[idx]
+
+    def cv_folds(self, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`k` folds of the train+val pool as (train, held-out) image indices: stratified by class,
+        grouped by patient where groups exist, the same for the same `seed`. Test is in no fold.
+
+        Raises:
+            UserError: a held-out fold would lack a class (too few images or patients for `k`).
+        """
+        pool = np.sort(np.concatenate([self.indices("train"), self.indices("val")]))
+        y = self.labels[pool]
+        units = pool if self.groups is None else self.groups[pool]  # what a fold holds whole: images, or patients
+        fewest = min(len(np.unique(units[y == c])) for c in np.unique(y))
+        if fewest < k:
+            raise UserError(f"--folds {k}: a class of train+val has only {fewest} "
+                            f"{'images' if self.groups is None else 'patients'}, too few for {k} folds; use fewer folds")
+        if self.groups is None:
+            parts = StratifiedKFold(k, shuffle=True, random_state=seed).split(pool, y)
+        else:
+            parts = StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(pool, y, self.groups[pool])
+        folds = [(pool[train], pool[held_out]) for train, held_out in parts]
+        for n, (_, held_out) in enumerate(folds):
+            lacking = sorted(set(self.class_names) - {self.class_names[c] for c in self.labels[held_out]})
+            if lacking:
+                patients = f"{len(np.unique(self.groups[pool]))} patients, " if self.groups is not None else ""
+                raise UserError(f"--folds {k}: fold {n + 1} of train+val ({patients}{len(pool)} images) holds no "
+                                f"image of {lacking}; use fewer folds")
+        return folds
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split."""
@@ -124,144 +138,9 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
     return _finish(raw, seed=seed, subset=subset)
 
 
-# ---- sources -------------------------------------------------------------------------------
-
-@dataclass
-class _Raw:
-    images: np.ndarray
-    labels: list  # class names or integer ids, one per image
-    given_split: np.ndarray | None  # per image 'train' / 'val' / 'test', or None
-    groups: np.ndarray | None
-    paths: list[str] | None
-    fingerprint: str
-    source: str
-    class_names: list[str] | None = None  # for integer labels
-    root: str | None = None
-
-
-def _load_folder(root: Path, *, image_size: int, channels: int, group_column, skip_corrupt) -> _Raw:
-    subdirs = _visible_dirs(root)
-    split_dirs = {d: SPLIT_FOLDER_NAMES[d.name.lower()] for d in subdirs
-                  if d.name.lower() in SPLIT_FOLDER_NAMES}
-    if split_dirs:
-        others = [d.name for d in subdirs if d not in split_dirs]
-        if others:
-            raise UserError(f"{root} mixes split folders ({', '.join(sorted(d.name for d in split_dirs))}) "
-                            f"with other folders ({', '.join(sorted(others))}); put every class folder "
-                            f"inside train/, val/ or test/")
-        if len(set(split_dirs.values())) != len(split_dirs):
-            raise UserError(f"{root} has two folders for one split: {sorted(d.name for d in split_dirs)}")
-        if "train" not in split_dirs.values():
-            raise UserError(f"{root} has split folders but no train/ folder")
-        entries = [(p, cls.name, split) for d, split in split_dirs.items()
-                   for cls in _visible_dirs(d) for p in images_under(cls)]
-    else:
-        entries = [(p, cls.name, None) for cls in subdirs for p in images_under(cls)]
-    if not entries:
-        loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-        hint = (f"; the {len(loose)} images directly in it need one sub-folder per class"
-                if loose else "")
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in class folders under "
-                        f"{root}{hint}")
-    files = [p for p, _, _ in entries]
-    images, keep = decode_all(files, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
-    entries = [e for e, k in zip(entries, keep) if k]
-    given = np.array([s for _, _, s in entries]) if split_dirs else None
-    return _Raw(images=images, labels=[c for _, c, _ in entries], given_split=given, groups=None,
-                paths=[str(p.relative_to(root)) for p, _, _ in entries],
-                fingerprint=_file_list_fingerprint(root, files), source=f"folder:{root}", root=str(root))
-
-
-def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_corrupt) -> _Raw:
-    try:
-        arrays = np.load(path)
-        keys = set(arrays.files)
-    except Exception as exc:  # np.load raises many kinds on a bad file
-        raise UserError(f"cannot read {path} as a .npz file: {exc}") from None
-    splits = [s for s in SPLITS if f"{s}_images" in keys]
-    if "train" not in splits or "train_labels" not in keys:
-        raise UserError(f"{path} is not a MedMNIST-style .npz: expected train_images and train_labels "
-                        f"(and optionally val_/test_), found {sorted(keys)}")
-    size = auto_image_size(min(arrays["train_images"].shape[1:3])) if image_size == "auto" else image_size
-    images, labels, given = [], [], []
-    for s in splits:
-        if f"{s}_labels" not in keys:
-            raise UserError(f"{path} has {s}_images but no {s}_labels")
-        x, y = arrays[f"{s}_images"], arrays[f"{s}_labels"]
-        if y.ndim == 2 and y.shape[1] > 1:
-            raise UserError(f"{path}: {s}_labels has shape {y.shape}; multi-label data is not supported")
-        y = y.reshape(-1)
-        if x.ndim not in (3, 4) or len(x) != len(y):
-            raise UserError(f"{path}: {s}_images has shape {x.shape} for {len(y)} labels; expected "
-                            f"(N, H, W) or (N, H, W, C)")
-        images.append(resize_array(to_channels(x, channels), size))
-        labels.append(y.astype(np.int64))
-        given.extend([s] * len(y))
-    y = np.concatenate(labels)
-    if "class_names" in keys:
-        names = [str(n) for n in arrays["class_names"]]
-    else:
-        names = MEDMNIST_CLASS_NAMES.get(path.stem.split("_")[0].lower(),
-                                         [str(k) for k in range(int(y.max()) + 1)])
-    if y.min() < 0 or y.max() >= len(names):
-        raise UserError(f"{path}: labels range {y.min()}..{y.max()} does not fit the {len(names)} "
-                        f"class names {names}")
-    return _Raw(images=np.concatenate(images), labels=list(y), given_split=np.array(given), groups=None,
-                paths=None, fingerprint=_sha256_file(path), source=f"npz:{path}", class_names=names)
-
-
-def _load_manifest(path: Path, *, image_size: int, channels: int, group_column, skip_corrupt) -> _Raw:
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:
-        raise UserError(f"cannot read manifest {path}: {exc}") from None
-    columns = list(table.columns)
-    missing = [c for c in ("path", "label") if c not in columns]
-    if missing:
-        raise UserError(f"manifest {path} lacks column(s) {missing}; it needs path,label and may have "
-                        f"split and a group column, found {columns}")
-    if group_column is not None and group_column not in columns:
-        raise UserError(f"--group-column {group_column!r} is not a column of {path}; columns: {columns}")
-    group = group_column or next((c for c in GROUP_COLUMN_NAMES if c in columns), None)
-    allowed = {"path", "label", "split", group}
-    unknown = [c for c in columns if c not in allowed]
-    if unknown:
-        raise UserError(f"manifest {path} has unknown column(s) {unknown}; allowed: path, label, split "
-                        f"and one group column ({', '.join(GROUP_COLUMN_NAMES)}, or name it with "
-                        f"--group-column)")
-    if table.empty:
-        raise UserError(f"manifest {path} has no rows")
-    files = [(path.parent / p) for p in table["path"]]
-    absent = [str(p) for p, f in zip(table["path"], files) if not f.is_file()]
-    if absent:
-        raise UserError(f"manifest {path}: {len(absent)} listed file(s) do not exist: "
-                        f"{listing(absent)} (paths are relative to the manifest's folder)")
-    given = None
-    if "split" in columns:
-        given = table["split"].str.lower().map(SPLIT_FOLDER_NAMES)
-        bad = sorted(set(table["split"][given.isna()]))
-        if bad:
-            raise UserError(f"manifest {path}: unknown split value(s) {bad}; use train, val or test")
-        given = given.to_numpy()
-    images, keep = decode_all(files, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
-    table = table[keep]
-    return _Raw(images=images, labels=list(table["label"]),
-                given_split=given[keep] if given is not None else None,
-                groups=table[group].to_numpy() if group else None, paths=list(table["path"]),
-                fingerprint=_sha256_file(path)[:16] + _file_list_fingerprint(path.parent, files)[:16],
-                source=f"manifest:{path}" + (f" (groups: {group})" if group else ""), root=str(path.parent))
-
-
-DATA_SOURCES: dict[str, tuple[Callable[[Path], bool], Callable[..., _Raw]]] = {
-    "folder": (lambda p: p.is_dir(), _load_folder),
-    "npz": (lambda p: p.suffix.lower() == ".npz", _load_npz),
-    "manifest": (lambda p: p.suffix.lower() == ".csv", _load_manifest),
-}
-
-
 # ---- validation and splitting ----------------------------------------------------------------
 
-def _finish(raw: _Raw, *, seed: int, subset: int | None) -> Dataset:
+def _finish(raw: Raw, *, seed: int, subset: int | None) -> Dataset:
     if raw.class_names is not None:
         class_names = raw.class_names
         labels = np.asarray(raw.labels, dtype=np.int64)
@@ -276,7 +155,8 @@ def _finish(raw: _Raw, *, seed: int, subset: int | None) -> Dataset:
             raise UserError(f"only one class ({class_names[0]!r}) in {raw.source}; a classifier needs "
                             f"images of at least two classes")
         labels = np.array([class_names.index(n) for n in names], dtype=np.int64)
-
+    if raw.given_split is not None and raw.groups is not None:
+        _check_groups_stay_in_their_split(raw)
     split, kind = _make_split(labels, raw.given_split, raw.groups, seed=seed)
     if subset is not None:
         split = _subsample(split, labels, subset, seed=seed)
@@ -289,6 +169,18 @@ def _finish(raw: _Raw, *, seed: int, subset: int | None) -> Dataset:
     return Dataset(images=raw.images, labels=labels, class_names=class_names, split=split,
                    groups=raw.groups, paths=raw.paths, fingerprint=raw.fingerprint, source=raw.source,
                    split_kind=kind, root=raw.root)
+
+
+def _check_groups_stay_in_their_split(raw: Raw) -> None:
+    """A patient whose images the data set itself puts in two splits leaks: refuse it, naming them."""
+    splits_of: dict[str, set[str]] = {}
+    for group, split in zip(raw.groups, raw.given_split):
+        splits_of.setdefault(str(group), set()).add(str(split))
+    crossing = [f"{g} ({', '.join(sorted(s, key=SPLITS.index))})" for g, s in splits_of.items() if len(s) > 1]
+    if crossing:
+        raise UserError(f"{len(crossing)} patient(s) have images in more than one given split, which leaks them "
+                        f"into evaluation: {listing(crossing)} ({raw.source}); move each patient's images into "
+                        f"one split, or give no split and let the search split by patient")
 
 
 def _make_split(labels: np.ndarray, given, groups, *, seed: int) -> tuple[np.ndarray, str]:
@@ -343,22 +235,3 @@ def _subsample(split: np.ndarray, labels: np.ndarray, limit: int, *, seed: int) 
             idx, _ = train_test_split(idx, train_size=limit, stratify=labels[idx], random_state=seed)
         out[idx] = code
     return out
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-
-def _visible_dirs(root: Path) -> list[Path]:
-    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _file_list_fingerprint(root: Path, files: list[Path]) -> str:
-    lines = sorted(f"{p.relative_to(root)}\t{p.stat().st_size}" for p in files)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:32]

@@ -29,15 +29,17 @@ from trainables.models import Classifier, build_model, min_input_size
 
 
 class Training:
-    """One model, its optimizer and schedule, trained epoch by epoch on `train_splits`.
+    """One model, its optimizer and schedule, trained epoch by epoch on the images `train` (indices
+    into `data`; default the train split) and validated on `val` (default the val split).
 
     Example (outside Ray Tune, as search/retrain.py does):
-        >>> run = Training(config, data, train_splits=("train", "val"))
+        >>> run = Training(config, data, train=np.concatenate([data.indices("train"), data.indices("val")]))
         >>> history = list(run.epochs(until=8))
         >>> test_probs = run.predict(data.arrays("test")[0])
     """
 
-    def __init__(self, config: dict, data: Dataset, *, train_splits: tuple[str, ...] = ("train",)):
+    def __init__(self, config: dict, data: Dataset, *, train: np.ndarray | None = None,
+                 val: np.ndarray | None = None):
         self.config = config = validate_config(config, num_classes=data.num_classes)
         threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
         if threads > 0:
@@ -49,11 +51,12 @@ class Training:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.prep = Preprocess(self.model, config["backbone"], channels=data.channels,
                                image_size=data.images.shape[1])
-        images, labels = zip(*(data.arrays(s) for s in train_splits))
-        train_labels = np.concatenate(labels)
-        self.train_x = torch.from_numpy(np.concatenate(images)).to(device)
+        train = data.indices("train") if train is None else train
+        val = data.indices("val") if val is None else val
+        train_labels = data.labels[train]
+        self.train_x = torch.from_numpy(data.images[train]).to(device)
         self.train_y = torch.from_numpy(train_labels).to(device)
-        self.val_x, self.val_y = data.arrays("val")
+        self.val_x, self.val_y = data.images[val], data.labels[val]
         weights = class_weights(config["class_weights"], train_labels, data.num_classes,
                                 minority_weight=config["minority_weight"])
         self.loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, device=device),

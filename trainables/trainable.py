@@ -3,34 +3,58 @@
     tuner = tune.Tuner(tune.with_parameters(train_classifier, data=dataset), param_space=config)
 
 Each epoch it reports validation `val_auc`, `val_acc`, `val_f1`, `val_loss` (plus train loss,
-learning rate, timings and model size) with a checkpoint that ASHA, resume and retries use.
+learning rate, timings and model size) with a checkpoint that ASHA, resume and retries use. With
+`config["folds"]` K > 1 it trains the K folds of train+val side by side and reports their mean
+(and `val_*_std`, the spread over folds) each epoch, so ASHA judges the cross-validated score.
 """
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from ray import tune
 
 from trainables.data import Dataset
+from trainables.metrics import METRIC_MODES
 from trainables.train import Training
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def train_classifier(config: dict, data: Dataset) -> None:
-    """Train `config` on `data`'s train split; report validation metrics and a checkpoint per epoch."""
-    run = Training(config, data)
+    """Train `config` on `data` (its train split, or its K folds); report validation metrics and a
+    checkpoint per epoch."""
+    folds = int(config.get("folds", 1))
+    runs = ([Training(config, data, train=train, val=held_out) for train, held_out in data.cv_folds(folds, config["seed"])]
+            if folds > 1 else [Training(config, data)])
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            run.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, map_location=run.device,
-                                           weights_only=True))
+            saved = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=runs[0].device, weights_only=True)
+        for run, state in zip(runs, saved["folds"]):
+            run.load_state_dict(state)
     node_id = ray.get_runtime_context().get_node_id()  # which node ran each epoch (retries may move it)
-    for metrics in run.epochs():
-        metrics["node_id"] = node_id
+    for per_fold in zip(*(run.epochs() for run in runs)):
+        metrics = {**fold_mean(per_fold), "node_id": node_id}
         with tempfile.TemporaryDirectory() as folder:
-            torch.save({**run.state_dict(), "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
+            torch.save({"folds": [run.state_dict() for run in runs], "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def fold_mean(per_fold: tuple[dict, ...]) -> dict:
+    """One epoch of K folds as one report: the validation metrics and train loss averaged, the
+    validation metrics' spread (`<metric>_std`), timings summed. One fold is reported as it is."""
+    if len(per_fold) == 1:
+        return dict(per_fold[0])
+    out = {**per_fold[0], "folds": len(per_fold)}
+    for key in (*METRIC_MODES, "train_loss"):
+        values = [m[key] for m in per_fold]
+        out[key] = float(np.mean(values))
+        if key in METRIC_MODES:
+            out[f"{key}_std"] = float(np.std(values))
+    for key in ("train_seconds", "eval_seconds"):
+        out[key] = float(sum(m[key] for m in per_fold))
+    return out

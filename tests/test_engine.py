@@ -1,0 +1,80 @@
+"""The engine underneath: what the sampler is told for each trial (on the real OptunaSearch and a
+real Optuna study), and the Ray internals this project leans on, named so that a Ray release that
+renames them fails here with a clear message instead of deep inside a search."""
+import optuna
+import pytest
+import ray
+from ray.tune.schedulers import ASHAScheduler
+
+from search.tuner import StudySearch, load_study, make_scheduler
+
+SUPPORTED = "ray 2.60 (pyproject.toml pins the range)"
+
+
+def _space(trial):
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+
+
+def _searcher(tmp_path, max_epochs=3):
+    return StudySearch(space=_space, metric="val_auc", mode="max", max_epochs=max_epochs, folder=tmp_path,
+                       sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def _result(epoch, auc):
+    return {"training_iteration": epoch, "val_auc": auc}
+
+
+def test_ray_internals_the_searcher_and_scheduler_use_still_exist(tmp_path):
+    searcher = _searcher(tmp_path)
+    for name in ("_ot_trials", "_ot_study", "_completed_trials", "_metric", "_mode"):
+        assert hasattr(searcher, name), (f"ray {ray.__version__}: OptunaSearch has no attribute {name!r}; "
+                                         f"search/tuner.py StudySearch was written for {SUPPORTED}")
+    assert isinstance(searcher._ot_study, optuna.Study), f"ray {ray.__version__}: OptunaSearch._ot_study changed"
+    scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=4, grace_period=1)
+    for name in ("_time_attr", "_max_t", "STOP"):
+        assert hasattr(scheduler, name), (f"ray {ray.__version__}: ASHAScheduler has no attribute {name!r}; "
+                                          f"search/tuner.py RecordingASHA was written for {SUPPORTED}")
+    assert isinstance(scheduler, ASHAScheduler)
+
+
+def test_a_stopped_trial_reaches_optuna_with_its_stopping_epoch_and_a_finished_one_with_its_best(tmp_path):
+    searcher = _searcher(tmp_path)
+    for trial_id in ("stopped", "finished", "failed"):
+        assert searcher.suggest(trial_id)["lr"] > 0
+    # Ray passes results through on_trial_result, except the one on which a scheduler stops the
+    # trial: that one arrives only with on_trial_complete
+    searcher.on_trial_result("stopped", _result(1, 0.61))
+    searcher.on_trial_complete("stopped", _result(2, 0.58))
+    for epoch, auc in ((1, 0.70), (2, 0.91)):
+        searcher.on_trial_result("finished", _result(epoch, auc))
+    searcher.on_trial_complete("finished", _result(3, 0.88))
+    searcher.on_trial_complete("failed", error=True)
+    searcher.on_trial_complete("finished", _result(3, 0.88))  # a repeated completion changes nothing
+
+    study = load_study(tmp_path)  # the copy in the experiment folder, opened with Optuna's own API
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    assert by_id["stopped"].state == optuna.trial.TrialState.PRUNED
+    assert by_id["stopped"].intermediate_values == {1: 0.61, 2: 0.58}
+    assert by_id["finished"].state == optuna.trial.TrialState.COMPLETE
+    assert by_id["finished"].value == 0.91  # its best epoch: what the leaderboard ranks it by
+    assert by_id["finished"].intermediate_values == {1: 0.70, 2: 0.91, 3: 0.88}
+    assert by_id["failed"].state == optuna.trial.TrialState.FAIL
+
+
+def test_tpe_tells_stopped_trials_apart_by_their_score(tmp_path):
+    """With the stopping epoch reported, TPE ranks two trials stopped at the same rung by score
+    (without it, both had no intermediate value and the same rank)."""
+    from optuna.samplers._tpe.sampler import _get_pruned_trial_score
+    searcher = _searcher(tmp_path)
+    for trial_id, auc in (("weak", 0.55), ("strong", 0.95)):
+        searcher.suggest(trial_id)
+        searcher.on_trial_complete(trial_id, _result(1, auc))
+    study = load_study(tmp_path)
+    scores = {t.user_attrs["ray_trial_id"]: _get_pruned_trial_score(t, study) for t in study.trials}
+    assert scores["strong"] < scores["weak"]  # lower sorts first: the better trial
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "gp"])
+def test_every_sampler_the_options_offer_builds(sampler):
+    from search.samplers import SAMPLERS
+    assert isinstance(SAMPLERS[sampler](0), optuna.samplers.BaseSampler)
