@@ -81,7 +81,7 @@ def _split(data: dict) -> str:
     kind = data["split_kind"]
     if "grouped" in kind:
         return "by patient"
-    return "given train/test" if kind == "given" else "by image"
+    return "given train/test" if kind.startswith("given") else "by image"
 
 
 def _ci(value, interval) -> str:
@@ -102,7 +102,8 @@ def main() -> int:
     p.add_argument("--max-epochs", type=int, help="epochs per trial (default: the profile's)")
     p.add_argument("--subset", type=int, help="at most this many images per split (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dedupe", action="store_true", help="drop leaking duplicate copies (see the data audit)")
+    p.add_argument("--no-dedupe", dest="dedupe", action="store_false",
+                   help="keep the copies of files found in two splits (the search drops the earlier ones)")
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
     if not Path(args.shared).is_dir():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import MISSING, fields
 
 from trainables import UserError
@@ -52,10 +53,12 @@ def from_flags(args: argparse.Namespace, options_class):
 
 
 def handle_errors(work, *, interrupted: str = "interrupted") -> int:
-    """Run `work()`; a UserError prints as one `error:` line (exit 2), Ctrl-C as `interrupted`
-    (exit 130); anything else is a bug and keeps its traceback."""
+    """Run `work()`; a warning prints as one `warning:` line, a UserError as one `error:` line (exit
+    2), Ctrl-C as `interrupted` (exit 130); anything else is a bug and keeps its traceback."""
     try:
-        work()
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line
+            work()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -63,3 +66,7 @@ def handle_errors(work, *, interrupted: str = "interrupted") -> int:
         print(interrupted, file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""Ray as every command uses it: connected for a block of work, and whether a task fits a node.
+"""Ray as every command uses it: connected for a block of work, its errors in one line each, and
+whether a task fits a node.
 
 Example:
     >>> with connected(None):                       # a local Ray, shut down after the block
@@ -6,7 +7,10 @@ Example:
 """
 from __future__ import annotations
 
+import logging
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 
@@ -26,6 +30,40 @@ def connected(address: str | None):
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def engine_messages(folder: Path):
+    """For the block: each error Ray's trial controller logs (a trial's worker died, a retry, a
+    failing callback) is one `engine:` line on the console, its full text and trace in
+    `folder/engine.log` (Ray's own output would repeat every trace on the console)."""
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    to_file = logging.FileHandler(folder / "engine.log", delay=True)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    to_console = logging.StreamHandler(sys.stderr)
+    to_console.setFormatter(_FirstLine(f" (details: {folder / 'engine.log'})"))
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.ERROR)
+    logger.propagate = False
+    logger.addHandler(to_file)
+    logger.addHandler(to_console)
+    try:
+        yield
+    finally:
+        for handler in (to_file, to_console):
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+class _FirstLine(logging.Formatter):
+    def __init__(self, suffix: str):
+        super().__init__()
+        self.suffix = suffix
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"engine: {record.getMessage().strip().splitlines()[0][:300]}{self.suffix}"
 
 
 def check_fits(cpus: float, gpus: float, *, task: str, flags: str, cluster: bool) -> None:

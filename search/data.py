@@ -17,21 +17,21 @@ from trainables.audit import audit_dataset, dedupe as drop_duplicates, render, s
 from trainables.data import Dataset, load_dataset
 
 DATA_ENV = "SEARCH_DATA"
+# PneumoniaMNIST (2.4 MB, CC BY 4.0; default_data/README.md): the search runs anywhere, offline
+PACKAGED_DATA = Path(__file__).parent / "default_data" / "pneumoniamnist.npz"
 
 
 def data_path(given: str | None) -> Path:
-    """`given`, else $SEARCH_DATA, else MedMNIST's download location of PneumoniaMNIST.
+    """`given`, else $SEARCH_DATA, else MedMNIST's download of PneumoniaMNIST ($MEDMNIST_ROOT or
+    ~/.medmnist), else the copy of it that ships with the package.
 
     Raises:
-        UserError: the path does not exist, or none was given and there is no default.
+        UserError: the path given does not exist.
     """
     path = given or os.environ.get(DATA_ENV)
     if not path:
         medmnist = Path(os.environ.get("MEDMNIST_ROOT", "~/.medmnist")).expanduser() / "pneumoniamnist.npz"
-        if medmnist.exists():
-            return medmnist
-        raise UserError(f"no data given: pass --data (an image folder, .npz or .csv manifest) or set "
-                        f"{DATA_ENV}; looked for the MedMNIST default at {medmnist} too")
+        return medmnist if medmnist.exists() else PACKAGED_DATA
     if not Path(path).expanduser().exists():
         raise UserError(f"data path {path!r} does not exist")
     return Path(path).expanduser()

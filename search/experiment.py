@@ -8,7 +8,6 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import pandas as pd
 import ray
 from ray import tune
 
-from search.cluster import check_fits, connected, slots
+from search.cluster import check_fits, connected, engine_messages, slots
 from search.data import audited, data_path, load_search_data, write_audit
 from search.evaluate import positive_class
 from search.final import finalize
@@ -29,7 +28,7 @@ from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions
                             resolve_folds, with_profile)
 from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json
-from search.tuner import bind_space, make_scheduler, make_searcher, make_tuner, with_data
+from search.tuner import bind_space, fit, make_scheduler, make_searcher, make_tuner, with_data
 from spaces import Space, get_space
 from trainables import UserError
 from trainables.config import validate_config
@@ -72,14 +71,13 @@ def run_search(options: SearchOptions) -> Path:
         raise UserError(f"experiment {folder} already exists; pass --resume to continue it or choose "
                         f"another --name")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the progress lines replace Ray's tables
-    # a failed trial gets one line from the leaderboard callback; its trace stays in its folder
-    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     with connected(options.address):
         search = _prepare(options, folder, saved)
         tuner, searcher = _tuner(search)
         write_audit(folder, search.audit)
         clock["fit_started"] = time.time()
-        tuner.fit()
+        with engine_messages(folder):
+            fit(tuner, time_budget=search.options.time_budget)
         clock["fit_ended"] = time.time()
         finished = _after_fit(search, searcher, fit_seconds=clock["fit_ended"] - clock["fit_started"])
         clock["search_ended"] = time.time()
@@ -112,7 +110,6 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
     if space.fixed and options.num_samples is None:  # a fixed space runs each of its points once
         options = replace(options, num_samples=len(space.points))
     o = replace(with_profile(options, profile), name=folder.name, data=str(path.resolve()))
-    check_search(o)  # again, on the options as used: profile values included
     check_fits(o.cpus_per_trial, o.gpus_per_trial or 0, task="run a trial", cluster=bool(o.address),
                flags="--cpus-per-trial / --gpus-per-trial")
     data = load_search_data(path, image_size=o.image_size, channels=o.channels, seed=o.seed,
@@ -181,7 +178,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
                           pretrained=o.weights == "imagenet")
     searcher = make_searcher(space_fn, metric=metric, mode=mode, sampler=o.sampler, seed=o.seed,
                              max_epochs=o.max_epochs, max_concurrent=search.slots, points=search.first, folder=folder)
-    scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period,
+    scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period, folder=folder,
                                reduction_factor=o.reduction_factor) if o.scheduler == "asha" else None
     callback = LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=o.num_samples,
                                    time_budget=o.time_budget, scheduler=scheduler)
@@ -197,7 +194,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     base_config = {"image_size": o.image_size, "batch_size": o.batch_size, "max_epochs": o.max_epochs,
                    "seed": o.seed, "folds": o.folds, "weights": o.weights, "weights_dir": o.weights_dir}
     tuner = make_tuner(trainable, searcher=searcher, scheduler=scheduler, num_samples=o.num_samples,
-                       time_budget=o.time_budget, storage=str(folder.parent), name=folder.name,
+                       storage=str(folder.parent), name=folder.name,
                        base_config=base_config, callbacks=[callback], max_retries=o.max_retries)
     return tuner, searcher
 
@@ -239,8 +236,9 @@ def _after_fit(search: Search, searcher, *, fit_seconds: float) -> bool:
     if unfinished <= 0:
         return True
     if o.time_budget and fit_seconds >= o.time_budget:
-        print(f"the time budget of {o.time_budget:.0f}s ended the search with {unfinished} trial(s) "
-              f"not run or unfinished")
+        print(f"the time budget of {o.time_budget:.0f}s ended the search with {unfinished} trial(s) not run or "
+              f"unfinished; continue them with python -m search.run --resume --name {folder.name} --storage "
+              f"{o.storage} --time-budget <seconds>")
         return True
     print(f"the search stopped with {unfinished} trial(s) unfinished; continue it with python -m search.run "
           f"--resume --name {folder.name} --storage {o.storage}, or finalize what it found with "

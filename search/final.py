@@ -26,7 +26,7 @@ from search.options import FinalizeOptions, check_fields
 from search.plots import plot_confusion, plot_progress, plot_roc, plot_training_curves
 from search.records import read_search_record, versions, write_json
 from search.report import fmt, render_report
-from search.retrain import retrain_all, select_members
+from search.retrain import candidates, retrain_top
 from search.saved_model import save_model
 from trainables import UserError
 from trainables.data import Dataset
@@ -51,7 +51,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
     if data is None:
         data = _search_data(record, options.data)
     positive = positive_class(data.class_names, options.positive_class)
-    members = select_members(folder, board, metric=metric, top_k=options.top_k, epochs=options.epochs)
+    found = candidates(folder, board, metric=metric, epochs=options.epochs)
     k = int(search.get("folds") or 1)
     if k > 1 and options.refit_on_val:
         raise UserError(f"--refit-on-val does not apply to this cross-validated search: its members are the "
@@ -64,13 +64,11 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
     with connected(options.address):
         check_fits(cpus, gpus, task="retrain a model", flags="--cpus-per-model / --gpus-per-model",
                    cluster=bool(options.address))
-        print(f"finalize: retraining {len(members)} configuration(s) x {options.seeds} seed(s)"
+        print(f"finalize: retraining {min(options.top_k, len(found))} configuration(s) x {options.seeds} seed(s)"
               f"{f' x {k} folds of train+val' if folds else ' on train+val' if options.refit_on_val else ' on train'}"
               f" ({options.epochs} epochs), {cpus:g} CPU / {gpus:g} GPU each", flush=True)
-        runs = retrain_all(members, data, seeds=options.seeds, folds=folds, refit_on_val=options.refit_on_val,
-                           cpus=cpus, gpus=gpus)
-    for member, member_runs in zip(members, runs):
-        member["runs"] = member_runs
+        members, failed = retrain_top(found, options.top_k, data, seeds=options.seeds, folds=folds,
+                                      refit_on_val=options.refit_on_val, cpus=cpus, gpus=gpus)
     models = score_models(members, data, selection=selection, positive=positive, metric=metric,
                           resamples=options.bootstrap)
     chosen, choice, margin = choose(models, data, selection, metric, resamples=options.bootstrap, where=where)
@@ -79,7 +77,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
                "data": data.summary(), "versions": versions(), "positive_class": data.class_names[positive],
                "selection": {"mode": "cross-validation" if folds else "validation split", "folds": k,
                              "images": int(len(selection)), "where": where},
-               "chosen": chosen, "choice": choice, "choice_margin": margin,
+               "chosen": chosen, "choice": choice, "choice_margin": margin, "failed_members": failed,
                "models": {n: {k: v for k, v in m.items() if not k.endswith("_probs")} for n, m in models.items()}}
     return write_final(folder, summary=summary, models=models, members=members, board=board, data=data,
                        selection=selection)

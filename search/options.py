@@ -3,9 +3,8 @@ at the boundary. Each field carries its command-line help and its allowed values
 (`search.cli.add_flags`) and the checks come from the same place.
 
 Example:
-    >>> options = with_profile(SearchOptions(space="tiny", data="pneumoniamnist.npz"), "cpu")
-    >>> check_search(options)          # raises UserError naming the flag, the value and what is allowed
-    >>> options.num_samples
+    >>> check_search(SearchOptions(space="tiny", max_epochs=0))   # UserError naming the flag, value, what is allowed
+    >>> with_profile(SearchOptions(space="tiny"), "cpu").num_samples
     24
 """
 from __future__ import annotations
@@ -125,9 +124,9 @@ class FinalizeOptions(SharedOptions):
                                           type=float, at_least=0)
 
 
-# a resumed search runs with the options it started with: only where it runs and what happens after it
-# may change
-CHANGEABLE_ON_RESUME = ("storage", "finalize", *(f.name for f in fields(SharedOptions)))
+# a resumed search runs with the options it started with: only where it runs, for how long (a new
+# --time-budget, for this run) and what happens after it may change
+CHANGEABLE_ON_RESUME = ("storage", "time_budget", "finalize", *(f.name for f in fields(SharedOptions)))
 
 
 def resolve_folds(folds: int | str, pool: int) -> int:
@@ -138,8 +137,22 @@ def resolve_folds(folds: int | str, pool: int) -> int:
 
 
 def with_profile(options: SearchOptions, profile: str) -> SearchOptions:
-    """The options with every unset (None) value taken from `profile`."""
-    return replace(options, **{k: v for k, v in PROFILES[profile].items() if getattr(options, k) is None})
+    """The options with every unset (None) value taken from `profile`, checked as a search will use
+    them.
+
+    Raises:
+        UserError: as `check_search`; when a value the profile filled in takes part, it says so.
+    """
+    filled = [k for k in PROFILES[profile] if getattr(options, k) is None]
+    o = replace(options, **{k: PROFILES[profile][k] for k in filled})
+    try:
+        check_search(o)
+    except UserError as exc:
+        named = [f"--{k.replace('_', '-')} {getattr(o, k)}" for k in filled if f"--{k.replace('_', '-')} " in str(exc)]
+        if not named:
+            raise
+        raise UserError(f"{exc} ({', '.join(named)} from the {profile} profile: set it to fit)") from None
+    return o
 
 
 def check_fields(options) -> None:

@@ -22,7 +22,7 @@ def render_report(folder: Path, summary: dict, models: dict, board: pd.DataFrame
     metric = summary["search"]["options"]["metric"]
     sections = [_headline(folder, summary, models), _models_table(summary, models, metric), _siblings(siblings),
                 ["![ROC curves](roc.png)"], _per_class(summary["chosen"], models[summary["chosen"]]["test"]),
-                _confusion(models[summary["chosen"]]["test"]), _members(models, metric),
+                _confusion(models[summary["chosen"]]["test"]), _members(models, metric, summary.get("failed_members", [])),
                 _search(summary, board, metric), _data(summary["data"]), _method(summary),
                 _use(folder, summary["versions"])]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
@@ -100,11 +100,14 @@ def _confusion(c: dict) -> list[str]:
                     "", "![confusion matrix](confusion_matrix.png)"]
 
 
-def _members(models: dict, metric: str) -> list[str]:
-    lines = ["## Members", "",
-             f"| member | trial | search val {metric[4:]} | retrained val {metric[4:]} | epochs | seeds | "
-             f"test AUC per seed | " + " | ".join(KEY_PARAMS) + " |",
-             "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(KEY_PARAMS)]
+def _members(models: dict, metric: str, failed: list[dict]) -> list[str]:
+    lines = ["## Members", ""]
+    if failed:
+        lines += ["**Retraining failed** for " + "; ".join(f"{f['name']} ({f['error']})" for f in failed)
+                  + ": each was skipped and the next distinct configuration of the leaderboard took its place.", ""]
+    lines += [f"| member | trial | search val {metric[4:]} | retrained val {metric[4:]} | epochs | seeds | "
+              f"test AUC per seed | " + " | ".join(KEY_PARAMS) + " |",
+              "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(KEY_PARAMS)]
     for name, m in models.items():
         if m["kind"] == "member":
             params = " | ".join(_param(m["config"].get(k)) for k in KEY_PARAMS)

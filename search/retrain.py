@@ -2,8 +2,8 @@
 again (per seed, optionally on train+val) as a Ray task, with its validation and test predictions.
 
 Example:
-    >>> members = select_members(folder, board, metric="val_auc", top_k=3, epochs="full")
-    >>> runs = retrain_all(members, data, seeds=2, refit_on_val=False, cpus=1, gpus=0)
+    >>> found = candidates(folder, board, metric="val_auc", epochs="full")
+    >>> members, failed = retrain_top(found, 3, data, seeds=2, folds=None, refit_on_val=False, cpus=1, gpus=0)
 """
 from __future__ import annotations
 
@@ -22,15 +22,16 @@ from trainables.data import Dataset
 from trainables.train import Training
 
 
-def select_members(folder: Path, board: pd.DataFrame, *, metric: str, top_k: int, epochs: str) -> list[dict]:
-    """The `top_k` best distinct configurations (identical configs count once), best first, each
-    with its trial's config, the epochs to retrain and a name.
+def candidates(folder: Path, board: pd.DataFrame, *, metric: str, epochs: str) -> list[dict]:
+    """The distinct configurations of the search that reported `metric` and did not fail (identical
+    configs count once), best first, each with its trial's config, the epochs to retrain and a name.
 
     Raises:
         UserError: no trial folder holds its configuration.
     """
-    members, seen = [], set()
-    for row in board.dropna(subset=[metric]).to_dict("records"):  # the leaderboard is sorted best first
+    found, seen = [], set()
+    reported = board.dropna(subset=[metric])
+    for row in reported[reported["status"] != "ERROR"].to_dict("records"):  # the leaderboard is sorted best first
         params = folder / f"trial_{row['trial_id']}" / "params.json"
         if not params.is_file():
             continue
@@ -41,15 +42,36 @@ def select_members(folder: Path, board: pd.DataFrame, *, metric: str, top_k: int
         seen.add(key)
         label = config.get("recipe") or config["backbone"]
         train_epochs = int(row["best_epoch"]) if epochs == "best" else int(config["max_epochs"])
-        members.append({"name": f"{len(members) + 1}-{label}-{row['trial_id']}", "trial_id": row["trial_id"],
-                        "config": config, "epochs": train_epochs,
-                        "search": {k: row.get(k) for k in (*VAL_METRICS, "best_epoch", "epochs", "stopped_early")}})
-        if len(members) == top_k:
-            break
+        found.append({"name": f"{len(found) + 1}-{label}-{row['trial_id']}", "trial_id": row["trial_id"],
+                      "config": config, "epochs": train_epochs,
+                      "search": {k: row.get(k) for k in (*VAL_METRICS, "best_epoch", "epochs", "stopped_early")}})
+    if not found:
+        raise UserError(f"no trial folder of {folder.name} holds the params.json of a trial that reported "
+                        f"{metric} without failing; is this a copy with the trial_<id> folders left out?")
+    return found
+
+
+def retrain_top(candidates: list[dict], top_k: int, data: Dataset, **how) -> tuple[list[dict], list[dict]]:
+    """Retrain the `top_k` best candidates (`how`: the options of `retrain_all`); a candidate whose
+    retraining fails is reported and skipped, and the next one takes its place. Returns the members
+    (each with its `runs`) and the failures (name, error).
+
+    Raises:
+        UserError: every candidate failed.
+    """
+    members, failed, queue = [], [], list(candidates)
+    while len(members) < top_k and queue:
+        batch, queue = queue[:top_k - len(members)], queue[top_k - len(members):]
+        for member, (runs, error) in zip(batch, retrain_all(batch, data, **how)):
+            if error:
+                failed.append({"name": member["name"], "trial_id": member["trial_id"], "error": error})
+                print(f"retraining {member['name']} failed: {error}; "
+                      + ("the next configuration takes its place" if queue else "no configuration is left"), flush=True)
+            else:
+                members.append({**member, "runs": runs})
     if not members:
-        raise UserError(f"no trial folder of {folder.name} holds its params.json; is this a copy with the "
-                        f"trial_<id> folders left out?")
-    return members
+        raise UserError(f"every retraining failed: {'; '.join(f['name'] + ': ' + f['error'] for f in failed)}")
+    return members, failed
 
 
 def retrain(config: dict, data: Dataset, *, epochs: int, train: np.ndarray | None = None,
@@ -75,12 +97,9 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
                 cpus: float, gpus: float) -> list[list[dict]]:
     """Every member x seed (x fold, with `folds`: the (train, held-out) index pairs of a
     cross-validated search) as a Ray task, the data put in the object store once, progress printed.
-    Returns per member its runs in seed order; with folds a run holds the fold networks, the
-    out-of-fold predictions over train+val (in index order) and the fold mean on test.
-
-    Raises:
-        UserError: a retraining failed (its last error line).
-    """
+    Returns per member (its runs in seed order, None) or (None, the error line of a failed task);
+    with folds a run holds the fold networks, the out-of-fold predictions over train+val (in index
+    order) and the fold mean on test."""
     task = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
     data_ref = ray.put(data)
     parts = folds or [(None, None)]
@@ -93,15 +112,18 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
                                   refit_on_val=refit_on_val)
                 pending[ref] = (m, s, f)
     outs = [[[None] * len(parts) for _ in range(seeds)] for _ in members]
+    errors: dict[int, str] = {}
     started, total = time.time(), len(pending)
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
         m, s, f = pending.pop(ref)
         try:
             outs[m][s][f] = out = ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            raise UserError(f"retraining {members[m]['name']} (seed {s}) failed: "
-                            f"{str(exc.cause if hasattr(exc, 'cause') else exc).splitlines()[-1][:300]}") from None
+        except ray.exceptions.RayError as exc:  # the task raised, or its worker died (after retries)
+            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+            errors.setdefault(m, f"seed {s}{f' fold {f + 1}' if folds else ''}: "
+                                 f"{str(cause).strip().splitlines()[-1][:300]}")
+            continue
         done, elapsed = total - len(pending), time.time() - started
         last = out["history"][-1] if out["history"] else {}
         line = (f"[{clock(elapsed)}] retrained {done}/{total}: {members[m]['name']} seed {out['seed']}"
@@ -110,7 +132,8 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
         if pending:
             line += f" | ETA ~{clock(elapsed / done * len(pending))}"
         print(line, flush=True)
-    return [[_join_folds(fold_outs, folds) for fold_outs in member_outs] for member_outs in outs]
+    return [(None, errors[m]) if m in errors else ([_join_folds(fold_outs, folds) for fold_outs in member_outs], None)
+            for m, member_outs in enumerate(outs)]
 
 
 def _join_folds(outs: list[dict], folds: list | None) -> dict:

@@ -12,8 +12,11 @@ value, the value the leaderboard ranks it by.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 
 import optuna
@@ -24,9 +27,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from search.records import write_json
 from search.samplers import SAMPLERS
 
-STUDY_FILE, STUDY_NAME = "optuna.journal", "search"
+STUDY_FILE, STUDY_NAME, ASHA_FILE = "optuna.journal", "search", "asha_state.json"
 
 
 class StudySearch(OptunaSearch):
@@ -90,17 +94,46 @@ def load_study(folder: Path) -> optuna.Study:
 
 
 class RecordingASHA(ASHAScheduler):
-    """ASHAScheduler that remembers which trials it stopped, for the leaderboard."""
+    """ASHAScheduler that remembers which trials it stopped (for the leaderboard) and keeps its rungs
+    in `folder/asha_state.json`: Ray does not restore a scheduler's state, so without it a resumed
+    search would judge every trial against empty rungs."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, folder: Path, **kwargs):
         super().__init__(**kwargs)
-        self.stopped: set[str] = set()
+        self.folder, self.stopped, self._loaded = Path(folder), set(), False
+
+    def on_trial_add(self, tune_controller, trial):
+        self._load()
+        super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
+        self._load()
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == self.STOP and result.get(self._time_attr, 0) < self._max_t:
             self.stopped.add(trial.trial_id)
+        self._save()
         return decision
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._load()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+    def _save(self) -> None:
+        write_json(self.folder / ASHA_FILE, {"rungs": [[[m, recorded] for m, recorded in b._rungs] for b in self._brackets],
+                                             "stopped": sorted(self.stopped)})
+
+    def _load(self) -> None:
+        """Once, on first use: the rungs and stops of the search this one resumes, if any."""
+        if self._loaded:
+            return
+        self._loaded, path = True, self.folder / ASHA_FILE
+        if not path.is_file():
+            return
+        state = json.loads(path.read_text())
+        for bracket, rungs in zip(self._brackets, state["rungs"]):
+            bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
+        self.stopped |= set(state["stopped"])
 
 
 def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, max_epochs: int,
@@ -112,11 +145,11 @@ def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, 
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
-def make_scheduler(*, metric: str, mode: str, max_epochs: int, grace_period: int,
+def make_scheduler(*, metric: str, mode: str, max_epochs: int, grace_period: int, folder: Path,
                    reduction_factor: float = 3) -> RecordingASHA:
     """ASHA over epochs: trials below the top 1/reduction_factor at a rung stop there."""
     return RecordingASHA(time_attr="training_iteration", metric=metric, mode=mode, max_t=max_epochs,
-                         grace_period=grace_period, reduction_factor=reduction_factor)
+                         grace_period=grace_period, reduction_factor=reduction_factor, folder=folder)
 
 
 def bind_space(space, **options):
@@ -130,17 +163,44 @@ def with_data(trainable, data, resources: dict):
     return tune.with_resources(tune.with_parameters(trainable, data=data), resources)
 
 
-def make_tuner(trainable, *, searcher, scheduler, num_samples: int, time_budget: float | None, storage: str,
-               name: str, base_config: dict, callbacks: list, max_retries: int) -> tune.Tuner:
+def make_tuner(trainable, *, searcher, scheduler, num_samples: int, storage: str, name: str, base_config: dict,
+               callbacks: list, max_retries: int) -> tune.Tuner:
     """A Tuner over a trainable wrapped by `with_data`."""
     return tune.Tuner(
         trainable,
         param_space=base_config,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                    time_budget_s=time_budget, reuse_actors=True,
+                                    reuse_actors=True,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
+
+
+def fit(tuner: tune.Tuner, *, time_budget: float | None) -> None:
+    """`tuner.fit()`, stopped after `time_budget` seconds the way Ctrl-C stops it (Ray's SIGUSR1
+    handler): the trials it cuts keep their checkpoints and stay resumable, and the searcher stays
+    open. Ray's own `time_budget_s` would mark them finished and the searcher done."""
+    if not time_budget:
+        tuner.fit()
+        return
+    done = threading.Event()
+
+    def stop():
+        if done.wait(time_budget):
+            return
+        while True:  # again until fit returns: Ray installs its handler only once fit has started
+            os.kill(os.getpid(), signal.SIGUSR1)
+            if done.wait(2):
+                return
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # a signal before Ray's handler is harmless
+    timer = threading.Thread(target=stop, daemon=True)
+    timer.start()
+    try:
+        tuner.fit()
+    finally:
+        done.set()
+        signal.signal(signal.SIGUSR1, previous)

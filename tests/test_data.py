@@ -237,3 +237,70 @@ def test_a_patient_in_two_given_splits_is_refused_by_name(tmp_path):
                        "test/b/p5": 2})
     with pytest.raises(UserError, match=r"1 patient\(s\) have images in more than one given split.*p1 \(train, test\)"):
         load_dataset(tmp_path, image_size=8)
+
+
+@pytest.mark.parametrize("layout", [("train", "validation"), ("Train", "VALID"), ("training", "dev"),
+                                    ("train", "val"), ("TRAIN", "Val", "Testing"), ("train", "holdout"),
+                                    ("train",)])
+def test_split_folder_names_and_the_missing_splits_carved_by_seed(tmp_path, layout):
+    names = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+             "testing": "test", "holdout": "test"}
+    sizes = {"train": 30, "val": 6, "test": 6}
+    for folder in layout:
+        _folder(tmp_path, {f"{folder}/a": sizes[names[folder.lower()]], f"{folder}/b": sizes[names[folder.lower()]]})
+    data = load_dataset(tmp_path, image_size=8, seed=3)
+    given = {names[f.lower()] for f in layout}
+    carved = [s for s in ("test", "val") if s not in given]
+    counts = {s: sum(c.values()) for s, c in data.counts().items()}
+    for split in given:
+        if split != "train":
+            assert counts[split] == 12  # a given split is kept as it is
+    assert all(counts[s] > 0 for s in ("train", "val", "test"))
+    if carved:
+        assert f"{' and '.join(carved)} carved from train by seed 3" in data.split_kind
+        again = load_dataset(tmp_path, image_size=8, seed=3)
+        assert np.array_equal(data.split, again.split)
+    else:
+        assert data.split_kind == "given"
+
+
+def _encodings():
+    """The same gradient as float in [0, 1], as Hounsfield units (signed, -1000..1000) and as
+    12-bit values in 16 bits, with the 8-bit image each should decode to."""
+    ramp = np.linspace(0, 1, 24 * 24).reshape(24, 24)
+    expected = np.round(ramp * 255).astype(np.uint8)
+    return {"float01": (ramp.astype(np.float32), expected),
+            "signed_hu": (np.round(ramp * 2000 - 1000).astype(np.int16), expected),
+            "uint16": (np.round(ramp * 4095).astype(np.uint16), expected)}
+
+
+@pytest.mark.parametrize("encoding", ["float01", "signed_hu", "uint16"])
+def test_every_encoding_decodes_the_same_from_files_from_npz_and_for_predict(tmp_path, encoding):
+    from trainables.images import decode_images
+    pixels, expected = _encodings()[encoding]
+    for name in ("a", "b"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for k in range(6):
+            image = Image.fromarray(pixels.astype(np.int32) if encoding == "signed_hu" else pixels)
+            image.save(tmp_path / "folder" / name / f"{k}.tif")
+    stack = np.repeat(pixels[None], 12, 0)
+    np.savez(tmp_path / "d.npz", train_images=stack, train_labels=np.array([0, 1] * 6),
+             test_images=stack[:4], test_labels=np.array([0, 1, 0, 1]), val_images=stack[:4],
+             val_labels=np.array([0, 1, 0, 1]))
+    from_files = load_dataset(tmp_path / "folder", image_size=24).images
+    from_npz = load_dataset(tmp_path / "d.npz", image_size=24).images
+    for_predict = decode_images(sorted((tmp_path / "folder" / "a").glob("*.tif")), image_size=24, channels=1)
+    assert np.abs(from_files[0, ..., 0].astype(int) - expected).max() <= 1  # not black, not clipped
+    assert np.array_equal(from_files[0], from_npz[0]) and np.array_equal(for_predict[0], from_files[0])
+
+
+def test_pixels_no_8bit_image_can_show_are_refused_by_name(tmp_path):
+    broken = np.full((8, 8), np.nan, np.float32)
+    np.savez(tmp_path / "d.npz", train_images=np.stack([broken] * 4), train_labels=np.array([0, 1, 0, 1]))
+    with pytest.raises(UserError, match=r"d.npz: train_images image #0: the image has NaN or infinite pixels"):
+        load_dataset(tmp_path / "d.npz", image_size=8)
+    _folder(tmp_path / "f", {"a": 3, "b": 3})
+    frames = [Image.fromarray(np.zeros((8, 8), np.uint8)), Image.fromarray(np.ones((8, 8), np.uint8))]
+    frames[0].save(tmp_path / "f" / "a" / "stack.tif", save_all=True, append_images=frames[1:])
+    with pytest.raises(UserError, match=r"stack.tif \(it holds 2 frames \(a stack\); save one image per file\)"):
+        load_dataset(tmp_path / "f", image_size=8)

@@ -30,7 +30,7 @@ def test_ray_internals_the_searcher_and_scheduler_use_still_exist(tmp_path):
         assert hasattr(searcher, name), (f"ray {ray.__version__}: OptunaSearch has no attribute {name!r}; "
                                          f"search/tuner.py StudySearch was written for {SUPPORTED}")
     assert isinstance(searcher._ot_study, optuna.Study), f"ray {ray.__version__}: OptunaSearch._ot_study changed"
-    scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=4, grace_period=1)
+    scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=4, grace_period=1, folder=tmp_path)
     for name in ("_time_attr", "_max_t", "STOP"):
         assert hasattr(scheduler, name), (f"ray {ray.__version__}: ASHAScheduler has no attribute {name!r}; "
                                           f"search/tuner.py RecordingASHA was written for {SUPPORTED}")

@@ -110,6 +110,10 @@ def test_trials_spread_over_nodes_and_survive_a_killed_worker(cluster, tmp_path,
     assert epochs[-1] == 6
     assert epochs.count(1) == 1, epochs  # resumed from a checkpoint, not from epoch 0
     assert any(row["node_id"] != node_id for row in results[trial_id])  # finished elsewhere
+    # Ray's own word on the lost worker: one line on the console, the trace in engine.log
+    engine = [line for line in output.splitlines() if line.startswith("engine: ")]
+    assert engine and all(f"(details: {folder / 'engine.log'})" in line for line in engine), output[-3000:]
+    assert "Traceback" in (folder / "engine.log").read_text()
 
 
 def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path, pneumonia_npz):
@@ -171,3 +175,31 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path
     assert len(finished) == 2 and finished["val_auc"].notna().all() and (finished["epochs"] == 2).all()
     study = pd.read_csv(folder / "optuna_trials.csv")
     assert (study["state"] == "FAIL").sum() == 1
+
+
+def test_a_budget_cut_search_resumes_and_asha_judges_it_as_if_uninterrupted(tmp_path, pneumonia_npz):
+    """One trial at a time (so the order of results is fixed by the seed): the same search run
+    whole, and cut by --time-budget then resumed with a new one, ends with the same trials stopped
+    at the same rungs, and the cut trials continue from their checkpoints. Without the rungs kept
+    in asha_state.json the resumed search would judge its trials against empty rungs."""
+    base = dict(space="tiny", data=str(pneumonia_npz), subset=200, image_size=28, folds=1, max_epochs=3,
+                grace_period=1, num_samples=6, max_concurrent=1, cpus_per_trial=1, seed=0, finalize=False,
+                storage=str(tmp_path))
+    started = time.time()
+    whole = pd.read_csv(run_search(SearchOptions(**base, name="whole")) / "leaderboard.csv")
+    wall = time.time() - started
+    cut_folder = run_search(SearchOptions(**base, name="cut", time_budget=wall * 0.45))
+    cut = pd.read_csv(cut_folder / "leaderboard.csv")
+    assert len(cut) < 6 or (cut["status"] == "INTERRUPTED").any(), cut[["status", "epochs"]]
+    run_search(SearchOptions(**base, name="cut", resume=True, time_budget=600))
+    resumed = pd.read_csv(cut_folder / "leaderboard.csv")
+
+    def outcome(board):
+        return sorted(zip(board["backbone"], board["lr"].round(10), board["epochs"], board["stopped_early"]))
+
+    assert len(resumed) == 6 and (resumed["status"] == "TERMINATED").all()
+    assert outcome(resumed) == outcome(whole)
+    results = _results(cut_folder)
+    for trial_id in cut.loc[cut["status"] == "INTERRUPTED", "trial_id"]:
+        epochs = [row["epoch"] for row in results[trial_id]]
+        assert epochs == sorted(set(epochs)), epochs  # continued, not started again

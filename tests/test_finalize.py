@@ -19,10 +19,22 @@ from trainables import UserError
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, png_folder):
+def keras_folder(tmp_path_factory, png_folder):
+    """The PNG X-rays in Keras' flow_from_directory layout: train/ and validation/, no test/."""
+    root = tmp_path_factory.mktemp("keras")
+    for cls in sorted(d for d in png_folder.iterdir() if d.is_dir()):
+        for k, image in enumerate(sorted(cls.iterdir())):
+            target = root / ("validation" if k % 5 == 0 else "train") / cls.name
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, target / image.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, keras_folder):
     """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble."""
     storage = tmp_path_factory.mktemp("exp")
-    folder = run_search(SearchOptions(space="tiny", data=str(png_folder), storage=str(storage), name="pipeline", folds=1,
+    folder = run_search(SearchOptions(space="tiny", data=str(keras_folder), storage=str(storage), name="pipeline", folds=1,
                                       num_samples=4, max_epochs=3, grace_period=3, image_size=28, seed=0,
                                       cpus_per_trial=1, top_k=2, seeds=2))
     return folder, json.loads((folder / "final" / "metrics.json").read_text())
@@ -43,6 +55,10 @@ def test_finalize_writes_every_output(experiment):
     assert sorted(p.name for p in (final / "members").iterdir()) == sorted(members)
     report = (final / "report.md").read_text()
     assert metrics["chosen"] in report and all(n in report for n in members) and "Youden" in report
+    # train/ + validation/ and no test/: the test split was carved from train, and the report says so
+    assert "test carved from train by seed 0" in metrics["data"]["split_kind"] and metrics["data"]["split_kind"] in report
+    test = pd.read_csv(final / "test_predictions.csv")
+    assert len(test) > 0 and test["path"].str.startswith("train/").all()
     assert metrics["data"]["fingerprint"] and {"torch", "timm"} <= set(metrics["versions"])
 
 
@@ -102,13 +118,13 @@ def test_threshold_is_chosen_on_validation_not_test(experiment):
     assert threshold != pytest.approx(test_choice)  # tiny splits: the test's own optimum lies elsewhere
 
 
-def test_predict_on_png_files_agrees_with_finalize(experiment, png_folder, tmp_path):
+def test_predict_on_png_files_agrees_with_finalize(experiment, keras_folder, tmp_path):
     folder, metrics = experiment
     table = pd.read_csv(folder / "final" / "test_predictions.csv")
     images = tmp_path / "new"
     for rel in table["path"]:
         (images / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(png_folder / rel, images / rel)
+        shutil.copy(keras_folder / rel, images / rel)
     out = tmp_path / "preds.csv"
     result = _cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
                   "--out", str(out))
@@ -252,3 +268,23 @@ def test_refit_on_val_is_refused_for_a_cross_validated_search(cv_experiment):
     folder, _ = cv_experiment
     with pytest.raises(UserError, match="--refit-on-val does not apply to this cross-validated search"):
         finalize(FinalizeOptions(experiment=str(folder), refit_on_val=True))
+
+
+def test_a_failed_trial_is_never_a_member_and_a_failed_retraining_is_replaced(experiment, tmp_path):
+    """The best trial is marked ERROR in the leaderboard and the next one's configuration diverges
+    when retrained: neither is kept, the next two configurations fill in, the report names the failure."""
+    folder, _ = experiment
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    board = pd.read_csv(copy / "leaderboard.csv")
+    board.loc[0, "status"] = "ERROR"
+    board.to_csv(copy / "leaderboard.csv", index=False)
+    broken = copy / f"trial_{board['trial_id'][1]}" / "params.json"
+    broken.write_text(json.dumps({**json.loads(broken.read_text()), "lr": 1e8, "optimizer": "sgd"}))
+    final = finalize(FinalizeOptions(experiment=str(copy), top_k=2, bootstrap=50))
+    metrics = json.loads((final / "metrics.json").read_text())
+    members = [m["trial_id"] for m in metrics["models"].values() if m["kind"] == "member"]
+    assert members == list(board["trial_id"][2:4])
+    (failed,) = metrics["failed_members"]
+    assert failed["trial_id"] == board["trial_id"][1] and "diverged" in failed["error"]
+    assert "Retraining failed" in (final / "report.md").read_text() and failed["name"] in (final / "report.md").read_text()

@@ -229,3 +229,53 @@ def test_folds_auto_cross_validates_small_pools_only():
     assert resolve_folds("auto", 251) == AUTO_FOLDS == 5  # covid19-xray-3class
     assert resolve_folds("auto", AUTO_FOLDS_BELOW) == 1 and resolve_folds("auto", 2698) == 1  # pneumoniamnist
     assert resolve_folds(3, 100_000) == 3 and resolve_folds(1, 50) == 1
+
+
+def test_with_no_data_anywhere_the_search_runs_on_the_packaged_default(tmp_path, monkeypatch, pneumonia_npz):
+    """No --data, no $SEARCH_DATA, no MedMNIST download: the PneumoniaMNIST copy in the package,
+    the same file as the shared one."""
+    import hashlib
+
+    from search.data import PACKAGED_DATA, data_path
+    monkeypatch.delenv("SEARCH_DATA", raising=False)
+    monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path / "no-medmnist-here"))
+    assert data_path(None) == PACKAGED_DATA
+    assert hashlib.sha256(PACKAGED_DATA.read_bytes()).digest() == hashlib.sha256(pneumonia_npz.read_bytes()).digest()
+    folder = _run(tmp_path, space="tiny", data=None, num_samples=1, max_epochs=1, subset=60, name="packaged")
+    record = json.loads((folder / "search_config.json").read_text())
+    assert record["data"]["source"] == f"npz:{PACKAGED_DATA}" and len(pd.read_csv(folder / "leaderboard.csv")) == 1
+
+
+@pytest.mark.parametrize("profile,args,message", [
+    ("gpu", ["--max-epochs", "1"], "--grace-period 3 exceeds --max-epochs 1 (--grace-period 3 from the gpu profile"),
+    ("gpu", ["--grace-period", "31"], "--grace-period 31 exceeds --max-epochs 30 (--max-epochs 30 from the gpu profile"),
+    ("cpu", ["--grace-period", "9"], "--grace-period 9 exceeds --max-epochs 8 (--max-epochs 8 from the cpu profile"),
+    ("cpu", ["--max-epochs", "0"], "--max-epochs must be positive, got 0"),
+    ("gpu", ["--reduction-factor", "1.5"], "--reduction-factor must be at least 2, got 1.5"),
+    ("gpu", ["--gpus-per-trial", "1.5"], "--gpus-per-trial above 1 must be a whole number, got 1.5"),
+    ("cpu", ["--cpus-per-trial", "0"], "--cpus-per-trial must be positive, got 0.0"),
+    ("gpu", ["--time-budget", "-5"], "--time-budget must be positive, got -5.0"),
+    ("gpu", [], "no node can run a trial with 4 CPU and 1 GPU"),
+])
+def test_flags_that_clash_with_a_profile_are_one_clear_line(tmp_path, pneumonia_npz, capsys, profile, args, message):
+    from search.run import main
+    assert main(["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--profile", profile, *args]) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr and not any(tmp_path.iterdir())
+
+
+def test_warnings_are_one_clean_line(tmp_path, png_folder, capsys):
+    import shutil
+
+    from search.run import main
+    data = tmp_path / "data"
+    shutil.copytree(png_folder, data)
+    (data / "normal lung" / "scan 7.png").write_bytes(b"\x89PNG broken")
+    # stops after loading (a bad --positive-class), so the warning is the only thing it got to say
+    assert main(["--data", str(data), "--storage", str(tmp_path / "exp"), "--skip-corrupt", "--positive-class", "x"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    warning = [line for line in lines if "unreadable" in line]
+    assert warning == [line for line in warning if line.startswith("warning: left out 1 unreadable image(s)")]
+    assert len(warning) == 1 and "scan 7.png" in warning[0] and not any("UserWarning" in line for line in lines)

@@ -83,7 +83,7 @@ def _duplicates(data: Dataset, digests: list[str], used: np.ndarray, warnings: l
                               "labels": [data.class_names[data.labels[i]] for i in members], "kind": kind})
     across = [g for g in out["groups"] if g["kind"] == "across_splits"]
     if across:
-        given = " given by the data set" if data.split_kind == "given" else ""
+        given = " given by the data set" if data.split_kind.startswith("given") else ""
         listed = "; ".join(" = ".join(f"{f} [{s}]" for f, s in zip(g["files"], g["splits"])) for g in across[:10])
         warnings.append(f"LEAK: {len(across)} file(s) appear in more than one split{given} (identical bytes): "
                         f"{listed}{' ...' if len(across) > 10 else ''}; --dedupe drops the train/val copies")

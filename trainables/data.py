@@ -184,26 +184,26 @@ def _check_groups_stay_in_their_split(raw: Raw) -> None:
 
 
 def _make_split(labels: np.ndarray, given, groups, *, seed: int) -> tuple[np.ndarray, str]:
-    """Per-image split codes: the given split, with val carved from train when it is missing;
-    otherwise stratified 8:1:1 by seed, grouped so that no group crosses splits."""
+    """Per-image split codes: the given split, with test and val carved from train where the data
+    gives none; with no split given, 8:1:1 by seed. Carving is stratified, and grouped so that no
+    patient crosses splits; the test split is carved first and never changed afterwards."""
     split = np.zeros(len(labels), np.uint8)
-    if given is not None:
-        split[:] = [SPLITS.index(s) for s in given]
-        kind = "given"
-        if (split == 1).any():
-            return split, kind
-        pool, test_share = np.flatnonzero(split == 0), 0.0
+    if given is None:
+        pool, carve, kind = np.arange(len(labels)), ("test", "val"), "stratified"
     else:
-        pool, test_share, kind = np.arange(len(labels)), 0.1, "stratified"
+        split[:] = [SPLITS.index(s) for s in given]
+        pool = np.flatnonzero(split == 0)
+        carve = tuple(s for s in ("test", "val") if not (split == SPLITS.index(s)).any())
+        kind = "given" + (f" ({' and '.join(carve)} carved from train by seed {seed})" if carve else "")
     if groups is not None:
         kind += ", grouped"
-    rest, val_share = pool, 0.1
-    if test_share:
-        rest, test = _split_off(pool, labels, groups, test_share, seed)
+    rest = pool
+    if "test" in carve:
+        rest, test = _split_off(pool, labels, groups, 0.1, seed)
         split[test] = 2
-        val_share = 0.1 / (1 - test_share)
-    _, val = _split_off(rest, labels, groups, val_share, seed)
-    split[val] = 1
+    if "val" in carve:
+        _, val = _split_off(rest, labels, groups, 0.1 / 0.9 if "test" in carve else 0.1, seed)
+        split[val] = 1
     return split, kind
 
 

@@ -33,22 +33,47 @@ def check_image_size(value) -> None:
 
 
 def decode_image(path: str | os.PathLike, *, image_size: int, channels: int) -> np.ndarray:
-    """Read one image file as uint8 (image_size, image_size, channels), whatever its mode.
+    """Read one image file as uint8 (image_size, image_size, channels), whatever its mode: pixels
+    that are not 8-bit go through `to_uint8`, alpha is dropped, and every image ends in the same
+    mode, so the file's mode can never carry the label.
 
-    16-bit and float images are scaled to 0..255 by their own maximum; alpha is dropped; every
-    image ends in the same mode, so the file's mode can never carry the label.
+    Raises:
+        UserError: a stack of frames, or pixels that cannot be shown as 8-bit (see `to_uint8`).
     """
     with Image.open(path) as im:
+        if getattr(im, "n_frames", 1) > 1:
+            raise UserError(f"it holds {im.n_frames} frames (a stack); save one image per file")
         im.load()
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            arr = np.asarray(im, dtype=np.float32)
-            top = float(arr.max())
-            arr = arr * (255.0 / top) if top > 255 else arr
-            im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        if im.mode in ("I", "F") or im.mode.startswith("I;"):
+            im = Image.fromarray(to_uint8(np.asarray(im)))
         im = im.convert("RGB" if channels == 3 else "L")
         im = im.resize((image_size, image_size), Image.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """One image's pixels as uint8, by one rule for every source (files and .npz arrays alike):
+    8-bit stays as it is; values already within 0..255 are kept; floats within 0..1 are scaled by
+    255; other non-negative values (16-bit X-rays) are scaled by the image's own maximum; values
+    with negatives (CT in Hounsfield units) are stretched from the image's minimum to its maximum.
+
+    Raises:
+        UserError: NaN or infinite pixels, which no 8-bit image shows faithfully.
+    """
+    if pixels.dtype == np.uint8:
+        return pixels
+    x = pixels.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise UserError("the image has NaN or infinite pixels; fix the file (no 8-bit image can show them)")
+    low, high = float(x.min()), float(x.max())
+    if low >= 0 and high <= 1 and pixels.dtype.kind in "fb":
+        x = x * 255
+    elif low < 0:
+        x = (x - low) * (255 / max(high - low, 1e-12))
+    elif high > 255:
+        x = x * (255 / high)
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def decode_images(files: list[Path], *, image_size: int, channels: int) -> np.ndarray:
@@ -87,6 +112,8 @@ def decode_all(files: list[Path], *, image_size: int | str, channels: int, skip_
     def one(p):
         try:
             return decode_image(p, image_size=image_size, channels=channels), None
+        except UserError as exc:  # read, but not decodable faithfully: the reason in full
+            return None, f"{p} ({exc})"
         except Exception as exc:  # PIL raises many kinds for a bad file
             return None, f"{p} ({type(exc).__name__}: {str(exc)[:80]})"
 
@@ -105,9 +132,15 @@ def decode_all(files: list[Path], *, image_size: int | str, channels: int, skip_
 
 
 def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """A stack of images (N, H, W[, C]) as uint8 with `channels` channels, each image by `to_uint8`."""
     if x.dtype != np.uint8:
-        x = np.clip(x.astype(np.float32) * (255.0 / max(float(x.max()), 1.0) if x.max() > 255 else 1.0),
-                    0, 255).astype(np.uint8)
+        converted = []
+        for i, image in enumerate(x):
+            try:
+                converted.append(to_uint8(image))
+            except UserError as exc:
+                raise UserError(f"image #{i}: {exc}") from None
+        x = np.stack(converted)
     if x.ndim == 3:
         x = x[..., None]
     if x.shape[-1] == channels:

@@ -21,8 +21,9 @@ from trainables.images import (IMAGE_EXTENSIONS, auto_image_size, decode_all, im
                                to_channels)
 
 SPLITS = ("train", "val", "test")
-SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                      "validation": "val", "test": "test", "testing": "test"}
+# the names people give the three splits (folder names and manifest values, any case)
+SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                      "dev": "val", "test": "test", "testing": "test", "holdout": "test"}
 GROUP_COLUMN_NAMES = ("group", "patient_id", "patient", "subject_id", "subject", "case_id")
 MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
 
@@ -53,7 +54,8 @@ def _load_folder(root: Path, *, image_size: int, channels: int, group_column, sk
         if len(set(split_dirs.values())) != len(split_dirs):
             raise UserError(f"{root} has two folders for one split: {sorted(d.name for d in split_dirs)}")
         if "train" not in split_dirs.values():
-            raise UserError(f"{root} has split folders but no train/ folder")
+            raise UserError(f"{root} has split folders ({', '.join(sorted(d.name for d in split_dirs))}) but no "
+                            f"training one; name it one of {_names_of('train')}")
         entries = [(p, cls, split) for d, split in split_dirs.items() for cls in _visible_dirs(d)
                    for p in images_under(cls)]
     else:
@@ -101,7 +103,10 @@ def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_
         if x.ndim not in (3, 4) or len(x) != len(y):
             raise UserError(f"{path}: {s}_images has shape {x.shape} for {len(y)} labels; expected "
                             f"(N, H, W) or (N, H, W, C)")
-        images.append(resize_array(to_channels(x, channels), size))
+        try:
+            images.append(resize_array(to_channels(x, channels), size))
+        except UserError as exc:
+            raise UserError(f"{path}: {s}_images {exc}") from None
         labels.append(y.astype(np.int64))
         given.extend([s] * len(y))
     y = np.concatenate(labels)
@@ -148,7 +153,8 @@ def _load_manifest(path: Path, *, image_size: int, channels: int, group_column, 
         given = table["split"].str.lower().map(SPLIT_FOLDER_NAMES)
         bad = sorted(set(table["split"][given.isna()]))
         if bad:
-            raise UserError(f"manifest {path}: unknown split value(s) {bad}; use train, val or test")
+            raise UserError(f"manifest {path}: unknown split value(s) {bad}; use "
+                            + "; ".join(f"{_names_of(split)} for {split}" for split in SPLITS) + " (any case)")
         given = given.to_numpy()
     images, keep = decode_all(files, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
     table = table[keep]
@@ -181,3 +187,7 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:32]
+
+
+def _names_of(split: str) -> str:
+    return ", ".join(name for name, s in SPLIT_FOLDER_NAMES.items() if s == split)
