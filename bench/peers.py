@@ -116,7 +116,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
-    from search.options import PROFILES, SearchOptions
+    from search.options import PROFILES, SearchOptions, resolve_batch_size
     from trainables.data import load_dataset
     profile = PROFILES[args.profile]
     size = args.image_size or profile["image_size"]
@@ -141,7 +141,8 @@ def main() -> int:
             space="recipes", name=f"recipes-{stamp}", **common_options), data))
     if "optuna" in arms:
         rows.append(optuna_arm(data, budget=args.budget, seed=args.seed, pruner=args.pruner,
-                               base={"image_size": size, "batch_size": profile["batch_size"], "max_epochs": max_epochs,
+                               base={"image_size": size, "max_epochs": max_epochs,
+                                     "batch_size": resolve_batch_size(profile["batch_size"], len(data.indices("train"))),
                                      "seed": args.seed, "weights": args.weights}))
     if "random" in arms:
         rows.append(tune_arm("random search (Ray Tune, no scheduler)", SearchOptions(

@@ -46,12 +46,15 @@ def trial_loop(config: dict, data, steps: int, warmup: int) -> float:
     return len(timed_y) / (time.perf_counter() - start)
 
 
-def bare_loop(config: dict, data, steps: int, warmup: int, *, amp: bool) -> float:
-    """Images/s of the plain timm loop: model, AdamW, cross-entropy, pre-normalised batches."""
+def bare_loop(config: dict, data, steps: int, warmup: int, *, precision: str, memory_format: str) -> float:
+    """Images/s of the plain timm loop: model, AdamW, cross-entropy, pre-normalised batches, with
+    the autocast and layout `precision` and `memory_format` mean on this device."""
     import timm
 
     from trainables.models import min_input_size
+    from trainables.train import execution
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    (amp, dtype), channels_last = execution(device, precision, memory_format)
     torch.manual_seed(0)
     model = timm.create_model(config["backbone"], pretrained=False, num_classes=data.num_classes,
                               in_chans=data.channels).to(device)
@@ -64,12 +67,11 @@ def bare_loop(config: dict, data, steps: int, warmup: int, *, amp: bool) -> floa
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = ((x - 0.45) / 0.225).to(device)
     y = torch.from_numpy(labels[:n]).to(device)
-    if amp:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     model.train()
 
     def run(batches):
@@ -98,6 +100,10 @@ def main() -> int:
     p.add_argument("--data", default=common.default_data(), help="data set (default: PneumoniaMNIST npz)")
     p.add_argument("--backbones", default="resnet18", help="comma-separated timm names")
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--gpu-profile", action="store_true",
+                   help="the gpu profile's path: 224 px, precision and layout auto (bf16 + channels-last on a GPU)")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--memory-format", default="contiguous", choices=["auto", "channels_last", "contiguous"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3)
@@ -108,6 +114,8 @@ def main() -> int:
                    help="torch threads (a CPU trial of the default search holds 1 core)")
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
+    if args.gpu_profile:
+        args.image_size, args.precision, args.memory_format = 224, "auto", "auto"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible on this machine")
     if args.device == "cpu":
@@ -121,25 +129,29 @@ def main() -> int:
     rows = []
     for backbone in [b.strip() for b in args.backbones.split(",") if b.strip()]:
         config = {"backbone": backbone, "weights": "random", "image_size": args.image_size,
-                  "batch_size": args.batch_size, "max_epochs": 1, "augment": args.augment, "schedule": "cosine"}
+                  "batch_size": args.batch_size, "max_epochs": 1, "augment": args.augment, "schedule": "cosine",
+                  "precision": args.precision, "memory_format": args.memory_format}
         loops = {"trial loop": lambda: trial_loop(config, data, args.steps, args.warmup),
-                 "bare timm (fp32)": lambda: bare_loop(config, data, args.steps, args.warmup, amp=False)}
-        if gpu:
-            loops["bare timm (AMP + channels-last)"] = lambda: bare_loop(config, data, args.steps, args.warmup,
-                                                                          amp=True)
+                 "bare timm (fp32)": lambda: bare_loop(config, data, args.steps, args.warmup, precision="fp32",
+                                                       memory_format="contiguous")}
+        if (args.precision, args.memory_format) != ("fp32", "contiguous"):
+            loops[f"bare timm ({args.precision}, {args.memory_format})"] = lambda: bare_loop(
+                config, data, args.steps, args.warmup, precision=args.precision, memory_format=args.memory_format)
         speeds = {name: [] for name in loops}
         for _ in range(args.repeats):
             for name, loop in loops.items():
                 speeds[name].append(loop())
         trial = statistics.median(speeds["trial loop"])
         for name, values in speeds.items():
-            rows.append({"backbone": backbone, "loop": name, "images/s (median)": round(statistics.median(values), 1),
+            rows.append({"device": common.machine(), "backbone": backbone, "loop": name,
+                         "images/s (median)": round(statistics.median(values), 1),
                          "runs": " ".join(f"{v:.0f}" for v in values),
                          "trial loop / this": round(trial / statistics.median(values), 3)})
         print(pd.DataFrame(rows[-len(loops):]).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
     settings = (f"{args.image_size} px, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, "
-                f"augment {args.augment}, {'GPU' if gpu else f'{args.threads} CPU thread(s)'}")
+                f"augment {args.augment}, precision {args.precision}, memory format {args.memory_format} (the trial "
+                f"loop's; auto resolves per device), {'GPU' if gpu else f'{args.threads} CPU thread(s)'}")
     common.finish("throughput", table, settings=settings, started=started, benchmarks=args.benchmarks,
                   section="Training throughput (issue 5)")
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from search.calibration import apply_temperature, calibration, fit_temperature
 from search.evaluate import auc, evaluate, paired_difference, score, youden_threshold
 from trainables.data import Dataset
 from trainables.metrics import METRIC_MODES
@@ -49,17 +50,13 @@ def validation_key(labels: np.ndarray, probs: np.ndarray, metric: str) -> tuple[
 def score_models(members: list[dict], data: Dataset, *, selection: np.ndarray, positive: int, metric: str,
                  resamples: int) -> dict:
     """Every member (its seeds averaged) and, with two or more members, both ensembles: each with
-    its figures on the `selection` images (keyed `val`), its threshold (Youden's J there) and the
-    test read-out (intervals over patients where the data has patient ids)."""
-    val_y, test = data.labels[selection], data.indices("test")
-    test_y, test_groups = data.labels[test], None if data.groups is None else data.groups[test]
+    its figures on the `selection` images (keyed `val`), its threshold (Youden's J there), the test
+    read-out (intervals over patients where the data has patient ids) and its calibration on test."""
+    test_y = data.labels[data.indices("test")]
 
     def scored(entry, val_probs, test_probs):
-        threshold = youden_threshold(val_y == positive, val_probs[:, positive])
-        val = {m[4:]: score(val_y, val_probs, m) for m in METRIC_MODES} | {"threshold": threshold}
-        read_out = evaluate(test_y, test_probs, data.class_names, positive=positive, threshold=threshold,
-                            resamples=resamples, seed=0, groups=test_groups)
-        return {**entry, "val": val, "test": read_out, "val_probs": val_probs, "test_probs": test_probs}
+        return score_model(entry, val_probs, test_probs, data, selection=selection, positive=positive,
+                           resamples=resamples)
 
     models = {}
     for member in members:
@@ -71,12 +68,39 @@ def score_models(members: list[dict], data: Dataset, *, selection: np.ndarray, p
                                         np.mean([r["test"] for r in runs], 0))
     names = list(models)
     if len(names) > 1:
-        fitted = ensemble_weights([models[n]["val_probs"] for n in names], val_y, metric)
+        fitted = ensemble_weights([models[n]["val_probs"] for n in names], data.labels[selection], metric)
         for kind, weights in (("mean", np.full(len(names), 1 / len(names))), ("fitted", fitted)):
             entry = {"kind": "ensemble", "weighting": kind, "weights": dict(zip(names, weights.tolist()))}
             models[f"ensemble-{kind}"] = scored(entry, sum(w * models[n]["val_probs"] for w, n in zip(weights, names)),
                                                 sum(w * models[n]["test_probs"] for w, n in zip(weights, names)))
     return models
+
+
+def score_model(entry: dict, val_probs: np.ndarray, test_probs: np.ndarray, data: Dataset, *,
+                selection: np.ndarray, positive: int, resamples: int) -> dict:
+    """One model's figures: on the selection images (`val`, with the Youden threshold there), the
+    test read-out at that threshold, and its calibration on test."""
+    val_y, test = data.labels[selection], data.indices("test")
+    test_y = data.labels[test]
+    threshold = youden_threshold(val_y == positive, val_probs[:, positive])
+    val = {m[4:]: score(val_y, val_probs, m) for m in METRIC_MODES} | {"threshold": threshold}
+    read_out = evaluate(test_y, test_probs, data.class_names, positive=positive, threshold=threshold,
+                        resamples=resamples, seed=0, groups=None if data.groups is None else data.groups[test])
+    return {**entry, "val": val, "test": read_out, "calibration": calibration(test_y, test_probs),
+            "val_probs": val_probs, "test_probs": test_probs}
+
+
+def calibrate(model: dict, data: Dataset, *, selection: np.ndarray, positive: int, resamples: int) -> dict:
+    """The model with temperature scaling fitted on the selection images: its probabilities, its
+    threshold (chosen on the calibrated scores) and its test figures are the calibrated ones; its
+    calibration on test before and after, and the temperature, are kept."""
+    temperature = fit_temperature(data.labels[selection], model["val_probs"])
+    scaled = score_model({k: v for k, v in model.items() if k not in ("val", "test", "calibration")},
+                         apply_temperature(model["val_probs"], temperature),
+                         apply_temperature(model["test_probs"], temperature), data, selection=selection,
+                         positive=positive, resamples=resamples)
+    return {**scaled, "temperature": temperature, "uncalibrated_test_probs": model["test_probs"],
+            "calibration": {**scaled["calibration"], "before": model["calibration"], "temperature": temperature}}
 
 
 def choose(models: dict, data: Dataset, selection: np.ndarray, metric: str, *, resamples: int,

@@ -25,7 +25,7 @@ from search.evaluate import positive_class
 from search.final import finalize
 from search.leaderboard import LeaderboardCallback, print_summary
 from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions, SharedOptions, check_search,
-                            resolve_folds, with_profile)
+                            resolve_batch_size, resolve_folds, with_profile)
 from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json
 from search.tuner import bind_space, fit, make_scheduler, make_searcher, make_tuner, with_data
@@ -118,9 +118,11 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
     o.image_size = int(data.images.shape[1])  # "auto" resolved, recorded for finalize and --resume
     positive_class(data.class_names, o.positive_class)  # a bad --positive-class fails now
     data, audit = audited(data, dedupe=o.dedupe)
-    o.folds = resolve_folds(o.folds, len(data.indices("train")) + len(data.indices("val")))
+    pool = len(data.indices("train")) + len(data.indices("val"))
+    o.folds = resolve_folds(o.folds, pool)
     if o.folds > 1:
         data.cv_folds(o.folds, o.seed)  # too few images or patients for the folds fails now
+    o.batch_size = resolve_batch_size(o.batch_size, pool - pool // o.folds if o.folds > 1 else len(data.indices("train")))
     backbones = _backbones(space, o, profile)
     stages = {b: num_stages(b) for b in backbones}
     first = space.first_trials(backbones, pretrained=o.weights == "imagenet")
@@ -192,7 +194,8 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
         "backbones": list(search.backbones), "data": search.data.summary(), "versions": versions(),
         "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cluster": search.cluster})
     base_config = {"image_size": o.image_size, "batch_size": o.batch_size, "max_epochs": o.max_epochs,
-                   "seed": o.seed, "folds": o.folds, "weights": o.weights, "weights_dir": o.weights_dir}
+                   "seed": o.seed, "folds": o.folds, "precision": o.precision, "memory_format": o.memory_format,
+                   "weights": o.weights, "weights_dir": o.weights_dir}
     tuner = make_tuner(trainable, searcher=searcher, scheduler=scheduler, num_samples=o.num_samples,
                        storage=str(folder.parent), name=folder.name,
                        base_config=base_config, callbacks=[callback], max_retries=o.max_retries)

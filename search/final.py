@@ -20,14 +20,18 @@ import pandas as pd
 
 from search.cluster import check_fits, connected
 from search.data import audited, load_search_data
-from search.ensemble import choose, score_models
+from search.ensemble import calibrate, choose, score_models
 from search.evaluate import decide, positive_class
+from search.importance import importances, plot_importance
 from search.options import FinalizeOptions, check_fields
-from search.plots import plot_confusion, plot_progress, plot_roc, plot_training_curves
+from search.plots import (plot_calibration, plot_confusion, plot_progress, plot_roc, plot_saliency,
+                          plot_training_curves)
 from search.records import read_search_record, versions, write_json
 from search.report import fmt, render_report
 from search.retrain import candidates, retrain_top
-from search.saved_model import save_model
+from search.saliency import file_name, grad_cam, overlay
+from search.saved_model import load_model, save_model
+from search.tuner import STUDY_FILE, load_study
 from trainables import UserError
 from trainables.data import Dataset
 from trainables.metrics import METRIC_MODES
@@ -72,11 +76,13 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
     models = score_models(members, data, selection=selection, positive=positive, metric=metric,
                           resamples=options.bootstrap)
     chosen, choice, margin = choose(models, data, selection, metric, resamples=options.bootstrap, where=where)
+    models[chosen] = calibrate(models[chosen], data, selection=selection, positive=positive, resamples=options.bootstrap)
     summary = {"experiment": folder.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "finalize_options": asdict(options), "search": {k: record.get(k) for k in ("space", "profile", "options")},
                "data": data.summary(), "versions": versions(), "positive_class": data.class_names[positive],
                "selection": {"mode": "cross-validation" if folds else "validation split", "folds": k,
                              "images": int(len(selection)), "where": where},
+               "audit": _audit_summary(folder, search),
                "chosen": chosen, "choice": choice, "choice_margin": margin, "failed_members": failed,
                "models": {n: {k: v for k, v in m.items() if not k.endswith("_probs")} for n, m in models.items()}}
     return write_final(folder, summary=summary, models=models, members=members, board=board, data=data,
@@ -95,6 +101,13 @@ def read_leaderboard(folder: Path, metric: str) -> pd.DataFrame:
         raise UserError(f"no trial of {folder.name} has reported {metric} yet: nothing to finalize "
                         f"(continue the search with --resume, or wait for a trial to finish an epoch)")
     return board
+
+
+def _audit_summary(folder: Path, search: dict) -> dict:
+    """The warnings the data audit raised before the search, and what was done about the leaks."""
+    path = folder / "data_report.json"
+    audit = json.loads(path.read_text()) if path.is_file() else {}
+    return {"warnings": audit.get("warnings", []), "deduped": audit.get("deduped"), "dedupe": search.get("dedupe")}
 
 
 def _search_data(record: dict, moved_to: str | None) -> Dataset:
@@ -121,13 +134,19 @@ def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict
     chosen, names = summary["chosen"], data.class_names
     positive = names.index(summary["positive_class"])
     metric = summary["search"]["options"]["metric"]
+    _save_models(tmp, folder, summary, models, members, data)
+    summary["saliency"] = _saliency(tmp, data, models[chosen], positive)
+    summary["importance"] = importances(load_study(folder)) if (folder / STUDY_FILE).is_file() else None
+    if summary["importance"]:
+        plot_importance(summary["importance"], board, metric, tmp / "importance.png")
     write_json(tmp / "metrics.json", summary)
     for split, idx in (("val", selection), ("test", data.indices("test"))):
         _predictions(data, split, idx, models[chosen]).to_csv(tmp / f"{split}_predictions.csv", index=False)
-    _save_models(tmp, folder, summary, models, members, data)
     test_y = data.arrays("test")[1]
     plot_roc(models, chosen, test_y, names, positive, tmp / "roc.png")
     plot_confusion(models[chosen]["test"]["confusion_matrix"], names, chosen, tmp / "confusion_matrix.png")
+    plot_calibration(test_y, models[chosen]["uncalibrated_test_probs"], models[chosen]["test_probs"],
+                     models[chosen]["temperature"], chosen, tmp / "calibration.png")
     plot_training_curves(folder, board, members, metric, tmp / "training_curves.png")
     plot_progress(board, tmp / "search_progress.png", metric=metric, mode=METRIC_MODES[metric], name=folder.name)
     (tmp / "report.md").write_text(render_report(folder, summary, models, board, _siblings(folder, summary)))
@@ -138,6 +157,30 @@ def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict
     tmp.rename(final)
     _print_summary(final, summary)
     return final
+
+
+def _saliency(tmp: Path, data: Dataset, model: dict, positive: int, *, per_row: int = 4) -> dict:
+    """`saliency_<class>.png` per class: Grad-CAM of the final model (as saved) for that class on
+    its most confident correct test images and its most confident errors (images of another class
+    it called this one). Returns, per class, the file and the test indices shown."""
+    saved = load_model(tmp / "ensemble")
+    images, labels = data.arrays("test")
+    probs = model["test_probs"]
+    said = decide(probs, positive, model["val"]["threshold"])
+    shown = {}
+    for c, name in enumerate(data.class_names):
+        rows = {}
+        for row, pick in (("most confident correct", (labels == c) & (said == c)),
+                          ("most confident errors", (labels != c) & (said == c))):
+            idx = np.flatnonzero(pick)
+            rows[row] = idx[np.argsort(-probs[idx, c], kind="stable")][:per_row]
+        picked = np.concatenate(list(rows.values())).astype(int)
+        cams = dict(zip(picked.tolist(), grad_cam(saved, images[picked], np.full(len(picked), c)))) if len(picked) else {}
+        panels = {row: [(overlay(images[i], cams[i]), f"#{i}: {data.class_names[labels[i]]}, p={probs[i, c]:.2f}")
+                        for i in idx] for row, idx in rows.items()}
+        plot_saliency(panels, f"where the final model looks when it says {name} (Grad-CAM)", tmp / file_name(name))
+        shown[name] = {"file": file_name(name), **{row.replace(" ", "_"): idx.tolist() for row, idx in rows.items()}}
+    return shown
 
 
 def _save_models(tmp: Path, folder: Path, summary: dict, models: dict, members: list[dict], data: Dataset) -> None:
@@ -153,13 +196,15 @@ def _save_models(tmp: Path, folder: Path, summary: dict, models: dict, members: 
         return {"name": name, "trial_id": member["trial_id"], "config": member["config"], "weight": float(weight),
                 "states": [state for r in member["runs"] for state in r["states"]]}
 
+    def decision(name):  # what turns its networks' outputs into the saved model's probabilities and labels
+        return {"name": name, "threshold": models[name]["val"]["threshold"],
+                "temperature": models[name].get("temperature", 1.0)}
+
     for name in by_name:
-        save_model(tmp / "members" / name, {**record, "kind": "single", "name": name,
-                                            "threshold": models[name]["val"]["threshold"]}, [saved(name, 1.0)])
+        save_model(tmp / "members" / name, {**record, "kind": "single", **decision(name)}, [saved(name, 1.0)])
     chosen = summary["chosen"]
     weights = models[chosen]["weights"] if models[chosen]["kind"] == "ensemble" else {chosen: 1.0}
-    save_model(tmp / "ensemble", {**record, "kind": "ensemble" if len(weights) > 1 else "single", "name": chosen,
-                                  "threshold": models[chosen]["val"]["threshold"]},
+    save_model(tmp / "ensemble", {**record, "kind": "ensemble" if len(weights) > 1 else "single", **decision(chosen)},
                [saved(n, w) for n, w in weights.items() if w > 0])
 
 

@@ -24,16 +24,20 @@ from trainables.metrics import METRIC_MODES
 PROFILES = {
     # a laptop-class CPU: few epochs, two trials at a time on two cores; images at 32 px when they
     # are MedMNIST-sized, else at 64 px (see trainables.data.auto_image_size)
-    "cpu": dict(image_size="auto", max_epochs=8, grace_period=1, num_samples=24, batch_size=64,
+    "cpu": dict(image_size="auto", max_epochs=8, grace_period=1, num_samples=24, batch_size="auto",
                 cpus_per_trial=1, gpus_per_trial=0, time_budget=900),
     # GPU workers: ImageNet resolution and a longer search
-    "gpu": dict(image_size=224, max_epochs=30, grace_period=3, num_samples=64, batch_size=64,
+    "gpu": dict(image_size=224, max_epochs=30, grace_period=3, num_samples=64, batch_size="auto",
                 cpus_per_trial=4, gpus_per_trial=1, time_budget=None),
 }
 # --folds auto: cross-validate when train+val is small. Below about 2,000 images one validation split
 # of ~10% holds a few dozen to a few hundred images, too few to tell the top configurations apart
 # (BENCHMARKS.md, issue 15); above it, K-fold would cost K times the compute for little gain.
 AUTO_FOLDS, AUTO_FOLDS_BELOW = 5, 2000
+# --batch-size auto: the largest of these that still gives an epoch this many optimizer steps. A small
+# data set at batch 64 gets 3 steps an epoch and stays undertrained in a CPU profile's 8 epochs (the
+# 3-class X-rays: test accuracy 0.76 at batch 64, 0.94 at 16, BENCHMARKS.md issue 15); large ones keep 64.
+AUTO_BATCH_SIZES, MIN_STEPS_PER_EPOCH = (64, 32, 16, 8), 12
 
 
 def option(default, help: str, **check):
@@ -95,7 +99,13 @@ class SearchOptions(SharedOptions):
     image_size: int | str | None = option(None, "side of the decoded images; auto: 32 px for images up to "
                                                 "48 px, else 64", type=int_or_auto)
     channels: int = option(1, "1 grayscale, 3 RGB", type=int, choices=(1, 3))
-    batch_size: int | None = option(None, "training batch size", type=int, above=0)
+    precision: str = option("auto", "autocast of training and prediction; auto: bf16 on GPUs that have it, else "
+                                    "fp16 on a GPU, fp32 on a CPU", choices=("auto", "fp32", "bf16", "fp16"))
+    memory_format: str = option("auto", "tensor layout of the networks; auto: channels_last on a GPU, contiguous on a "
+                                        "CPU", choices=("auto", "channels_last", "contiguous"))
+    batch_size: int | str | None = option(None, f"training batch size; auto: the largest of "
+                                                f"{', '.join(map(str, AUTO_BATCH_SIZES))} that gives an epoch at least "
+                                                f"{MIN_STEPS_PER_EPOCH} steps", type=int_or_auto)
     group_column: str | None = option(None, "manifest column of patient ids (detected by name when obvious)")
     skip_corrupt: bool = option(False, "leave unreadable images out, with a warning")
     dedupe: bool = option(True, "keep a file that appears in two splits in both (by default only the copy in the "
@@ -127,6 +137,13 @@ class FinalizeOptions(SharedOptions):
 # a resumed search runs with the options it started with: only where it runs, for how long (a new
 # --time-budget, for this run) and what happens after it may change
 CHANGEABLE_ON_RESUME = ("storage", "time_budget", "finalize", *(f.name for f in fields(SharedOptions)))
+
+
+def resolve_batch_size(batch_size: int | str, train_images: int) -> int:
+    """The batch size `--batch-size` means for trials that train on `train_images` images."""
+    if batch_size != "auto":
+        return int(batch_size)
+    return next((b for b in AUTO_BATCH_SIZES if train_images // b >= MIN_STEPS_PER_EPOCH), AUTO_BATCH_SIZES[-1])
 
 
 def resolve_folds(folds: int | str, pool: int) -> int:
@@ -192,6 +209,9 @@ def check_search(o: SearchOptions) -> None:
         raise UserError(str(exc)) from None
     if o.image_size is not None:
         check_image_size(o.image_size)
+    if o.batch_size not in (None, "auto") and (isinstance(o.batch_size, bool) or not isinstance(o.batch_size, int)
+                                               or o.batch_size < 2):
+        raise UserError(f"--batch-size must be 'auto' or a whole number, 2 or more; got {o.batch_size!r}")
     if o.folds != "auto" and (isinstance(o.folds, bool) or not isinstance(o.folds, int) or o.folds < 1):
         raise UserError(f"--folds must be 'auto' or a whole number, 1 (no cross-validation) or more; got {o.folds!r}")
     if o.gpus_per_trial and o.gpus_per_trial > 1 and o.gpus_per_trial != int(o.gpus_per_trial):

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
+from search.calibration import BINS, expected_calibration_error, reliability
+
 matplotlib.use("Agg")  # files only: no display
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -46,7 +48,7 @@ def plot_roc(models: dict, chosen: str, test_y, names, positive: int, path: Path
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{chosen}: each class vs rest")
         ax.legend(loc="lower right", fontsize=8)
         ax.grid(alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_confusion(matrix: list[list[int]], names: list[str], title: str, path: Path) -> None:
@@ -62,7 +64,7 @@ def plot_confusion(matrix: list[list[int]], names: list[str], title: str, path: 
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_yticks(range(len(names)), names)
     ax.set(xlabel="predicted (at the validation-chosen threshold)", ylabel="true", title=f"test confusion matrix: {title}")
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_training_curves(folder: Path, board: pd.DataFrame, members: list[dict], metric: str, path: Path) -> None:
@@ -89,7 +91,7 @@ def plot_training_curves(folder: Path, board: pd.DataFrame, members: list[dict],
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_progress(board: pd.DataFrame, path: Path, *, metric: str, mode: str, name: str) -> None:
@@ -109,10 +111,57 @@ def plot_progress(board: pd.DataFrame, path: Path, *, metric: str, mode: str, na
     ax.set_title(f"search progress: {name} ({len(frame)} trials, {int(stopped.sum())} stopped early)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    _save(fig, path)
+    save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def plot_calibration(labels: np.ndarray, before: np.ndarray, after: np.ndarray, temperature: float, title: str,
+                     path: Path) -> None:
+    """Reliability diagram of the top-label confidence on test, before and after temperature
+    scaling (left), and how many images fall in each confidence bin (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    left.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":", label="perfectly calibrated")
+    width = 1 / BINS
+    for label, probs, marker in (("before", before, "s"), (f"after (T = {temperature:.2f})", after, "o")):
+        r = reliability(labels, probs)
+        filled = r["count"] > 0
+        left.plot(r["confidence"][filled], r["accuracy"][filled], marker=marker,
+                  label=f"{label}: ECE {expected_calibration_error(labels, probs):.3f}")
+        right.bar(np.arange(BINS)[filled] * width + width / 2 + (0.2 if marker == "o" else -0.2) * width,
+                  r["count"][filled], width=0.4 * width, label=label)
+    left.set(xlabel="confidence (top-label probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02),
+             title=f"test reliability: {title}")
+    right.set(xlabel="confidence", ylabel="test images", title=f"images per confidence bin ({BINS} bins)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    save(fig, path)
+
+
+def plot_saliency(rows: dict[str, list[tuple[np.ndarray, str]]], title: str, path: Path) -> None:
+    """A grid of overlays: one row per entry of `rows` (its name on the left), each panel an RGB
+    image with its caption."""
+    width = max([len(panels) for panels in rows.values()] + [1])
+    fig, axes = plt.subplots(len(rows), width, figsize=(2.6 * width + 1, 2.9 * len(rows)), squeeze=False)
+    for r, (row, panels) in enumerate(rows.items()):
+        for c in range(width):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(panels):
+                ax.imshow(panels[c][0])
+                ax.set_title(panels[c][1], fontsize=8)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(row if panels else f"{row}: none", fontsize=10)
+        if not panels:
+            axes[r, 0].axis("on")
+            axes[r, 0].set_frame_on(False)
+    fig.suptitle(title)
+    save(fig, path)
+
+
+def save(fig, path: Path) -> None:
+    """Lay out, write and close a figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

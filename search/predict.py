@@ -3,8 +3,9 @@
     python -m search.predict --model experiments/backbones-20261123-0100/final/ensemble \\
         --images new_xrays/ --out predictions.csv
 
-Writes a CSV with `path`, `p_<class>` per class and `predicted` (the class at the model's
-threshold). The model directory format is described in `search/saved_model.py`.
+Writes a CSV with `path`, `p_<class>` per class (calibrated probabilities) and `predicted` (the
+class at the model's threshold); with `--saliency DIR` also a Grad-CAM overlay per image. The model
+directory format is described in `search/saved_model.py`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pathlib import Path
 
 from search.cli import handle_errors
 from search.records import write_atomic
+from search.saliency import write_overlays
 from search.saved_model import device_name, image_files, load_model, predict_files
+from trainables.images import decode_images
 from trainables import UserError
 
 
@@ -24,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="an image file, or a folder searched recursively")
     p.add_argument("--out", required=True, help="CSV to write: path, p_<class> per class, predicted")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--saliency", help="folder to write one Grad-CAM overlay per image into (<image path>.png), "
+                                      "for the class each was called")
     return p
 
 
@@ -31,10 +36,19 @@ def predict(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()
     if not out.parent.is_dir():
         raise UserError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
+    if args.saliency and Path(args.saliency).expanduser().exists() and not Path(args.saliency).expanduser().is_dir():
+        raise UserError(f"--saliency {args.saliency!r} is a file; give a folder (it is created if missing)")
     model = load_model(args.model, device=device_name(args.device))
     images = Path(args.images).expanduser()
-    table = predict_files(model, image_files(images), root=images if images.is_dir() else None)
+    files = image_files(images)
+    table = predict_files(model, files, root=images if images.is_dir() else None)
     write_atomic(out, lambda f: table.to_csv(f, index=False))
+    if args.saliency:
+        pre, names = model.record["preprocessing"], model.class_names
+        pixels = decode_images(files, image_size=pre["image_size"], channels=pre["channels"])
+        write_overlays(model, pixels, table["predicted"].map(names.index).to_numpy(),
+                       list(table["path"]) if images.is_dir() else [images.name], Path(args.saliency).expanduser())
+        print(f"saliency overlays: {args.saliency}")
     print(f"{len(table)} image(s) -> {out}: {table['predicted'].value_counts().to_dict()} (threshold "
           f"{model.record['threshold']:.3f} on p_{model.record['positive_class']})")
 

@@ -22,8 +22,10 @@ def render_report(folder: Path, summary: dict, models: dict, board: pd.DataFrame
     metric = summary["search"]["options"]["metric"]
     sections = [_headline(folder, summary, models), _models_table(summary, models, metric), _siblings(siblings),
                 ["![ROC curves](roc.png)"], _per_class(summary["chosen"], models[summary["chosen"]]["test"]),
-                _confusion(models[summary["chosen"]]["test"]), _members(models, metric, summary.get("failed_members", [])),
-                _search(summary, board, metric), _data(summary["data"]), _method(summary),
+                _confusion(models[summary["chosen"]]["test"]), _calibration(summary, models),
+                _members(models, metric, summary.get("failed_members", [])),
+                _search(summary, board, metric), _importance(summary.get("importance")),
+                _data(summary["data"], summary.get("audit")), _saliency(summary.get("saliency") or {}), _method(summary),
                 _use(folder, summary["versions"])]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -100,6 +102,28 @@ def _confusion(c: dict) -> list[str]:
                     "", "![confusion matrix](confusion_matrix.png)"]
 
 
+def _calibration(summary: dict, models: dict) -> list[str]:
+    chosen = summary["chosen"]
+    final = models[chosen]["calibration"]
+    lines = ["## Calibration", "",
+             f"A probability of 0.9 should be right nine times in ten. The final model's probabilities are "
+             f"temperature-scaled: its logits divided by T = {final['temperature']:.3f}, fitted by log loss on the "
+             f"{_where(summary)} (T > 1 softens overconfident probabilities); its threshold was chosen on the "
+             f"calibrated scores, and `search.predict` gives the calibrated probabilities. Test figures: expected "
+             f"calibration error (ECE, top-label confidence in 10 equal bins), Brier score, log loss; lower is better.",
+             "", "| model | ECE | Brier | log loss |", "| --- | --- | --- | --- |"]
+    for name, m in models.items():
+        c = m["calibration"]
+        if name == chosen:
+            b = c["before"]
+            lines.append(f"| {name}, as trained | {b['ece']:.4f} | {b['brier']:.4f} | {b['log_loss']:.4f} |")
+            lines.append(f"| **{name}** (final, T = {c['temperature']:.3f}) | {c['ece']:.4f} | {c['brier']:.4f} | "
+                         f"{c['log_loss']:.4f} |")
+        else:
+            lines.append(f"| {name} | {c['ece']:.4f} | {c['brier']:.4f} | {c['log_loss']:.4f} |")
+    return lines + ["", "![calibration](calibration.png)"]
+
+
 def _members(models: dict, metric: str, failed: list[dict]) -> list[str]:
     lines = ["## Members", ""]
     if failed:
@@ -129,13 +153,59 @@ def _search(summary: dict, board: pd.DataFrame, metric: str) -> list[str]:
             "![search progress](search_progress.png)", "", "![training curves](training_curves.png)"]
 
 
-def _data(data: dict) -> list[str]:
+def _importance(found: dict | None) -> list[str]:
+    if not found:
+        return ["What mattered: too few trials ran to the end (or shared fewer than two hyperparameters) for "
+                "hyperparameter importances."]
+    lines = ["### What mattered in the search", "",
+             "Each hyperparameter's share of the variance of the finished trials' scores (fANOVA, over the "
+             "parameters every finished trial has; `optuna.importance`):", "",
+             "| hyperparameter | importance |", "| --- | --- |"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in found.items()]
+    return lines + ["", "![importance](importance.png)"]
+
+
+def _saliency(shown: dict) -> list[str]:
+    lines = ["## What the model looks at", "",
+             "Grad-CAM of the final model (each network's last feature stage, combined by the ensemble weights) "
+             "on the test images it was most sure of for each class, right and wrong. Warm colours mark what "
+             "drove the call: it should lie on the lungs, not on a text marker, a device, a border or the "
+             "background, which would be a shortcut like the ones the audit above looks for."]
+    for name, entry in shown.items():
+        lines += ["", f"**{name}**: {len(entry['most_confident_correct'])} most confident correct, "
+                      f"{len(entry['most_confident_errors'])} most confident errors (test indices "
+                      f"{entry['most_confident_correct'] + entry['most_confident_errors']}).", "",
+                  f"![saliency {name}]({entry['file']})"]
+    return lines
+
+
+def _data(data: dict, audit: dict | None) -> list[str]:
     h, w, c = data["image_shape"]
     lines = ["## Data", "",
              f"`{data['source']}`, split {data['split_kind']}, fingerprint `{data['fingerprint']}`, images {h}x{w}x{c}.",
              "", "| split | " + " | ".join(data["class_names"]) + " |", "| --- |" + " --- |" * len(data["class_names"])]
     for split, counts in data["counts"].items():
         lines.append(f"| {split} | " + " | ".join(str(counts[n]) for n in data["class_names"]) + " |")
+    return lines + [""] + _audit(audit or {})
+
+
+def _audit(audit: dict) -> list[str]:
+    """Every warning of the data audit, each with what was done about it."""
+    if not audit.get("warnings"):
+        return ["The data audit raised no warning (`../data_report.md` has its tables)."]
+    lines = ["**The data audit warned** (`../data_report.md` has the tables):", ""]
+    for warning in audit["warnings"]:
+        if warning.startswith("LEAK"):
+            done = (f"the {len(audit.get('deduped') or [])} copies in the earlier split were dropped before training "
+                    f"(named in the data report)" if audit.get("dedupe") else
+                    "kept: the search ran with --no-dedupe, so the test figures may be optimistic")
+        elif warning.startswith("SHORTCUT"):
+            done = ("every image was converted to one mode and size, so the model never sees this property; but "
+                    "images that differ this way may differ in what a model can learn instead of the lungs: check "
+                    "the saliency maps below")
+        else:
+            done = "nothing was changed: check these files"
+        lines.append(f"- {warning}\n  *Done:* {done}.")
     return lines
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from search.calibration import apply_temperature
 from search.evaluate import decide
 from trainables import UserError
 from trainables.images import IMAGE_EXTENSIONS, decode_images, images_under
@@ -42,12 +43,13 @@ class SavedModel:
         return self.record["class_names"]
 
     def predict_proba(self, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities (N, classes) for uint8 images (N, size, size, channels)."""
+        """Calibrated class probabilities (N, classes) for uint8 images (N, size, size, channels): the
+        members' weighted mean, scaled by the model's temperature."""
         total = 0.0
         for weight, networks in self.members:
             probs = np.mean([predict_proba(net, prep, images, batch_size=batch_size) for net, prep in networks], 0)
             total = total + weight * probs
-        return total
+        return apply_temperature(total, self.record.get("temperature", 1.0))
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Labels at the model's threshold (see `search.evaluate.decide`)."""
@@ -106,8 +108,10 @@ def load_model(folder: str | Path, *, device: str = "cpu") -> SavedModel:
             except Exception as exc:  # safetensors and torch raise several kinds for a bad file
                 raise UserError(f"cannot load {path}: {str(exc)[:200]}") from None
             net.to(torch.device(device)).eval()
-            networks.append((net, Preprocess(net, config["backbone"], channels=pre["channels"],
-                                             image_size=pre["image_size"])))
+            prep = Preprocess(net, config["backbone"], channels=pre["channels"], image_size=pre["image_size"],
+                              precision=config.get("precision", "auto"),
+                              memory_format=config.get("memory_format", "auto"))
+            networks.append((net.to(memory_format=torch.channels_last) if prep.channels_last else net, prep))
         members.append((member["weight"], networks))
     return SavedModel(record, members)
 

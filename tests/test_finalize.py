@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
 from conftest import ROOT
@@ -45,7 +46,8 @@ def test_finalize_writes_every_output(experiment):
     final = folder / "final"
     for name in ("metrics.json", "test_predictions.csv", "val_predictions.csv", "report.md", "ensemble/model.json"):
         assert (final / name).is_file(), name
-    for plot in ("roc.png", "confusion_matrix.png", "training_curves.png", "search_progress.png"):
+    for plot in ("roc.png", "confusion_matrix.png", "training_curves.png", "search_progress.png", "calibration.png",
+                 "saliency_normal_lung.png", "saliency_viral_pneumonia.png"):
         assert (final / plot).stat().st_size > 5000, plot
     members = [n for n, m in metrics["models"].items() if m["kind"] == "member"]
     assert len(members) == 2 and {"ensemble-mean", "ensemble-fitted"} <= set(metrics["models"])
@@ -257,11 +259,76 @@ def test_cross_validated_model_predicts_like_finalize(cv_experiment, tmp_path):
         shutil.copy(shared("covid19-xray-3class") / rel, images / rel)
     out = tmp_path / "preds.csv"
     result = _cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
-                  "--out", str(out))
+                  "--out", str(out), "--saliency", str(tmp_path / "maps"))
     assert result.returncode == 0, result.stderr[-2000:]
     preds = pd.read_csv(out).set_index("path").loc[table["path"]]
-    for name in ("Covid", "Normal", "Viral Pneumonia"):
+    for name in ("Covid", "Normal", "Viral Pneumonia"):  # the calibrated probabilities finalize wrote
         assert np.allclose(preds[f"p_{name}"].to_numpy(), table[f"p_{name}"].to_numpy(), atol=1e-5)
+    overlays = sorted(str(p.relative_to(tmp_path / "maps")) for p in (tmp_path / "maps").rglob("*.png"))
+    assert overlays == sorted(f"{rel}.png" for rel in table["path"])
+
+
+def _ece(labels, probs, bins=10):
+    """Expected calibration error, written out bin by bin (independently of search.calibration)."""
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    total = 0.0
+    for b in range(bins):
+        inside = (confidence >= b / bins) & ((confidence < (b + 1) / bins) if b < bins - 1 else (confidence <= 1))
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return total
+
+
+def test_calibration_figures_agree_with_the_predictions_file(cv_experiment):
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    from search.calibration import apply_temperature
+    folder, metrics = cv_experiment
+    names = ["Covid", "Normal", "Viral Pneumonia"]
+    calibration = metrics["models"][metrics["chosen"]]["calibration"]
+    assert {"ece", "brier", "log_loss", "temperature"} <= set(calibration)
+    assert {"ece", "brier", "log_loss"} <= set(calibration["before"])
+    test = pd.read_csv(folder / "final" / "test_predictions.csv")  # the final model's calibrated probabilities
+    y, probs = test["label"].map(names.index).to_numpy(), test[[f"p_{n}" for n in names]].to_numpy()
+    assert calibration["ece"] == pytest.approx(_ece(y, probs), abs=1e-6)
+    assert calibration["brier"] == pytest.approx(brier_score_loss(y, probs, labels=[0, 1, 2]), abs=1e-6)
+    assert calibration["log_loss"] == pytest.approx(log_loss(y, probs, labels=[0, 1, 2]), abs=1e-6)
+    assert json.loads((folder / "final" / "ensemble" / "model.json").read_text())["temperature"] == \
+        pytest.approx(calibration["temperature"])
+    # the temperature was fitted on the out-of-fold predictions: no further scaling lowers their log loss
+    val = pd.read_csv(folder / "final" / "val_predictions.csv")
+    vy, vp = val["label"].map(names.index).to_numpy(), val[[f"p_{n}" for n in names]].to_numpy()
+    fitted = log_loss(vy, vp, labels=[0, 1, 2])
+    for nudge in (0.9, 1.1):
+        assert log_loss(vy, apply_temperature(vp, nudge), labels=[0, 1, 2]) >= fitted - 1e-4
+    for name, model in metrics["models"].items():
+        assert {"ece", "brier", "log_loss"} <= set(model["calibration"]), name
+    assert (folder / "final" / "calibration.png").stat().st_size > 5000
+
+
+def test_importances_are_optunas_fanova_on_the_kept_study(cv_experiment):
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    from search.tuner import load_study
+    folder, metrics = cv_experiment
+    again = get_param_importances(load_study(folder), evaluator=FanovaImportanceEvaluator(seed=0))
+    assert metrics["importance"] == pytest.approx(dict(again))
+    assert sum(metrics["importance"].values()) == pytest.approx(1)
+    assert (folder / "final" / "importance.png").stat().st_size > 5000
+    assert "What mattered in the search" in (folder / "final" / "report.md").read_text()
+
+
+def test_saliency_figures_show_each_class_most_confident_right_and_wrong(cv_experiment):
+    folder, metrics = cv_experiment
+    test = pd.read_csv(folder / "final" / "test_predictions.csv")
+    report = (folder / "final" / "report.md").read_text()
+    for name, shown in metrics["saliency"].items():
+        assert (folder / "final" / shown["file"]).stat().st_size > 5000 and shown["file"] in report
+        for row, pick in (("most_confident_correct", (test["label"] == name) & (test["predicted"] == name)),
+                          ("most_confident_errors", (test["label"] != name) & (test["predicted"] == name))):
+            expected = test[pick].sort_values(f"p_{name}", ascending=False, kind="stable")["index"].head(4).tolist()
+            assert shown[row] == expected, (name, row)
+    assert set(metrics["saliency"]) == {"Covid", "Normal", "Viral Pneumonia"}
 
 
 def test_refit_on_val_is_refused_for_a_cross_validated_search(cv_experiment):
@@ -288,3 +355,28 @@ def test_a_failed_trial_is_never_a_member_and_a_failed_retraining_is_replaced(ex
     (failed,) = metrics["failed_members"]
     assert failed["trial_id"] == board["trial_id"][1] and "diverged" in failed["error"]
     assert "Retraining failed" in (final / "report.md").read_text() and failed["name"] in (final / "report.md").read_text()
+
+
+def test_the_gpu_profile_runs_end_to_end_on_a_cpu(tmp_path, pneumonia_npz):
+    """The gpu profile's settings (224 px, bfloat16 autocast, channels-last), its epochs and trials
+    scaled down to a tiny subset and its GPU swapped for a CPU core: search, finalize, predict."""
+    from search.saved_model import load_model
+    folder = run_search(SearchOptions(space="backbones", backbones="mobilenetv3_small_100", data=str(pneumonia_npz),
+                                      profile="gpu", gpus_per_trial=0, cpus_per_trial=1, max_concurrent=2,
+                                      num_samples=2, max_epochs=2, grace_period=1, subset=16, folds=1,
+                                      weights="random", precision="bf16", memory_format="channels_last",
+                                      top_k=1, storage=str(tmp_path), name="gpu-profile"))
+    record = json.loads((folder / "search_config.json").read_text())
+    assert record["profile"] == "gpu" and record["options"]["image_size"] == 224
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 2 and board["val_auc"].notna().all() and (board["precision"] == "bf16").all()
+    assert (board["memory_format"] == "channels_last").all()
+    metrics = json.loads((folder / "final" / "metrics.json").read_text())
+    assert np.isfinite(metrics["models"][metrics["chosen"]]["test"]["auc"])
+    model = load_model(folder / "final" / "ensemble")
+    (net, prep), = model.members[0][1]
+    assert prep.autocast == (True, torch.bfloat16) and prep.channels_last and prep.input_size == 224
+    test = pd.read_csv(folder / "final" / "test_predictions.csv")
+    from trainables.data import load_dataset
+    images = load_dataset(pneumonia_npz, image_size=224, subset=16).arrays("test")[0]
+    assert np.allclose(model.predict_proba(images)[:, 1], test["p_pneumonia"].to_numpy(), atol=1e-4)

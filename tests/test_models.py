@@ -121,3 +121,27 @@ def test_unreachable_imagenet_weights_fail_instead_of_random(monkeypatch):
 def test_unknown_backbone_names_close_matches():
     with pytest.raises(UserError, match=r"unknown backbone 'resnet5000'; close timm names: \[.*'resnet50'"):
         validate_config({"backbone": "resnet5000"}, num_classes=2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "auto"])
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_every_precision_and_memory_format_trains_an_epoch_on_the_cpu(pneumonia_npz, precision, memory_format):
+    """The GPU profile's paths (autocast, loss scaling for fp16, channels-last) run on a CPU too."""
+    from trainables.data import load_dataset
+    from trainables.train import Training
+    data = load_dataset(pneumonia_npz, image_size=32, subset=64)
+    run = Training({"backbone": "resnet10t", "weights": "random", "image_size": 32, "max_epochs": 1, "batch_size": 16,
+                    "precision": precision, "memory_format": memory_format}, data)
+    amp, dtype = run.prep.autocast
+    assert amp == (precision in ("bf16", "fp16")) and run.prep.channels_last == (memory_format == "channels_last")
+    if run.prep.channels_last:
+        assert run.model.backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    metrics = next(run.epochs())
+    assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["val_loss"])
+    probs = run.predict(data.arrays("test")[0])
+    assert probs.shape == (64, 2) and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(UserError, match=r"precision 'fp8' is not one of \['auto', 'fp32', 'bf16', 'fp16'\]"):
+        validate_config({"backbone": "resnet18", "precision": "fp8"}, num_classes=2)

@@ -41,6 +41,8 @@ DEFAULT_CONFIG = {
     "minority_weight": 2.0,       # ratio only: weight of the rarest class, the others 1
     "augment": "light",
     "label_smoothing": 0.0,
+    "precision": "auto",          # "fp32", "bf16", "fp16" autocast; auto: bf16/fp16 on a GPU, fp32 on a CPU
+    "memory_format": "auto",      # "channels_last" or "contiguous"; auto: channels-last on a GPU
 }
 
 CHOICES = {
@@ -49,6 +51,8 @@ CHOICES = {
     "schedule": ("constant", "cosine", "cosine_restarts", "step"),
     "head": ("linear", "mlp"),
     "augment": ("none", "light", "medium", "heavy"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "memory_format": ("auto", "channels_last", "contiguous"),
 }
 POSITIVE = ("lr", "head_lr_ratio", "batch_size", "max_epochs", "image_size", "folds", "restart_epochs",
             "step_epochs", "step_gamma", "minority_weight", "head_hidden")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from trainables import UserError
 from trainables.augment import augment_batch
 from trainables.config import parse_class_weights, validate_config
 from trainables.data import Dataset
@@ -47,10 +48,10 @@ class Training:
         self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(config["seed"])
         self.model = build_model(config, num_classes=data.num_classes, in_chans=data.channels).to(device)
-        if device.type == "cuda":
+        self.prep = Preprocess(self.model, config["backbone"], channels=data.channels, image_size=data.images.shape[1],
+                               precision=config["precision"], memory_format=config["memory_format"])
+        if self.prep.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.prep = Preprocess(self.model, config["backbone"], channels=data.channels,
-                               image_size=data.images.shape[1])
         train = data.indices("train") if train is None else train
         val = data.indices("val") if val is None else val
         train_labels = data.labels[train]
@@ -107,9 +108,11 @@ class Training:
 
 class Preprocess:
     """uint8 (B, H, W, C) -> normalised float (B, C, S, S) on the model's device, with the mean and
-    std of the backbone's `pretrained_cfg` and the smallest input size the backbone accepts."""
+    std of the backbone's `pretrained_cfg` and the smallest input size the backbone accepts; and how
+    the model runs there: `autocast` (enabled, dtype) and `channels_last` (see `execution`)."""
 
-    def __init__(self, model: Classifier, backbone: str, *, channels: int, image_size: int):
+    def __init__(self, model: Classifier, backbone: str, *, channels: int, image_size: int, precision: str = "auto",
+                 memory_format: str = "auto"):
         cfg = model.backbone.pretrained_cfg
         mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
         if channels == 1:
@@ -118,7 +121,7 @@ class Preprocess:
         self.mean = mean.view(1, -1, 1, 1).to(self.device)
         self.std = std.view(1, -1, 1, 1).to(self.device)
         self.input_size = min_input_size(backbone, image_size)
-        self.channels_last = self.device.type == "cuda"
+        self.autocast, self.channels_last = execution(self.device, precision, memory_format)
 
     def __call__(self, x_uint8: torch.Tensor, *, augment: str = "none",
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -140,8 +143,8 @@ def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler
     """
     model.train()
     device = train_x.device
-    amp, dtype = autocast_dtype(device)
-    scaler = torch.amp.GradScaler(enabled=amp and dtype == torch.float16)
+    amp, dtype = prep.autocast
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
     order = torch.randperm(len(train_y), generator=generator).to(device)
     total, seen = 0.0, 0
     for start in range(0, len(order) - 1, batch_size):
@@ -165,18 +168,30 @@ def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler
     return total / max(seen, 1)
 
 
-def autocast_dtype(device: torch.device) -> tuple[bool, torch.dtype]:
-    """Mixed precision on GPUs only: bfloat16 where supported (no loss scaling), else float16."""
-    if device.type != "cuda":
-        return False, torch.float32
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def execution(device: torch.device, precision: str, memory_format: str) -> tuple[tuple[bool, torch.dtype], bool]:
+    """How a model runs on `device`: ((autocast on, its dtype), channels-last). `precision` "auto"
+    is bfloat16 autocast on GPUs that support it (no loss scaling), float16 (with loss scaling) on
+    other GPUs, float32 on a CPU; "bf16" and "fp16" ask for them anywhere PyTorch runs them (its
+    CPU autocast does both). `memory_format` "auto" is channels-last on a GPU, where convolutions
+    gain from it.
+
+    Raises:
+        UserError: bfloat16 asked for on a GPU without it.
+    """
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or auto")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return (precision != "fp32", dtype), memory_format == "channels_last" or (memory_format == "auto" and cuda)
 
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, prep: Preprocess, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """Class probabilities (N, num_classes) for uint8 images (N, H, W, C)."""
     model.eval()
-    amp, dtype = autocast_dtype(prep.device)
+    amp, dtype = prep.autocast
     out = []
     for start in range(0, len(images), batch_size):
         x = prep(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])))
