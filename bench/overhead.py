@@ -37,9 +37,11 @@ def breakdown(folder: Path) -> tuple[pd.DataFrame, dict]:
     slots = timings["trial_slots"]
     results = trial_results(folder)
     epochs = [r for rs in results.values() for r in rs]
-    train = sum(r["train_seconds"] for r in epochs)
-    evaluate = sum(r["eval_seconds"] for r in epochs)
-    in_trials = sum(rs[-1]["time_total_s"] for rs in results.values())
+    # an epoch run on shared idle cores (search/cores.py) held `threads` slots instead of one
+    train = sum(r["train_seconds"] * r.get("threads", 1) for r in epochs)
+    evaluate = sum(r["eval_seconds"] * r.get("threads", 1) for r in epochs)
+    in_trials = sum(rs[-1]["time_total_s"] + sum(r["time_this_iter_s"] * (r.get("threads", 1) - 1) for r in rs)
+                    for rs in results.values())
     wall = timings["search_seconds"]
     fit = timings["fit_seconds"]
     parts = {
@@ -55,6 +57,7 @@ def breakdown(folder: Path) -> tuple[pd.DataFrame, dict]:
     per_trial = [sum(r["train_seconds"] + r["eval_seconds"] for r in rs) / max(rs[-1]["time_total_s"], 1e-9)
                  for rs in results.values()]
     summary = {"wall": wall, "slots": slots, "trials": len(results), "trial_epochs": len(epochs),
+               "epochs_on_shared_cores": sum(r.get("threads", 1) > 1 for r in epochs),
                "in_steps_share": (train + evaluate) / (slots * wall),
                "in_steps_share_of_fit": (train + evaluate) / (slots * fit),
                "per_trial_median_share": statistics.median(per_trial), "per_trial_min_share": min(per_trial),
@@ -74,6 +77,8 @@ def main() -> int:
     p.add_argument("--storage", default="/tmp/bench-overhead")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiment", help="analyse this finished experiment instead of running one")
+    p.add_argument("--no-share-idle-cores", dest="share_idle_cores", action="store_false",
+                   help="keep every trial at its own CPUs (the search's --no-share-idle-cores), to compare")
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
     started = time.time()
@@ -87,7 +92,7 @@ def main() -> int:
         folder = run_search(SearchOptions(space=args.space, data=args.data, weights=args.weights, finalize=False,
                                           num_samples=args.num_samples, max_epochs=args.max_epochs,
                                           time_budget=args.time_budget, profile=args.profile,
-                                          storage=args.storage, seed=args.seed,
+                                          storage=args.storage, seed=args.seed, share_idle_cores=args.share_idle_cores,
                                           name=f"overhead-{time.strftime('%Y%m%d-%H%M%S')}"))
     table, s = breakdown(folder)
     per_trial = pd.DataFrame([{"component": "per trial: time in steps / trial wall (median, min)", "slot-seconds": "",
@@ -97,7 +102,8 @@ def main() -> int:
                               {"component": "during fit: time in steps / (slots x fit wall)", "slot-seconds": "",
                                "share": f"{s['in_steps_share_of_fit']:.1%}"}])
     table = pd.concat([table, per_trial], ignore_index=True)
-    settings = (f"{folder.name}: {s['trials']} trials, {s['trial_epochs']} trial-epochs, {s['slots']} slots, "
+    settings = (f"{folder.name}: {s['trials']} trials, {s['trial_epochs']} trial-epochs "
+                f"({s['epochs_on_shared_cores']} on shared idle cores), {s['slots']} slots, "
                 f"search wall {common.clock(s['wall'])} (Ray start to summary; finalize not counted), space {s['space']}")
     common.finish("overhead", table, settings=settings, started=started, benchmarks=args.benchmarks,
                   section="Overhead (issue 5)")

@@ -61,7 +61,8 @@ def audited(data: Dataset, *, dedupe: bool) -> tuple[Dataset, dict]:
         data, dropped = drop_duplicates(data, report)
         report["deduped"] = dropped
         report["counts_after_dedupe"] = data.counts()
-        print(f"  --dedupe: dropped {len(dropped)} copies: {'; '.join(dropped) or 'none'}", flush=True)
+        print(f"  dropped {len(dropped)} copies found in a later split (--no-dedupe keeps them): "
+              f"{'; '.join(dropped) or 'none'}", flush=True)
     return data, report
 
 

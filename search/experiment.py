@@ -8,6 +8,7 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ import ray
 from ray import tune
 
 from search.cluster import check_fits, connected, engine_messages, slots
+from search.cores import CoreBudget, ShareIdleCores
 from search.data import audited, data_path, load_search_data, write_audit
 from search.evaluate import positive_class
 from search.final import finalize
@@ -85,7 +87,7 @@ def run_search(options: SearchOptions) -> Path:
         if finished and o.finalize:
             shared = {f.name: getattr(o, f.name) for f in fields(SharedOptions)}
             finalize(FinalizeOptions(experiment=str(folder), **shared), data=search.data)
-    _write_timings(folder, clock, slots=search.slots)
+    _write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)
     return folder
 
 
@@ -182,9 +184,15 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
                              max_epochs=o.max_epochs, max_concurrent=search.slots, points=search.first, folder=folder)
     scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period, folder=folder,
                                reduction_factor=o.reduction_factor) if o.scheduler == "asha" else None
-    callback = LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=o.num_samples,
-                                   time_budget=o.time_budget, scheduler=scheduler)
-    trainable = with_data(train_classifier, search.data, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial})
+    callbacks = [LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=o.num_samples,
+                                     time_budget=o.time_budget, scheduler=scheduler)]
+    cores = None
+    if o.share_idle_cores and not o.gpus_per_trial:
+        name = f"cores-{folder.name}"
+        cores = CoreBudget.options(name=name, get_if_exists=True).remote()
+        callbacks.append(ShareIdleCores(name, num_samples=o.num_samples, cpus_per_trial=o.cpus_per_trial))
+    trainable = with_data(train_classifier, search.data, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial},
+                          cores=cores)
     _announce(search, asha=scheduler is not None)
     if o.resume:
         return tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True), searcher
@@ -198,7 +206,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
                    "weights": o.weights, "weights_dir": o.weights_dir}
     tuner = make_tuner(trainable, searcher=searcher, scheduler=scheduler, num_samples=o.num_samples,
                        storage=str(folder.parent), name=folder.name,
-                       base_config=base_config, callbacks=[callback], max_retries=o.max_retries)
+                       base_config=base_config, callbacks=callbacks, max_retries=o.max_retries)
     return tuner, searcher
 
 
@@ -249,13 +257,21 @@ def _after_fit(search: Search, searcher, *, fit_seconds: float) -> bool:
     return False
 
 
-def _write_timings(folder: Path, clock: dict, *, slots: int) -> None:
-    """timings.json: where this command's wall time went (bench/overhead.py reads it)."""
+def _write_timings(folder: Path, clock: dict, *, slots: int, cpus_per_trial: float) -> None:
+    """timings.json: where this command's wall time went, and how the trial slots were used
+    (bench/overhead.py reads it)."""
     now = time.time()
     search_ended = clock.get("search_ended", now)
+    epochs = [json.loads(line) for path in sorted(folder.glob("trial_*/result.json"))
+              for line in path.read_text().splitlines() if line.strip()]
+    steps = [(e.get("train_seconds", 0) + e.get("eval_seconds", 0), e.get("threads", cpus_per_trial)) for e in epochs]
     write_json(folder / "timings.json", {
         **clock, "ended": now, "trial_slots": slots,
         "before_fit_seconds": clock["fit_started"] - clock["started"],
         "fit_seconds": clock["fit_ended"] - clock["fit_started"],
         "after_fit_seconds": search_ended - clock["fit_ended"],
-        "finalize_seconds": now - search_ended, "search_seconds": search_ended - clock["started"]})
+        "finalize_seconds": now - search_ended, "search_seconds": search_ended - clock["started"],
+        "slot_use": {"trial_epochs": len(epochs),
+                     "epochs_on_shared_cores": sum(threads > cpus_per_trial for _, threads in steps),
+                     "step_seconds": sum(seconds for seconds, _ in steps),
+                     "core_seconds_in_steps": sum(seconds * threads / cpus_per_trial for seconds, threads in steps)}})

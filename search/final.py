@@ -56,20 +56,20 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
         data = _search_data(record, options.data)
     positive = positive_class(data.class_names, options.positive_class)
     found = candidates(folder, board, metric=metric, epochs=options.epochs)
-    k = int(search.get("folds") or 1)
-    if k > 1 and options.refit_on_val:
+    n_folds = int(search.get("folds") or 1)
+    if n_folds > 1 and options.refit_on_val:
         raise UserError(f"--refit-on-val does not apply to this cross-validated search: its members are the "
-                        f"{k} fold models of each configuration, which together saw all of train+val")
-    folds = data.cv_folds(k, search["seed"]) if k > 1 else None
+                        f"{n_folds} fold models of each configuration, which together saw all of train+val")
+    folds = data.cv_folds(n_folds, search["seed"]) if n_folds > 1 else None
     selection = np.sort(np.concatenate([held_out for _, held_out in folds])) if folds else data.indices("val")
-    where = f"out-of-fold predictions of train+val ({k} folds)" if folds else "validation"
+    where = f"out-of-fold predictions of train+val ({n_folds} folds)" if folds else "validation"
     cpus = options.cpus_per_model or search.get("cpus_per_trial") or 1
     gpus = options.gpus_per_model if options.gpus_per_model is not None else (search.get("gpus_per_trial") or 0)
     with connected(options.address):
         check_fits(cpus, gpus, task="retrain a model", flags="--cpus-per-model / --gpus-per-model",
                    cluster=bool(options.address))
         print(f"finalize: retraining {min(options.top_k, len(found))} configuration(s) x {options.seeds} seed(s)"
-              f"{f' x {k} folds of train+val' if folds else ' on train+val' if options.refit_on_val else ' on train'}"
+              f"{f' x {n_folds} folds of train+val' if folds else ' on train+val' if options.refit_on_val else ' on train'}"
               f" ({options.epochs} epochs), {cpus:g} CPU / {gpus:g} GPU each", flush=True)
         members, failed = retrain_top(found, options.top_k, data, seeds=options.seeds, folds=folds,
                                       refit_on_val=options.refit_on_val, cpus=cpus, gpus=gpus)
@@ -80,7 +80,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
     summary = {"experiment": folder.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "finalize_options": asdict(options), "search": {k: record.get(k) for k in ("space", "profile", "options")},
                "data": data.summary(), "versions": versions(), "positive_class": data.class_names[positive],
-               "selection": {"mode": "cross-validation" if folds else "validation split", "folds": k,
+               "selection": {"mode": "cross-validation" if folds else "validation split", "folds": n_folds,
                              "images": int(len(selection)), "where": where},
                "audit": _audit_summary(folder, search),
                "chosen": chosen, "choice": choice, "choice_margin": margin, "failed_members": failed,

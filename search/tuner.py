@@ -157,10 +157,10 @@ def bind_space(space, **options):
     return functools.partial(space.define, **options)
 
 
-def with_data(trainable, data, resources: dict):
-    """`trainable(config, data)` as Tune runs it: `data` goes to the object store once and every
-    trial reads it from there; each trial holds `resources`."""
-    return tune.with_resources(tune.with_parameters(trainable, data=data), resources)
+def with_data(trainable, data, resources: dict, **parameters):
+    """`trainable(config, data, **parameters)` as Tune runs it: `data` goes to the object store once
+    and every trial reads it from there; each trial holds `resources`."""
+    return tune.with_resources(tune.with_parameters(trainable, data=data, **parameters), resources)
 
 
 def make_tuner(trainable, *, searcher, scheduler, num_samples: int, storage: str, name: str, base_config: dict,

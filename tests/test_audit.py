@@ -1,5 +1,5 @@
 """The data audit: planted leaks and shortcuts are found, clean data raises no alarm, the real
-data sets' known problems are named, and --dedupe drops (and names) the leaking copies."""
+data sets' known problems are named, and the search drops (and names) the leaking copies."""
 import json
 import os
 import shutil

@@ -295,12 +295,18 @@ def test_calibration_figures_agree_with_the_predictions_file(cv_experiment):
     assert calibration["log_loss"] == pytest.approx(log_loss(y, probs, labels=[0, 1, 2]), abs=1e-6)
     assert json.loads((folder / "final" / "ensemble" / "model.json").read_text())["temperature"] == \
         pytest.approx(calibration["temperature"])
-    # the temperature was fitted on the out-of-fold predictions: no further scaling lowers their log loss
+    # the temperature was fitted on the out-of-fold predictions (no nearby one lowers their log loss)
+    # and applied only if its gain there is beyond bootstrap noise
     val = pd.read_csv(folder / "final" / "val_predictions.csv")
     vy, vp = val["label"].map(names.index).to_numpy(), val[[f"p_{n}" for n in names]].to_numpy()
-    fitted = log_loss(vy, vp, labels=[0, 1, 2])
+    raw = apply_temperature(vp, 1 / calibration["temperature"])
+    fitted_t = calibration["fitted_temperature"]
+    fitted = log_loss(vy, apply_temperature(raw, fitted_t), labels=[0, 1, 2])
     for nudge in (0.9, 1.1):
-        assert log_loss(vy, apply_temperature(vp, nudge), labels=[0, 1, 2]) >= fitted - 1e-4
+        assert log_loss(vy, apply_temperature(raw, fitted_t * nudge), labels=[0, 1, 2]) >= fitted - 1e-4
+    gain = calibration["selection_log_loss_gain"]
+    assert gain["difference"] == pytest.approx(log_loss(vy, raw, labels=[0, 1, 2]) - fitted, abs=1e-4)
+    assert calibration["temperature"] == (fitted_t if gain["ci"][0] > 0 else 1.0)
     for name, model in metrics["models"].items():
         assert {"ece", "brier", "log_loss"} <= set(model["calibration"]), name
     assert (folder / "final" / "calibration.png").stat().st_size > 5000

@@ -279,3 +279,43 @@ def test_warnings_are_one_clean_line(tmp_path, png_folder, capsys):
     warning = [line for line in lines if "unreadable" in line]
     assert warning == [line for line in warning if line.startswith("warning: left out 1 unreadable image(s)")]
     assert len(warning) == 1 and "scan 7.png" in warning[0] and not any("UserWarning" in line for line in lines)
+
+
+def test_idle_cores_are_shared_evenly_per_node():
+    from search.cores import shares
+    assert shares({"a": "n1"}, {"n1": 2}, 1) == {"a": 2}
+    assert shares({"a": "n1", "b": "n1"}, {"n1": 2}, 1) == {"a": 1, "b": 1}
+    assert shares({"a": "n1", "b": "n1"}, {"n1": 5}, 1) == {"a": 3, "b": 2}
+    assert shares({"a": "n1", "b": "n2"}, {"n1": 4, "n2": 2}, 2) == {"a": 4, "b": 2}
+
+
+def _two_fast_then_slow(trial, *, backbones, stages, pretrained):
+    """small_cnn twice, then resnet10t, which runs alone once the fast two end (module level: Ray pickles it)."""
+    trial.suggest_categorical("backbone", ["small_cnn", "resnet10t"])
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    return {"weights": "random"}
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_the_last_trial_takes_the_idle_core(tmp_path, pneumonia_npz, monkeypatch, share):
+    """Two fast trials, then a slow one on two cores: once the slow one runs alone it trains on both
+    (from its next epoch on), and timings.json counts those epochs; with --no-share-idle-cores it
+    stays on one."""
+    from spaces import _registry
+    monkeypatch.setattr(_registry, "_SPACES", dict(_registry._SPACES))
+    points = ({"backbone": "small_cnn", "lr": 1e-3}, {"backbone": "small_cnn", "lr": 3e-3},
+              {"backbone": "resnet10t", "lr": 1e-3})
+    _registry.register_space("tail", backbones=("small_cnn", "resnet10t"), points=points, fixed=True)(_two_fast_then_slow)
+    folder = _run(tmp_path, space="tail", data=str(pneumonia_npz), max_epochs=4, subset=300, scheduler="fifo",
+                  name="cores", share_idle_cores=share)
+    epochs = {d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+              for d in folder.glob("trial_*")}
+    threads = [e["threads"] for rows in epochs.values() for e in rows]
+    slot_use = json.loads((folder / "timings.json").read_text())["slot_use"]
+    assert slot_use["trial_epochs"] == len(threads) == 12
+    assert slot_use["epochs_on_shared_cores"] == sum(t > 1 for t in threads)
+    slow = next(rows for rows in epochs.values() if rows[0]["params_m"] > 1)  # resnet10t
+    if share:
+        assert slow[-1]["threads"] == 2 and max(threads) == 2
+    else:
+        assert set(threads) == {1}

@@ -86,7 +86,8 @@ def _duplicates(data: Dataset, digests: list[str], used: np.ndarray, warnings: l
         given = " given by the data set" if data.split_kind.startswith("given") else ""
         listed = "; ".join(" = ".join(f"{f} [{s}]" for f, s in zip(g["files"], g["splits"])) for g in across[:10])
         warnings.append(f"LEAK: {len(across)} file(s) appear in more than one split{given} (identical bytes): "
-                        f"{listed}{' ...' if len(across) > 10 else ''}; --dedupe drops the train/val copies")
+                        f"{listed}{' ...' if len(across) > 10 else ''}; a search keeps only the copy in the later split "
+                        f"(--no-dedupe keeps all)")
     conflicting = [g for g in out["groups"] if len(set(g["labels"])) > 1]
     if conflicting:
         warnings.append(f"{len(conflicting)} identical file(s) carry different labels: "

@@ -24,9 +24,10 @@ from trainables.train import Training
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def train_classifier(config: dict, data: Dataset) -> None:
+def train_classifier(config: dict, data: Dataset, *, cores=None) -> None:
     """Train `config` on `data` (its train split, or its K folds); report validation metrics and a
-    checkpoint per epoch."""
+    checkpoint per epoch. `cores`: an actor whose `get(trial_id)` gives the threads this trial may
+    use from its next epoch on (None: the CPUs it asked for); each epoch reports the `threads` it ran."""
     folds = int(config.get("folds", 1))
     runs = ([Training(config, data, train=train, val=held_out) for train, held_out in data.cv_folds(folds, config["seed"])]
             if folds > 1 else [Training(config, data)])
@@ -37,8 +38,15 @@ def train_classifier(config: dict, data: Dataset) -> None:
         for run, state in zip(runs, saved["folds"]):
             run.load_state_dict(state)
     node_id = ray.get_runtime_context().get_node_id()  # which node ran each epoch (retries may move it)
-    for per_fold in zip(*(run.epochs() for run in runs)):
-        metrics = {**fold_mean(per_fold), "node_id": node_id}
+    own, trial_id = torch.get_num_threads(), tune.get_context().get_trial_id()
+    epochs = zip(*(run.epochs() for run in runs))
+    while True:
+        threads = (ray.get(cores.get.remote(trial_id)) if cores is not None else None) or own
+        torch.set_num_threads(threads)
+        per_fold = next(epochs, None)
+        if per_fold is None:
+            break
+        metrics = {**fold_mean(per_fold), "node_id": node_id, "threads": threads}
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"folds": [run.state_dict() for run in runs], "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

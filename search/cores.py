@@ -1,0 +1,76 @@
+"""Every core busy to the last trial. While trials wait or remain to be drawn, each holds the CPUs
+it asked for. Once every trial of the search exists and none waits, a node's idle cores (those no
+running trial holds) are shared among the trials still running there: each reads its thread count
+at its next epoch from a small Ray actor, so no trial restarts. (Ray's ResourceChangingScheduler
+restarts a trial to resize it and cannot reuse actors, which on a CPU costs every trial a fresh
+worker's imports; see BENCHMARKS.md, issue 18.)
+
+Example:
+    >>> budget = CoreBudget.options(name="cores-run1").remote()
+    >>> trainable = tune.with_parameters(train_classifier, data=data, cores=budget)
+    >>> callbacks = [ShareIdleCores("cores-run1", num_samples=24, cpus_per_trial=1)]
+"""
+from __future__ import annotations
+
+import ray
+from ray import tune
+
+
+@ray.remote(num_cpus=0)
+class CoreBudget:
+    """Per trial, the threads it may use now (absent: the CPUs it asked for)."""
+
+    def __init__(self):
+        self.threads: dict[str, int] = {}
+
+    def set(self, threads: dict[str, int]) -> None:
+        self.threads = threads
+
+    def get(self, trial_id: str) -> int | None:
+        return self.threads.get(trial_id)
+
+
+def shares(running: dict[str, str], node_cpus: dict[str, float], cpus_per_trial: float) -> dict[str, int]:
+    """Threads per running trial (trial id -> node ip): its own CPUs plus an even share of its node's
+    CPUs that no running trial holds (the first trials on a node get the remainder).
+
+    Example:
+        >>> shares({"a": "10.0.0.1"}, {"10.0.0.1": 2}, 1)
+        {'a': 2}
+    """
+    out = {}
+    for node, cpus in node_cpus.items():
+        here = sorted(t for t, n in running.items() if n == node)
+        idle = int(cpus - cpus_per_trial * len(here))
+        for k, trial_id in enumerate(here):
+            out[trial_id] = int(cpus_per_trial) + idle // len(here) + (1 if k < idle % len(here) else 0)
+    return out
+
+
+class ShareIdleCores(tune.Callback):
+    """Tells the CoreBudget actor named `budget`, after every result and every trial's end, how to
+    share idle cores: nothing while trials remain to run, even shares per node once all have started.
+    (It keeps the actor's name, not a handle: Ray pickles callbacks for --resume.)"""
+
+    def __init__(self, budget: str, *, num_samples: int, cpus_per_trial: float):
+        self.budget, self.num_samples, self.cpus_per_trial = budget, num_samples, cpus_per_trial
+        self.shared: dict[str, int] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._update(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._update([t for t in trials if t is not trial])
+
+    def _update(self, trials) -> None:
+        waiting = len(trials) < self.num_samples or any(t.status == "PENDING" for t in trials)
+        running = {t.trial_id: (t.last_result or {}).get("node_ip") for t in trials if t.status == "RUNNING"}
+        running = {t: node for t, node in running.items() if node}
+        threads = {} if waiting or not running else shares(running, _node_cpus(), self.cpus_per_trial)
+        if threads != self.shared:
+            self.shared = threads
+            ray.get_actor(self.budget).set.remote(threads)
+
+
+def _node_cpus() -> dict[str, float]:
+    return {n["NodeManagerAddress"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")}

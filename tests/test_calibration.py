@@ -1,0 +1,63 @@
+"""Calibration: the metrics against independent computations, and temperature scaling applied only
+when the selection images support it."""
+import numpy as np
+import pytest
+from sklearn.calibration import calibration_curve
+
+from search.calibration import apply_temperature, calibration, expected_calibration_error, fit_temperature
+from search.ensemble import calibrate, score_model
+from trainables.data import Dataset
+
+
+def _probs(rng, labels, sharpness):
+    """Binary probabilities whose log-odds are `sharpness` times the true ones (> 1: overconfident)."""
+    log_odds = 2 * ((2 * labels - 1) + rng.normal(0, 1, len(labels)))
+    p1 = 1 / (1 + np.exp(-sharpness * log_odds))
+    return np.stack([1 - p1, p1], 1)
+
+
+def _data(labels):
+    split = np.zeros(len(labels), np.uint8)
+    split[len(labels) // 2:] = 2  # first half: validation-like selection, second half: test
+    return Dataset(images=np.zeros((len(labels), 4, 4, 1), np.uint8), labels=labels, class_names=["a", "b"],
+                   split=split, groups=None, paths=None, fingerprint="x", source="synthetic", split_kind="given")
+
+
+def test_ece_matches_sklearns_reliability_curve():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 4000)
+    probs = _probs(rng, labels, 2.0)
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=10, strategy="uniform")
+    counts = np.histogram(confidence, bins=np.linspace(0, 1, 11))[0]
+    expected = np.sum(counts[counts > 0] / len(labels) * np.abs(accuracy - mean_confidence))
+    assert expected_calibration_error(labels, probs) == pytest.approx(expected, abs=1e-9)
+
+
+def test_temperature_scaling_recovers_the_overconfidence_and_lowers_ece():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 3000)
+    probs = _probs(rng, labels, 2.5)
+    temperature = fit_temperature(labels, probs)
+    assert temperature == pytest.approx(2.5, rel=0.1)
+    before, after = calibration(labels, probs), calibration(labels, apply_temperature(probs, temperature))
+    assert after["ece"] < before["ece"] / 2 and after["log_loss"] < before["log_loss"]
+
+
+@pytest.mark.parametrize("sharpness,applied", [(3.0, True), (1.0, False)])
+def test_the_final_model_is_scaled_only_when_validation_supports_it(sharpness, applied):
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 1200)
+    data = _data(labels)
+    selection, test = np.arange(600), data.indices("test")
+    probs = _probs(rng, labels, sharpness)
+    model = score_model({"kind": "member"}, probs[selection], probs[test], data, selection=selection, positive=1,
+                        resamples=200)
+    scaled = calibrate(model, data, selection=selection, positive=1, resamples=200)
+    c = scaled["calibration"]
+    assert (c["temperature"] != 1.0) == applied and c["fitted_temperature"] > 0
+    assert (c["selection_log_loss_gain"]["ci"][0] > 0) == applied
+    if applied:
+        assert c["temperature"] == pytest.approx(sharpness, rel=0.2) and c["ece"] < c["before"]["ece"]
+    else:
+        assert np.allclose(scaled["test_probs"], probs[test], atol=1e-6) and c["ece"] == pytest.approx(c["before"]["ece"])
