@@ -41,6 +41,11 @@ def sampler_heard(folder: Path, board: pd.DataFrame) -> dict:
             "stopped trials heard at their last epoch": f"{heard} ({len(stopped)})"}
 
 
+def _calibration(calibration: dict) -> str:
+    return (f"{calibration['before']['ece']:.4f} -> {calibration['ece']:.4f} (T {calibration['temperature']:.3f}, "
+            f"fitted {calibration['fitted_temperature']:.3f})")
+
+
 def run(name: str, seed: int, folds: str, args) -> dict:
     from search.experiment import run_search
     from search.options import SearchOptions
@@ -59,6 +64,7 @@ def run(name: str, seed: int, folds: str, args) -> dict:
                                                                       f"{final['ci']['auc'][1]:.3f})",
             "accuracy": f"{final['accuracy']:.3f}", "trials": len(board),
             "backbones tried": f"{len(tried & set(record['backbones']))}/{len(record['backbones'])}",
+            "test ECE before -> after scaling (T)": _calibration(metrics["models"][metrics["chosen"]]["calibration"]),
             **sampler_heard(folder, board), "wall (search + finalize)": common.clock(wall), "experiment": folder.name}
 
 
