@@ -63,6 +63,7 @@ def score_models(members: list[dict], data: Dataset, *, selection: np.ndarray, p
         runs = member["runs"]
         entry = {"kind": "member", "trial_id": member["trial_id"], "config": member["config"],
                  "epochs": member["epochs"], "seeds": [r["seed"] for r in runs], "search": member["search"],
+                 "from_trial_epoch": int(runs[0].get("from_trial_epoch", 0)),
                  "test_auc_per_seed": [auc(test_y, r["test"]) for r in runs]}
         models[member["name"]] = scored(entry, np.mean([r["val"] for r in runs], 0),
                                         np.mean([r["test"] for r in runs], 0))

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -183,7 +184,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     searcher = make_searcher(space_fn, metric=metric, mode=mode, sampler=o.sampler, seed=o.seed,
                              max_epochs=o.max_epochs, max_concurrent=search.slots, points=search.first, folder=folder)
     scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period, folder=folder,
-                               reduction_factor=o.reduction_factor) if o.scheduler == "asha" else None
+                               reduction_factor=o.reduction_factor, first=search.first) if o.scheduler == "asha" else None
     callbacks = [LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=o.num_samples,
                                      time_budget=o.time_budget, scheduler=scheduler)]
     cores = None
@@ -220,7 +221,9 @@ def _announce(search: Search, *, asha: bool) -> None:
     pool = len(data.indices("train")) + len(data.indices("val"))
     print(f"search: space {space.name} ("
           + (f"{len(space.points)} fixed point(s)" if space.fixed else f"{len(search.backbones)} backbones"
-             + (", each tried once before the sampler takes over" if search.first else ""))
+             + (", each tried once before the sampler takes over" if search.first else "")
+             + (f" and not stopped before epoch {min(math.ceil(o.grace_period * o.reduction_factor), o.max_epochs)}"
+                if search.first and asha else ""))
           + f"), {o.num_samples} trials, "
           + (f"{o.folds}-fold cross-validation of train+val ({pool} images) in every trial, " if o.folds > 1
              else f"one validation split ({len(data.indices('val'))} images), ")

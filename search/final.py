@@ -72,7 +72,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
               f"{f' x {n_folds} folds of train+val' if folds else ' on train+val' if options.refit_on_val else ' on train'}"
               f" ({options.epochs} epochs), {cpus:g} CPU / {gpus:g} GPU each", flush=True)
         members, failed = retrain_top(found, options.top_k, data, seeds=options.seeds, folds=folds,
-                                      refit_on_val=options.refit_on_val, cpus=cpus, gpus=gpus)
+                                      refit_on_val=options.refit_on_val, cpus=cpus, gpus=gpus, fold_seed=search["seed"])
     models = score_models(members, data, selection=selection, positive=positive, metric=metric,
                           resamples=options.bootstrap)
     chosen, choice, margin = choose(models, data, selection, metric, resamples=options.bootstrap, where=where)

@@ -82,7 +82,7 @@ def plot_training_curves(folder: Path, board: pd.DataFrame, members: list[dict],
         label = f"{trial_id} {row.get('recipe') if isinstance(row.get('recipe'), str) else row.get('backbone')}"
         line, = left.plot(frame["training_iteration"], frame[metric], marker="o", ms=3, label=label)
         right.plot(frame["training_iteration"], frame["train_loss"], marker="o", ms=3, color=line.get_color())
-        if trial_id in retrained:
+        if trial_id in retrained and retrained[trial_id]["runs"][0]["history"]:  # empty: the trial's own network
             history = pd.DataFrame(retrained[trial_id]["runs"][0]["history"])
             left.plot(history["epoch"], history[metric], ls="--", color=line.get_color())
             right.plot(history["epoch"], history["train_loss"], ls="--", color=line.get_color())

@@ -51,8 +51,9 @@ def _models_table(summary: dict, models: dict, metric: str) -> list[str]:
     trained = (f"as {k} fold models, each on {k - 1} folds of train+val (a member averages them)" if k > 1
                else "on train+val" if opts["refit_on_val"] else "on train")
     lines = ["## Models on the test split", "",
-             f"Members are the {members} best distinct configurations of the search, each retrained {trained}, "
-             f"{opts['seeds']} seed(s); `ensemble-mean` averages their probabilities, `ensemble-fitted` weights "
+             f"Members are the {members} best distinct configurations of the search, each trained {trained}, "
+             f"{opts['seeds']} seed(s); the first seed goes on from its trial's checkpoint, the same run, "
+             f"where the trial's config and data are unchanged; `ensemble-mean` averages their probabilities, `ensemble-fitted` weights "
              f"them by greedy ensemble selection on the {_where(summary)}. Each model's threshold is its own, "
              f"chosen there.", "",
              f"| model | {'OOF' if k > 1 else 'val'} {metric[4:]} | test AUC (95% CI) | accuracy | sensitivity (95% CI) | "
@@ -129,19 +130,26 @@ def _calibration(summary: dict, models: dict) -> list[str]:
     return lines + ["", "![calibration](calibration.png)"]
 
 
+def _first_seed(member: dict) -> str:
+    start = member.get("from_trial_epoch", 0)
+    return ("retrained" if not start else f"its trial's network (epoch {start})" if start == member["epochs"]
+            else f"its trial's epoch {start}, trained on to {member['epochs']}")
+
+
 def _members(models: dict, metric: str, failed: list[dict]) -> list[str]:
     lines = ["## Members", ""]
     if failed:
         lines += ["**Retraining failed** for " + "; ".join(f"{f['name']} ({f['error']})" for f in failed)
                   + ": each was skipped and the next distinct configuration of the leaderboard took its place.", ""]
-    lines += [f"| member | trial | search val {metric[4:]} | retrained val {metric[4:]} | epochs | seeds | "
+    lines += [f"| member | trial | search val {metric[4:]} | final val {metric[4:]} | epochs | seeds | first seed | "
               f"test AUC per seed | " + " | ".join(KEY_PARAMS) + " |",
-              "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(KEY_PARAMS)]
+              "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(KEY_PARAMS)]
     for name, m in models.items():
         if m["kind"] == "member":
             params = " | ".join(_param(m["config"].get(k)) for k in KEY_PARAMS)
             lines.append(f"| {name} | {m['trial_id']} | {m['search'][metric]:.4f} | {m['val'][metric[4:]]:.4f} | "
                          f"{m['epochs']} | {len(m['seeds'])} | "
+                         f"{_first_seed(m)} | "
                          f"{', '.join(f'{a:.4f}' for a in m['test_auc_per_seed'])} | {params} |")
     for name, m in models.items():
         if m["kind"] == "ensemble":

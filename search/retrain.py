@@ -1,5 +1,7 @@
 """Retraining for the final model: the top-k distinct configurations of a search, each trained
 again (per seed, optionally on train+val) as a Ray task, with its validation and test predictions.
+The first seed of a member goes on from its trial's last checkpoint instead of starting over (not
+when refit on val): the trial is the same run, so a trial that finished is only scored again.
 
 Example:
     >>> found = candidates(folder, board, metric="val_auc", epochs="full")
@@ -43,7 +45,7 @@ def candidates(folder: Path, board: pd.DataFrame, *, metric: str, epochs: str) -
         label = config.get("recipe") or config["backbone"]
         train_epochs = int(row["best_epoch"]) if epochs == "best" else int(config["max_epochs"])
         found.append({"name": f"{len(found) + 1}-{label}-{row['trial_id']}", "trial_id": row["trial_id"],
-                      "config": config, "epochs": train_epochs,
+                      "config": config, "epochs": train_epochs, "trial_dir": str(params.parent),
                       "search": {k: row.get(k) for k in (*VAL_METRICS, "best_epoch", "epochs", "stopped_early")}})
     if not found:
         raise UserError(f"no trial folder of {folder.name} holds the params.json of a trial that reported "
@@ -75,12 +77,15 @@ def retrain_top(candidates: list[dict], top_k: int, data: Dataset, **how) -> tup
 
 
 def retrain(config: dict, data: Dataset, *, epochs: int, train: np.ndarray | None = None,
-            val: np.ndarray | None = None, refit_on_val: bool = False) -> dict:
+            val: np.ndarray | None = None, refit_on_val: bool = False, start: dict | None = None) -> dict:
     """One final network: trained on `train` (default the train split) to `epochs`, its predictions
     on `val` (default the val split) and on test; with `refit_on_val` a second network on train+val,
-    whose weights and test predictions are kept."""
+    whose weights and test predictions are kept. `start`: a `Training.state_dict()` of this config
+    on the same images (its trial's checkpoint) to go on from instead of starting over."""
     started = time.time()
     run = Training(config, data, train=train, val=val)
+    if start:
+        run.load_state_dict(start)
     history = list(run.epochs(until=epochs))
     val_probs = run.predict(run.val_x)
     if refit_on_val:
@@ -90,26 +95,51 @@ def retrain(config: dict, data: Dataset, *, epochs: int, train: np.ndarray | Non
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
              for k, v in run.model.state_dict().items()}
     return {"history": history, "val": val_probs, "test": run.predict(data.arrays("test")[0]), "states": [state],
-            "seed": run.config["seed"], "seconds": time.time() - started}
+            "seed": run.config["seed"], "seconds": time.time() - started,
+            "from_trial_epoch": start["epoch"] if start else 0}
+
+
+def trial_states(member: dict, folds: list | None) -> list[dict] | None:
+    """The member's networks (one per fold) as its trial left them, from the trial's last checkpoint,
+    when going on from there is the same run as retraining: the same config (params.json not edited
+    since), the same folds, not past the member's epochs. Else None."""
+    trial = Path(member.get("trial_dir", ""))
+    checkpoints = sorted(trial.glob("checkpoint_*/checkpoint.pt"))
+    if not checkpoints or not (trial / "result.json").is_file():
+        return None
+    last = json.loads((trial / "result.json").read_text().splitlines()[-1])
+    if last.get("config") != member["config"]:
+        return None
+    states = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["folds"]
+    if len(states) != len(folds or [None]) or any(state["epoch"] > member["epochs"] for state in states):
+        return None
+    return states
 
 
 def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list | None, refit_on_val: bool,
-                cpus: float, gpus: float) -> list[list[dict]]:
+                cpus: float, gpus: float, fold_seed: int | None = None) -> list[list[dict]]:
     """Every member x seed (x fold, with `folds`: the (train, held-out) index pairs of a
-    cross-validated search) as a Ray task, the data put in the object store once, progress printed.
-    Returns per member (its runs in seed order, None) or (None, the error line of a failed task);
-    with folds a run holds the fold networks, the out-of-fold predictions over train+val (in index
-    order) and the fold mean on test."""
+    cross-validated search, drawn with `fold_seed`) as a Ray task, the data put in the object store
+    once, progress printed. The first seed goes on from its trial's checkpoint where `trial_states`
+    allows (a trial that reached the member's epochs is only scored): a trial is the same run as
+    its retraining. Returns per member (its runs in seed order, None) or (None, the error line of a
+    failed task); with folds a run holds the fold networks, the out-of-fold predictions over
+    train+val (in index order) and the fold mean on test."""
     task = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
     data_ref = ray.put(data)
     parts = folds or [(None, None)]
     pending = {}
     for m, member in enumerate(members):
+        same_folds = folds is None or int(member["config"].get("seed", 0)) == fold_seed
+        states = trial_states(member, folds) if same_folds and not refit_on_val else None
+        if states:
+            print(f"{member['name']}: going on from its trial's epoch-{states[0]['epoch']} checkpoint to epoch "
+                  f"{member['epochs']} (seed {member['config'].get('seed', 0)})", flush=True)
         for s in range(seeds):
             config = {**member["config"], "seed": int(member["config"].get("seed", 0)) + s}
             for f, (train, held_out) in enumerate(parts):
                 ref = task.remote(config, data_ref, epochs=member["epochs"], train=train, val=held_out,
-                                  refit_on_val=refit_on_val)
+                                  refit_on_val=refit_on_val, start=states[f] if states and s == 0 else None)
                 pending[ref] = (m, s, f)
     outs = [[[None] * len(parts) for _ in range(seeds)] for _ in members]
     errors: dict[int, str] = {}

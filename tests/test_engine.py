@@ -1,10 +1,12 @@
 """The engine underneath: what the sampler is told for each trial (on the real OptunaSearch and a
 real Optuna study), and the Ray internals this project leans on, named so that a Ray release that
 renames them fails here with a clear message instead of deep inside a search."""
+from types import SimpleNamespace
+
 import optuna
 import pytest
 import ray
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from search.tuner import StudySearch, load_study, make_scheduler
 
@@ -72,6 +74,30 @@ def test_tpe_tells_stopped_trials_apart_by_their_score(tmp_path):
     study = load_study(tmp_path)
     scores = {t.user_attrs["ray_trial_id"]: _get_pruned_trial_score(t, study) for t in study.trials}
     assert scores["strong"] < scores["weak"]  # lower sorts first: the better trial
+
+
+def test_a_backbones_first_trial_is_not_stopped_before_the_second_rung(tmp_path):
+    """The enqueued first trial of a backbone survives a weak first epoch (rungs at epochs 1, 3, 9);
+    a later trial of the same backbone is judged like any other; a resumed search keeps both facts."""
+    first = [{"backbone": "densenet121", "lr": 1e-3}]
+    trials = {name: SimpleNamespace(trial_id=name, config={"backbone": backbone, "lr": 1e-3, "dropout": 0.2})
+              for name, backbone in (("cnn", "small_cnn"), ("dense", "densenet121"), ("dense2", "densenet121"))}
+    scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=9, grace_period=1, folder=tmp_path, first=first)
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, trials["cnn"], _result(1, 0.90)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trials["dense"], _result(1, 0.70)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trials["dense"], _result(2, 0.80)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trials["dense2"], _result(1, 0.70)) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, trials["cnn"], _result(3, 0.95)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trials["dense"], _result(3, 0.85)) == TrialScheduler.STOP  # judged at rung 2
+    assert scheduler.stopped == {"dense", "dense2"}
+
+    resumed = make_scheduler(metric="val_auc", mode="max", max_epochs=9, grace_period=1, folder=tmp_path, first=first)
+    later = SimpleNamespace(trial_id="dense3", config={"backbone": "densenet121", "lr": 1e-3})
+    resumed.on_trial_add(None, later)
+    assert resumed.protected == {"dense": 0}  # the point was used before the resume
+    assert resumed.on_trial_result(None, later, _result(1, 0.70)) == TrialScheduler.STOP
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "gp"])

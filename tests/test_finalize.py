@@ -151,6 +151,42 @@ def test_model_directory_records_what_it_needs_and_holds_no_pickles(experiment):
     assert {p.suffix for p in model.iterdir()} == {".json", ".safetensors"}
 
 
+def test_a_member_its_trial_already_trained_is_kept_not_retrained(experiment):
+    """Every trial ran to max_epochs: each member's first seed is its trial's checkpoint, weight for
+    weight, and scores validation as the trial did; the second seed is a new training."""
+    from safetensors.torch import load_file
+    folder, metrics = experiment
+    members = {n: m for n, m in metrics["models"].items() if m["kind"] == "member"}
+    assert all(m["from_trial_epoch"] == m["epochs"] == 3 for m in members.values())
+    for name, m in members.items():
+        (checkpoint,) = (folder / f"trial_{m['trial_id']}").glob("checkpoint_*/checkpoint.pt")
+        trial_state = torch.load(checkpoint, map_location="cpu", weights_only=True)["folds"][0]["model"]
+        record = json.loads((folder / "final" / "members" / name / "model.json").read_text())
+        first, second = (load_file(folder / "final" / "members" / name / f) for f in record["members"][0]["files"])
+        assert all(torch.equal(first[k], trial_state[k].float() if trial_state[k].is_floating_point() else trial_state[k])
+                   for k in trial_state)
+        assert not all(torch.equal(first[k], second[k]) for k in first)
+        assert "its trial's network (epoch 3)" in (folder / "final" / "report.md").read_text()
+
+
+def test_retraining_goes_on_from_a_trials_state(png_folder):
+    """From a state at the member's epochs: the network is only scored; from an earlier one: the
+    missing epochs are trained, continuing the schedule."""
+    from trainables.data import load_dataset
+    from trainables.train import Training
+    data = load_dataset(png_folder, image_size=28, seed=0)
+    config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 3, "batch_size": 32}
+    run = Training(config, data)
+    list(run.epochs(until=2))
+    at_two = {k: v.clone() if torch.is_tensor(v) else v for k, v in run.state_dict()["model"].items()}
+    scored = retrain(config, data, epochs=2, start=run.state_dict())
+    assert scored["history"] == [] and scored["from_trial_epoch"] == 2
+    assert np.allclose(scored["val"], run.predict(run.val_x)) and all(torch.equal(scored["states"][0][k], at_two[k]) for k in at_two)
+    on = retrain(config, data, epochs=3, start=run.state_dict())
+    assert [h["epoch"] for h in on["history"]] == [3] and on["history"][0]["lr"] < config.get("lr", 1e-3)
+    assert not np.allclose(on["val"], scored["val"])
+
+
 def test_refit_on_val_keeps_validation_predictions_from_the_train_only_model(png_folder):
     from trainables.data import load_dataset
     data = load_dataset(png_folder, image_size=28, seed=0)
