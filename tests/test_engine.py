@@ -33,9 +33,13 @@ def test_ray_internals_the_searcher_and_scheduler_use_still_exist(tmp_path):
                                          f"search/tuner.py StudySearch was written for {SUPPORTED}")
     assert isinstance(searcher._ot_study, optuna.Study), f"ray {ray.__version__}: OptunaSearch._ot_study changed"
     scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=4, grace_period=1, folder=tmp_path)
-    for name in ("_time_attr", "_max_t", "STOP"):
+    for name in ("_time_attr", "_max_t", "_num_stopped", "_brackets", "STOP", "CONTINUE"):
         assert hasattr(scheduler, name), (f"ray {ray.__version__}: ASHAScheduler has no attribute {name!r}; "
                                           f"search/tuner.py RecordingASHA was written for {SUPPORTED}")
+    rungs = scheduler._brackets[0]._rungs
+    assert all(isinstance(m, (int, float)) and isinstance(recorded, dict) for m, recorded in rungs), (
+        f"ray {ray.__version__}: an ASHA bracket's _rungs is no longer [(milestone, {{trial: score}})]; "
+        f"RecordingASHA saves and restores it ({SUPPORTED})")
     assert isinstance(scheduler, ASHAScheduler)
 
 
