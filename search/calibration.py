@@ -14,6 +14,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import brier_score_loss, log_loss
 
 BINS = 10
+TEMPERATURES = (0.05, 20.0)  # the range fit_temperature searches
 
 
 def calibration(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -54,8 +55,16 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The temperature in [0.05, 20] that minimises the log loss of `probs` on `labels`."""
+    """The temperature in TEMPERATURES that minimises the log loss of `probs` on `labels`."""
     classes = list(range(probs.shape[1]))
     result = minimize_scalar(lambda log_t: log_loss(labels, apply_temperature(probs, np.exp(log_t)), labels=classes),
-                             bounds=(np.log(0.05), np.log(20)), method="bounded", options={"xatol": 1e-4})
+                             bounds=tuple(np.log(TEMPERATURES)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))
+
+
+def at_a_bound(temperature: float) -> bool:
+    """Whether a fitted temperature sits at an end of the searched range: the log loss had no minimum
+    inside it. At the low end that is what images classified all correctly give (sharper is always
+    better on them), which says nothing about how calibrated the model is on new images."""
+    low, high = TEMPERATURES
+    return not low * 1.01 < temperature < high / 1.01

@@ -107,11 +107,21 @@ def _calibration(summary: dict, models: dict) -> list[str]:
     chosen = summary["chosen"]
     final = models[chosen]["calibration"]
     gain, fitted = final["selection_log_loss_gain"], final["fitted_temperature"]
-    applied = (f"its logits are divided by T = {final['temperature']:.3f}, fitted by log loss on the {_where(summary)} "
-               f"(T > 1 softens overconfident probabilities), which lowers their log loss by {gain['difference']:.4f} "
-               f"(95% CI {gain['ci'][0]:.4f} to {gain['ci'][1]:.4f})" if final["temperature"] != 1 else
-               f"the temperature fitted on the {_where(summary)}, T = {fitted:.3f}, would lower their log loss by only "
-               f"{gain['difference']:.4f} (95% CI {gain['ci'][0]:.4f} to {gain['ci'][1]:.4f}), within noise, so T stays 1")
+    where = _where(summary)
+    if final["temperature"] != 1:
+        applied = (f"its logits are divided by T = {final['temperature']:.3f}, fitted by log loss on the {where} "
+                   f"(T > 1 softens overconfident probabilities), which lowers their log loss by "
+                   f"{gain['difference']:.4f} (95% CI {gain['ci'][0]:.4f} to {gain['ci'][1]:.4f})")
+    elif final["fitted_at_range_end"]:
+        low, high = final["temperature_range"]
+        applied = (f"the temperature fitted on the {where}, T = {fitted:.3f}, is at an end of the range searched "
+                   f"({low} to {high}): their log loss has no minimum inside it (at the low end: they are all "
+                   f"classified right, so sharper always looks better), which says nothing about new images, "
+                   f"so T stays 1")
+    else:
+        applied = (f"the temperature fitted on the {where}, T = {fitted:.3f}, would lower their log loss by only "
+                   f"{gain['difference']:.4f} (95% CI {gain['ci'][0]:.4f} to {gain['ci'][1]:.4f}), within noise, "
+                   f"so T stays 1")
     lines = ["## Calibration", "",
              f"A probability of 0.9 should be right nine times in ten. Temperature scaling of the final model: "
              f"{applied}. Its threshold was chosen on the calibrated scores, and `search.predict` gives the calibrated "

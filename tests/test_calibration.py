@@ -44,6 +44,25 @@ def test_temperature_scaling_recovers_the_overconfidence_and_lowers_ece():
     assert after["ece"] < before["ece"] / 2 and after["log_loss"] < before["log_loss"]
 
 
+def test_a_temperature_fitted_to_selection_images_all_classified_right_is_not_applied():
+    """Seen on covid19-xray-3class with one 25-image validation split: every image right, so the log
+    loss falls all the way to the low end of the range (T = 0.05), the gain is 'significant' on
+    every resample, and applying it took test ECE from 0.021 to 0.090."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    data = _data(labels)
+    selection, test = np.arange(100), data.indices("test")
+    probs = _probs(rng, labels, 1.0)
+    right = probs[selection].argmax(1) == labels[selection]
+    probs[selection[~right]] = probs[selection[~right]][:, ::-1]  # every selection image classified right
+    model = score_model({"kind": "member"}, probs[selection], probs[test], data, selection=selection, positive=1,
+                        resamples=200)
+    c = calibrate(model, data, selection=selection, positive=1, resamples=200)["calibration"]
+    assert c["fitted_temperature"] == pytest.approx(0.05, rel=0.02) and c["fitted_at_range_end"]
+    assert c["selection_log_loss_gain"]["ci"][0] > 0  # the bootstrap guard alone would have let it through
+    assert c["temperature"] == 1.0 and c["ece"] == pytest.approx(c["before"]["ece"])
+
+
 @pytest.mark.parametrize("sharpness,applied", [(3.0, True), (1.0, False)])
 def test_the_final_model_is_scaled_only_when_validation_supports_it(sharpness, applied):
     rng = np.random.default_rng(2)
@@ -55,7 +74,7 @@ def test_the_final_model_is_scaled_only_when_validation_supports_it(sharpness, a
                         resamples=200)
     scaled = calibrate(model, data, selection=selection, positive=1, resamples=200)
     c = scaled["calibration"]
-    assert (c["temperature"] != 1.0) == applied and c["fitted_temperature"] > 0
+    assert (c["temperature"] != 1.0) == applied and c["fitted_temperature"] > 0 and not c["fitted_at_range_end"]
     assert (c["selection_log_loss_gain"]["ci"][0] > 0) == applied
     if applied:
         assert c["temperature"] == pytest.approx(sharpness, rel=0.2) and c["ece"] < c["before"]["ece"]

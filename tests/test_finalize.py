@@ -342,7 +342,10 @@ def test_calibration_figures_agree_with_the_predictions_file(cv_experiment):
         assert log_loss(vy, apply_temperature(raw, fitted_t * nudge), labels=[0, 1, 2]) >= fitted - 1e-4
     gain = calibration["selection_log_loss_gain"]
     assert gain["difference"] == pytest.approx(log_loss(vy, raw, labels=[0, 1, 2]) - fitted, abs=1e-4)
-    assert calibration["temperature"] == (fitted_t if gain["ci"][0] > 0 else 1.0)
+    low, high = calibration["temperature_range"]
+    assert calibration["fitted_at_range_end"] == (not low * 1.01 < fitted_t < high / 1.01)
+    applies = gain["ci"][0] > 0 and not calibration["fitted_at_range_end"]
+    assert calibration["temperature"] == (fitted_t if applies else 1.0)
     for name, model in metrics["models"].items():
         assert {"ece", "brier", "log_loss"} <= set(model["calibration"]), name
     assert (folder / "final" / "calibration.png").stat().st_size > 5000
