@@ -155,15 +155,21 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
                                  f"{str(cause).strip().splitlines()[-1][:300]}")
             continue
         done, elapsed = total - len(pending), time.time() - started
-        last = out["history"][-1] if out["history"] else {}
         line = (f"[{clock(elapsed)}] retrained {done}/{total}: {members[m]['name']} seed {out['seed']}"
-                f"{f' fold {f + 1}/{len(parts)}' if folds else ''} in {clock(out['seconds'])}, "
-                f"val_auc {last.get('val_auc', float('nan')):.4f}")
+                f"{f' fold {f + 1}/{len(parts)}' if folds else ''} in {clock(out['seconds'])}, {outcome(out)}")
         if pending:
             line += f" | ETA ~{clock(elapsed / done * len(pending))}"
         print(line, flush=True)
     return [(None, errors[m]) if m in errors else ([_join_folds(fold_outs, folds) for fold_outs in member_outs], None)
             for m, member_outs in enumerate(outs)]
+
+
+def outcome(run: dict) -> str:
+    """How a retraining ended, for its progress line: its last epoch's validation AUC, or, for a
+    trial's network that was only scored, which epoch it was kept at."""
+    if not run["history"]:
+        return f"kept as its trial left it (epoch {run['from_trial_epoch']})"
+    return f"val_auc {run['history'][-1]['val_auc']:.4f}"
 
 
 def _join_folds(outs: list[dict], folds: list | None) -> dict:

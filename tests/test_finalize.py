@@ -15,7 +15,7 @@ from conftest import ROOT
 from search.experiment import run_search
 from search.final import finalize
 from search.options import FinalizeOptions, SearchOptions
-from search.retrain import retrain
+from search.retrain import outcome, retrain
 from trainables import UserError
 
 
@@ -181,9 +181,11 @@ def test_retraining_goes_on_from_a_trials_state(png_folder):
     at_two = {k: v.clone() if torch.is_tensor(v) else v for k, v in run.state_dict()["model"].items()}
     scored = retrain(config, data, epochs=2, start=run.state_dict())
     assert scored["history"] == [] and scored["from_trial_epoch"] == 2
+    assert outcome(scored) == "kept as its trial left it (epoch 2)"  # not "val_auc nan" in the progress line
     assert np.allclose(scored["val"], run.predict(run.val_x)) and all(torch.equal(scored["states"][0][k], at_two[k]) for k in at_two)
     on = retrain(config, data, epochs=3, start=run.state_dict())
     assert [h["epoch"] for h in on["history"]] == [3] and on["history"][0]["lr"] < config.get("lr", 1e-3)
+    assert outcome(on) == f"val_auc {on['history'][-1]['val_auc']:.4f}"
     assert not np.allclose(on["val"], scored["val"])
 
 
