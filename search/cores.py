@@ -18,16 +18,24 @@ from ray import tune
 
 @ray.remote(num_cpus=0)
 class CoreBudget:
-    """Per trial, the threads it may use now (absent: the CPUs it asked for)."""
+    """Per trial (or finalize's retraining task), the threads it may use now (absent: the CPUs it
+    asked for); a task says where it started, since Ray does not tell the driver."""
 
     def __init__(self):
         self.threads: dict[str, int] = {}
+        self.nodes: dict[str, str] = {}
 
     def set(self, threads: dict[str, int]) -> None:
         self.threads = threads
 
     def get(self, trial_id: str) -> int | None:
         return self.threads.get(trial_id)
+
+    def started(self, key: str, node_ip: str) -> None:
+        self.nodes[key] = node_ip
+
+    def started_on(self) -> dict[str, str]:
+        return dict(self.nodes)
 
 
 def shares(running: dict[str, str], node_cpus: dict[str, float], cpus_per_trial: float) -> dict[str, int]:
@@ -66,11 +74,20 @@ class ShareIdleCores(tune.Callback):
         waiting = len(trials) < self.num_samples or any(t.status == "PENDING" for t in trials)
         running = {t.trial_id: (t.last_result or {}).get("node_ip") for t in trials if t.status == "RUNNING"}
         running = {t: node for t, node in running.items() if node}
-        threads = {} if waiting or not running else shares(running, _node_cpus(), self.cpus_per_trial)
+        threads = {} if waiting or not running else shares(running, node_cpus(), self.cpus_per_trial)
         if threads != self.shared:
             self.shared = threads
             ray.get_actor(self.budget).set.remote(threads)
 
 
-def _node_cpus() -> dict[str, float]:
+def share_among_tasks(budget, unfinished: set[str], cpus_per_task: float) -> None:
+    """Finalize's retrainings: once none of the `unfinished` tasks waits for a slot, share each
+    node's idle cores among those running there (as `ShareIdleCores` does for trials)."""
+    started = ray.get(budget.started_on.remote())
+    running = {key: node for key, node in started.items() if key in unfinished}
+    if running and len(running) == len(unfinished):
+        budget.set.remote(shares(running, node_cpus(), cpus_per_task))
+
+
+def node_cpus() -> dict[str, float]:
     return {n["NodeManagerAddress"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")}

@@ -62,7 +62,8 @@ def score_models(members: list[dict], data: Dataset, *, selection: np.ndarray, p
     for member in members:
         runs = member["runs"]
         entry = {"kind": "member", "trial_id": member["trial_id"], "config": member["config"],
-                 "epochs": member["epochs"], "seeds": [r["seed"] for r in runs], "search": member["search"],
+                 "epochs": member["epochs"], "warm_restart_epochs": member.get("warm_restart_epochs", 0),
+                 "seeds": [r["seed"] for r in runs], "search": member["search"],
                  "from_trial_epoch": int(runs[0].get("from_trial_epoch", 0)),
                  "test_auc_per_seed": [auc(test_y, r["test"]) for r in runs]}
         models[member["name"]] = scored(entry, np.mean([r["val"] for r in runs], 0),

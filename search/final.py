@@ -55,7 +55,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
     if data is None:
         data = _search_data(record, options.data)
     positive = positive_class(data.class_names, options.positive_class)
-    found = candidates(folder, board, metric=metric, epochs=options.epochs)
+    found = candidates(folder, board, metric=metric, epochs=options.epochs, warm_restart=options.warm_restart)
     n_folds = int(search.get("folds") or 1)
     if n_folds > 1 and options.refit_on_val:
         raise UserError(f"--refit-on-val does not apply to this cross-validated search: its members are the "
@@ -70,9 +70,11 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
                    cluster=bool(options.address))
         print(f"finalize: retraining {min(options.top_k, len(found))} configuration(s) x {options.seeds} seed(s)"
               f"{f' x {n_folds} folds of train+val' if folds else ' on train+val' if options.refit_on_val else ' on train'}"
-              f" ({options.epochs} epochs), {cpus:g} CPU / {gpus:g} GPU each", flush=True)
+              f" ({options.epochs} epochs; a warm restart for {options.warm_restart}), {cpus:g} CPU / {gpus:g} GPU each",
+              flush=True)
         members, failed = retrain_top(found, options.top_k, data, seeds=options.seeds, folds=folds,
-                                      refit_on_val=options.refit_on_val, cpus=cpus, gpus=gpus, fold_seed=search["seed"])
+                                      refit_on_val=options.refit_on_val, cpus=cpus, gpus=gpus, fold_seed=search["seed"],
+                                      share_idle_cores=search.get("share_idle_cores", True))
     models = score_models(members, data, selection=selection, positive=positive, metric=metric,
                           resamples=options.bootstrap)
     chosen, choice, margin = choose(models, data, selection, metric, resamples=options.bootstrap, where=where)

@@ -58,6 +58,9 @@ class SharedOptions:
     top_k: int = option(3, "distinct best configurations to retrain and ensemble", type=int, at_least=1)
     seeds: int = option(1, "retrainings of each configuration, with seeds seed, seed+1, ...; a member "
                            "averages them", type=int, at_least=1)
+    warm_restart: str = option("best", "after its schedule, a final network trains it once more from half its learning "
+                                       "rate (a warm restart): the best configuration's networks, all members', or none",
+                               choices=("best", "all", "none"))
     refit_on_val: bool = option(False, "also retrain on train+val for the saved models (threshold and "
                                        "ensemble weights still come from validation predictions of the "
                                        "train-only models)")
@@ -115,7 +118,7 @@ class SearchOptions(SharedOptions):
                                       f"{AUTO_FOLDS_BELOW:,} images, else 1", type=int_or_auto)
     subset: int | None = option(None, "at most this many images per split (smoke runs)", type=int, above=0)
     max_retries: int = option(2, "retries of a trial whose worker fails", type=int, at_least=0)
-    share_idle_cores: bool = option(True, "keep every CPU trial at the CPUs it asked for (by default, once no trial "
+    share_idle_cores: bool = option(True, "keep every CPU trial and finalize retraining at the CPUs it asked for (by default, once none "
                                           "waits, a node's idle cores are shared among the trials still running there)")
     finalize: bool = option(True, "stop after the search: no retraining, ensemble or report (python -m "
                                   "search.finalize does it later)")

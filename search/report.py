@@ -53,7 +53,11 @@ def _models_table(summary: dict, models: dict, metric: str) -> list[str]:
     lines = ["## Models on the test split", "",
              f"Members are the {members} best distinct configurations of the search, each trained {trained}, "
              f"{opts['seeds']} seed(s); the first seed goes on from its trial's checkpoint, the same run, "
-             f"where the trial's config and data are unchanged; `ensemble-mean` averages their probabilities, `ensemble-fitted` weights "
+             f"where the trial's config and data are unchanged"
+             + ("" if opts.get("warm_restart", "none") == "none" else
+                f", then {'the best configuration' if opts['warm_restart'] == 'best' else 'each member'} trains its "
+                f"schedule once more from half its learning rate (a warm restart; the epochs column says which)")
+             + f"; `ensemble-mean` averages their probabilities, `ensemble-fitted` weights "
              f"them by greedy ensemble selection on the {_where(summary)}. Each model's threshold is its own, "
              f"chosen there.", "",
              f"| model | {'OOF' if k > 1 else 'val'} {metric[4:]} | test AUC (95% CI) | accuracy | sensitivity (95% CI) | "
@@ -158,7 +162,8 @@ def _members(models: dict, metric: str, failed: list[dict]) -> list[str]:
         if m["kind"] == "member":
             params = " | ".join(_param(m["config"].get(k)) for k in KEY_PARAMS)
             lines.append(f"| {name} | {m['trial_id']} | {m['search'][metric]:.4f} | {m['val'][metric[4:]]:.4f} | "
-                         f"{m['epochs']} | {len(m['seeds'])} | "
+                         f"{m['epochs']}{f' + {r} (warm restart)' if (r := m.get('warm_restart_epochs')) else ''} | "
+                         f"{len(m['seeds'])} | "
                          f"{_first_seed(m)} | "
                          f"{', '.join(f'{a:.4f}' for a in m['test_auc_per_seed'])} | {params} |")
     for name, m in models.items():

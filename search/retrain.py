@@ -1,10 +1,12 @@
 """Retraining for the final model: the top-k distinct configurations of a search, each trained
 again (per seed, optionally on train+val) as a Ray task, with its validation and test predictions.
 The first seed of a member goes on from its trial's last checkpoint instead of starting over (not
-when refit on val): the trial is the same run, so a trial that finished is only scored again.
+when refit on val): the trial is the same run, so a trial that finished is only scored again. Then
+the best configuration's networks train their schedule once more from half the learning rate (a
+warm restart): the search ranks configurations on a short schedule, the best one ships trained longer.
 
 Example:
-    >>> found = candidates(folder, board, metric="val_auc", epochs="full")
+    >>> found = candidates(folder, board, metric="val_auc", epochs="full", warm_restart="best")
     >>> members, failed = retrain_top(found, 3, data, seeds=2, folds=None, refit_on_val=False, cpus=1, gpus=0)
 """
 from __future__ import annotations
@@ -18,15 +20,19 @@ import pandas as pd
 import ray
 import torch
 
+from search.cores import CoreBudget, share_among_tasks
 from search.leaderboard import VAL_METRICS, clock
 from trainables import UserError
 from trainables.data import Dataset
 from trainables.train import Training
 
 
-def candidates(folder: Path, board: pd.DataFrame, *, metric: str, epochs: str) -> list[dict]:
+def candidates(folder: Path, board: pd.DataFrame, *, metric: str, epochs: str,
+               warm_restart: str = "none") -> list[dict]:
     """The distinct configurations of the search that reported `metric` and did not fail (identical
-    configs count once), best first, each with its trial's config, the epochs to retrain and a name.
+    configs count once), best first, each with its trial's config, the epochs to retrain, the
+    epochs of the warm-restart cycle after them (its max epochs for the best configuration with
+    `warm_restart` "best", for each with "all"; else 0) and a name.
 
     Raises:
         UserError: no trial folder holds its configuration.
@@ -46,6 +52,8 @@ def candidates(folder: Path, board: pd.DataFrame, *, metric: str, epochs: str) -
         train_epochs = int(row["best_epoch"]) if epochs == "best" else int(config["max_epochs"])
         found.append({"name": f"{len(found) + 1}-{label}-{row['trial_id']}", "trial_id": row["trial_id"],
                       "config": config, "epochs": train_epochs, "trial_dir": str(params.parent),
+                      "warm_restart_epochs": int(config["max_epochs"]) if warm_restart == "all" or (
+                          warm_restart == "best" and not found) else 0,
                       "search": {k: row.get(k) for k in (*VAL_METRICS, "best_epoch", "epochs", "stopped_early")}})
     if not found:
         raise UserError(f"no trial folder of {folder.name} holds the params.json of a trial that reported "
@@ -76,27 +84,51 @@ def retrain_top(candidates: list[dict], top_k: int, data: Dataset, **how) -> tup
     return members, failed
 
 
-def retrain(config: dict, data: Dataset, *, epochs: int, train: np.ndarray | None = None,
-            val: np.ndarray | None = None, refit_on_val: bool = False, start: dict | None = None) -> dict:
-    """One final network: trained on `train` (default the train split) to `epochs`, its predictions
-    on `val` (default the val split) and on test; with `refit_on_val` a second network on train+val,
-    whose weights and test predictions are kept. `start`: a `Training.state_dict()` of this config
-    on the same images (its trial's checkpoint) to go on from instead of starting over."""
+def retrain(config: dict, data: Dataset, *, epochs: int, warm_restart: int = 0, train: np.ndarray | None = None,
+            val: np.ndarray | None = None, refit_on_val: bool = False, start: dict | None = None,
+            cores=None, key: str = "") -> dict:
+    """One final network: trained on `train` (default the train split) to `epochs`, then, with
+    `warm_restart`, one more cycle of that many epochs from half the learning rate (see
+    `Training.restart`); its predictions on `val` (default the val split) and on test. With
+    `refit_on_val` a second network trained the same way on train+val, whose weights and test
+    predictions are kept. `start`: a `Training.state_dict()` of this config on the same images (its
+    trial's checkpoint) to go on from instead of starting over. `cores`: a `CoreBudget` whose
+    `get(key)` gives the threads to use from the next epoch on (as for trials)."""
     started = time.time()
+    if cores is not None:
+        cores.started.remote(key, ray.util.get_node_ip_address())
     run = Training(config, data, train=train, val=val)
     if start:
         run.load_state_dict(start)
-    history = list(run.epochs(until=epochs))
+    history = list(_epochs(run, epochs, warm_restart, cores, key))
     val_probs = run.predict(run.val_x)
     if refit_on_val:
         run = Training(config, data, train=np.concatenate([data.indices("train"), data.indices("val")]))
-        for _ in run.epochs(until=epochs):
+        for _ in _epochs(run, epochs, warm_restart, cores, key):
             pass
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
              for k, v in run.model.state_dict().items()}
     return {"history": history, "val": val_probs, "test": run.predict(data.arrays("test")[0]), "states": [state],
             "seed": run.config["seed"], "seconds": time.time() - started,
             "from_trial_epoch": start["epoch"] if start else 0}
+
+
+def _epochs(run: Training, epochs: int, warm_restart: int, cores, key: str):
+    """The run's epochs to `epochs`, then its warm-restart cycle; before each, the threads `cores` allows."""
+    own = torch.get_num_threads()
+    for cycle in (run.epochs(until=epochs), *([_restarted(run, warm_restart)] if warm_restart else [])):
+        while True:
+            threads = (ray.get(cores.get.remote(key)) if cores is not None else None) or own
+            torch.set_num_threads(threads)
+            metrics = next(cycle, None)
+            if metrics is None:
+                break
+            yield {**metrics, "threads": threads}
+
+
+def _restarted(run: Training, epochs: int):
+    run.restart(epochs)
+    yield from run.epochs()
 
 
 def trial_states(member: dict, folds: list | None) -> list[dict] | None:
@@ -117,15 +149,17 @@ def trial_states(member: dict, folds: list | None) -> list[dict] | None:
 
 
 def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list | None, refit_on_val: bool,
-                cpus: float, gpus: float, fold_seed: int | None = None) -> list[list[dict]]:
+                cpus: float, gpus: float, fold_seed: int | None = None, share_idle_cores: bool = True) -> list[list[dict]]:
     """Every member x seed (x fold, with `folds`: the (train, held-out) index pairs of a
     cross-validated search, drawn with `fold_seed`) as a Ray task, the data put in the object store
     once, progress printed. The first seed goes on from its trial's checkpoint where `trial_states`
     allows (a trial that reached the member's epochs is only scored): a trial is the same run as
     its retraining. Returns per member (its runs in seed order, None) or (None, the error line of a
     failed task); with folds a run holds the fold networks, the out-of-fold predictions over
-    train+val (in index order) and the fold mean on test."""
+    train+val (in index order) and the fold mean on test. With `share_idle_cores` (CPU tasks only),
+    once no task waits for a slot, the cores of finished tasks go to those still running."""
     task = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
+    cores = CoreBudget.remote() if share_idle_cores and not gpus else None
     data_ref = ray.put(data)
     parts = folds or [(None, None)]
     pending = {}
@@ -134,19 +168,28 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
         states = trial_states(member, folds) if same_folds and not refit_on_val else None
         if states:
             print(f"{member['name']}: going on from its trial's epoch-{states[0]['epoch']} checkpoint to epoch "
-                  f"{member['epochs']} (seed {member['config'].get('seed', 0)})", flush=True)
+                  f"{member['epochs']} (seed {member['config'].get('seed', 0)})"
+                  + (f", then {member['warm_restart_epochs']} warm-restart epochs" if member["warm_restart_epochs"] else ""),
+                  flush=True)
         for s in range(seeds):
             config = {**member["config"], "seed": int(member["config"].get("seed", 0)) + s}
             for f, (train, held_out) in enumerate(parts):
-                ref = task.remote(config, data_ref, epochs=member["epochs"], train=train, val=held_out,
-                                  refit_on_val=refit_on_val, start=states[f] if states and s == 0 else None)
+                ref = task.remote(config, data_ref, epochs=member["epochs"], warm_restart=member["warm_restart_epochs"],
+                                  train=train, val=held_out, refit_on_val=refit_on_val,
+                                  start=states[f] if states and s == 0 else None, cores=cores, key=f"{m}-{s}-{f}")
                 pending[ref] = (m, s, f)
     outs = [[[None] * len(parts) for _ in range(seeds)] for _ in members]
     errors: dict[int, str] = {}
     started, total = time.time(), len(pending)
     while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        m, s, f = pending.pop(ref)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=2)
+        if ready:
+            ref = ready[0]
+            m, s, f = pending.pop(ref)
+        if cores is not None:
+            share_among_tasks(cores, {"-".join(map(str, where)) for where in pending.values()}, cpus)
+        if not ready:
+            continue
         try:
             outs[m][s][f] = out = ray.get(ref)
         except ray.exceptions.RayError as exc:  # the task raised, or its worker died (after retries)

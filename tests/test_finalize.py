@@ -33,11 +33,12 @@ def keras_folder(tmp_path_factory, png_folder):
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, keras_folder):
-    """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble."""
+    """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble;
+    no warm restart, so a member's first seed is its trial's network as it stands."""
     storage = tmp_path_factory.mktemp("exp")
     folder = run_search(SearchOptions(space="tiny", data=str(keras_folder), storage=str(storage), name="pipeline", folds=1,
                                       num_samples=4, max_epochs=3, grace_period=3, image_size=28, seed=0,
-                                      cpus_per_trial=1, top_k=2, seeds=2))
+                                      cpus_per_trial=1, top_k=2, seeds=2, warm_restart="none"))
     return folder, json.loads((folder / "final" / "metrics.json").read_text())
 
 
@@ -189,6 +190,47 @@ def test_retraining_goes_on_from_a_trials_state(png_folder):
     assert not np.allclose(on["val"], scored["val"])
 
 
+def test_a_warm_restart_goes_on_from_the_network_with_a_fresh_cycle(png_folder):
+    """After its schedule a network trains one more cycle from half the learning rate: going on from
+    a trial's state gives the network retraining from scratch gives (the same run), and the cycle
+    changes it."""
+    from trainables.data import load_dataset
+    from trainables.train import Training
+    data = load_dataset(png_folder, image_size=28, seed=0)
+    config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32,
+              "lr": 1e-3}
+    trial = Training(config, data)
+    list(trial.epochs())
+    restarted = retrain(config, data, epochs=2, warm_restart=2, start=trial.state_dict())
+    assert [h["epoch"] for h in restarted["history"]] == [3, 4]
+    assert restarted["history"][0]["lr"] == pytest.approx(0.5e-3 * 0.5)  # half the lr, half-way down its cosine
+    assert restarted["history"][1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    from_scratch = retrain(config, data, epochs=2, warm_restart=2)
+    assert len(from_scratch["history"]) == 4 and np.allclose(from_scratch["val"], restarted["val"], atol=1e-5)
+    assert not np.allclose(restarted["val"], trial.predict(trial.val_x), atol=1e-3)
+
+
+def test_finalize_gives_the_cores_of_finished_retrainings_to_those_still_running(pneumonia_npz):
+    """Two 1-CPU retraining tasks on 2 CPUs: once the short one ends, the long one trains on both."""
+    import ray
+    from search.retrain import retrain_all
+    from trainables.data import load_dataset
+    data = load_dataset(pneumonia_npz, image_size=28, seed=0, subset=300)
+    config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32}
+    members = [{"name": "short", "config": config, "epochs": 1, "warm_restart_epochs": 0},
+               {"name": "long", "config": config, "epochs": 2, "warm_restart_epochs": 10}]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        (short, _), (long, _) = retrain_all(members, data, seeds=1, folds=None, refit_on_val=False, cpus=1, gpus=0)
+        (alone, _), = retrain_all(members[1:], data, seeds=1, folds=None, refit_on_val=False, cpus=1, gpus=0,
+                                  share_idle_cores=False)
+    finally:
+        ray.shutdown()
+    threads = [h["threads"] for h in long[0]["history"]]
+    assert len(threads) == 12 and threads[0] == 1 and threads[-1] == 2, threads
+    assert {h["threads"] for h in alone[0]["history"]} == {1}  # --no-share-idle-cores: the CPUs it asked for
+
+
 def test_refit_on_val_keeps_validation_predictions_from_the_train_only_model(png_folder):
     from trainables.data import load_dataset
     data = load_dataset(png_folder, image_size=28, seed=0)
@@ -226,6 +268,8 @@ def test_finalize_errors(experiment, tmp_path):
     (unfinished / "leaderboard.csv").write_text("rank,trial_id,status,val_auc\n1,abc,RUNNING,\n")
     _one_error(_cli("search.finalize", "--experiment", str(unfinished)), "no trial of unfinished has reported val_auc")
     _one_error(_cli("search.finalize", "--experiment", str(folder), "--seeds", "0"), "--seeds must be at least 1")
+    with pytest.raises(UserError, match="unknown warm restart 'top'; choose one of best, all, none"):
+        finalize(FinalizeOptions(experiment=str(folder), warm_restart="top"))
     with pytest.raises(UserError, match="--positive-class 'covid' is not a class of this data"):
         finalize(FinalizeOptions(experiment=str(folder), positive_class="covid"))
 
@@ -283,8 +327,11 @@ def test_cross_validated_finalize_chooses_on_out_of_fold_predictions(cv_experime
                                                                        val[f"p_{pos}"].to_numpy()))
     model = json.loads((folder / "final" / "ensemble" / "model.json").read_text())
     assert all(len(m["files"]) == 5 for m in model["members"])  # a member is its 5 fold models
+    members = [m for m in metrics["models"].values() if m["kind"] == "member"]
+    assert [m["warm_restart_epochs"] for m in members] == [2, 0]  # the best configuration trains its schedule again
     report = (folder / "final" / "report.md").read_text()
     assert "out-of-fold predictions of train+val (5 folds)" in report and "Selection: cross-validation" in report
+    assert "| 2 + 2 (warm restart) |" in report and "the best configuration trains its schedule once more" in report
 
 
 def test_cross_validated_model_predicts_like_finalize(cv_experiment, tmp_path):

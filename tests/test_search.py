@@ -145,6 +145,7 @@ def _cli(*args, cwd=ROOT):
     (["--scheduler", "hyperband"], "unknown scheduler 'hyperband'; choose one of asha, fifo"),
     (["--space", "recipes", "--recipes", "resnet50_finetune,nope"], "unknown recipe(s) ['nope']; recipes: mobilenetv2"),
     (["--space", "tiny", "--recipes", "resnet50_finetune"], "--recipes applies to --space recipes, not 'tiny'"),
+    (["--warm-restart", "twice"], "unknown warm restart 'twice'; choose one of best, all, none"),
     (["--folds", "0"], "--folds must be 'auto' or a whole number, 1 (no cross-validation) or more; got 0"),
     (["--folds", "2000"], "--folds 2000: a class of train+val has only"),
     (["--space", "tiny", "--positive-class", "covid"],

@@ -62,9 +62,9 @@ class Training:
                                 minority_weight=config["minority_weight"])
         self.loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, device=device),
                                            label_smoothing=config["label_smoothing"])
-        steps_per_epoch = max(1, len(train_labels) // config["batch_size"])
+        self.steps_per_epoch = max(1, len(train_labels) // config["batch_size"])
         self.optimizer = make_optimizer(self.model, config)
-        self.scheduler = make_scheduler(self.optimizer, config, steps_per_epoch)
+        self.scheduler = make_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.epoch = 0
 
     def state_dict(self) -> dict:
@@ -76,6 +76,20 @@ class Training:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
+
+    def restart(self, epochs: int, *, lr_scale: float = 0.5) -> None:
+        """A warm restart (SGDR, Loshchilov & Hutter 2017): the network as it is, a fresh optimizer and
+        one more cycle of the config's schedule, `epochs` long, from `lr_scale` x its learning rate;
+        `epochs()` then trains to that cycle's end.
+
+        Example:
+            >>> list(run.epochs())        # the config's max_epochs, say 8
+            >>> run.restart(8)
+            >>> list(run.epochs())        # epochs 9-16, from half the learning rate down again
+        """
+        self.config = {**self.config, "lr": self.config["lr"] * lr_scale, "max_epochs": self.epoch + epochs}
+        self.optimizer = make_optimizer(self.model, self.config)
+        self.scheduler = make_scheduler(self.optimizer, {**self.config, "max_epochs": epochs}, self.steps_per_epoch)
 
     def epochs(self, until: int | None = None) -> Iterator[dict]:
         """Train up to epoch `until` (default `max_epochs`; the schedule always spans `max_epochs`),
