@@ -59,7 +59,8 @@ class SharedOptions:
     seeds: int = option(1, "retrainings of each configuration, with seeds seed, seed+1, ...; a member "
                            "averages them", type=int, at_least=1)
     warm_restart: str = option("best", "after its schedule, a final network trains it once more from half its learning "
-                                       "rate (a warm restart): the best configuration's networks, all members', or none",
+                                       "rate (a warm restart). best: the best configuration's networks; all: every "
+                                       "member's; none",
                                choices=("best", "all", "none"))
     refit_on_val: bool = option(False, "also retrain on train+val for the saved models (threshold and "
                                        "ensemble weights still come from validation predictions of the "
