@@ -119,8 +119,9 @@ class SearchOptions(SharedOptions):
                                       f"{AUTO_FOLDS_BELOW:,} images, else 1", type=int_or_auto)
     subset: int | None = option(None, "at most this many images per split (smoke runs)", type=int, above=0)
     max_retries: int = option(2, "retries of a trial whose worker fails", type=int, at_least=0)
-    share_idle_cores: bool = option(True, "keep every CPU trial and finalize retraining at the CPUs it asked for (by default, once none "
-                                          "waits, a node's idle cores are shared among the trials still running there)")
+    share_idle_cores: bool = option(True, "keep every CPU trial and finalize retraining at the CPUs it asked for "
+                                          "(by default, once none waits, a node's idle cores are shared among those "
+                                          "still running there)")
     finalize: bool = option(True, "stop after the search: no retraining, ensemble or report (python -m "
                                   "search.finalize does it later)")
 
