@@ -6,7 +6,7 @@ restarts a trial to resize it and cannot reuse actors, which on a CPU costs ever
 worker's imports; see BENCHMARKS.md, issue 18.)
 
 Example:
-    >>> budget = CoreBudget.options(name="cores-run1").remote()
+    >>> budget = core_budget("cores-run1")
     >>> trainable = tune.with_parameters(train_classifier, data=data, cores=budget)
     >>> callbacks = [ShareIdleCores("cores-run1", num_samples=24, cpus_per_trial=1)]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ray
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 @ray.remote(num_cpus=0)
@@ -36,6 +37,14 @@ class CoreBudget:
 
     def started_on(self) -> dict[str, str]:
         return dict(self.nodes)
+
+
+def core_budget(name: str | None = None):
+    """A `CoreBudget` (named `name`, reused if it exists) on the driver's node, the head of a `ray up`
+    cluster: left to Ray, it may land on a worker, and losing that worker would take it along."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    named = {"name": name, "get_if_exists": True} if name else {}
+    return CoreBudget.options(scheduling_strategy=here, **named).remote()
 
 
 def shares(running: dict[str, str], node_cpus: dict[str, float], cpus_per_trial: float) -> dict[str, int]:
@@ -77,7 +86,10 @@ class ShareIdleCores(tune.Callback):
         threads = {} if waiting or not running else shares(running, node_cpus(), self.cpus_per_trial)
         if threads != self.shared:
             self.shared = threads
-            ray.get_actor(self.budget).set.remote(threads)
+            try:
+                ray.get_actor(self.budget).set.remote(threads)
+            except ValueError:  # its process died (OOM-killed, say): trials keep the CPUs they asked for
+                pass
 
 
 def share_among_tasks(budget, unfinished: set[str], cpus_per_task: float) -> None:

@@ -22,7 +22,7 @@ import ray
 from ray import tune
 
 from search.cluster import check_fits, connected, engine_messages, slots
-from search.cores import CoreBudget, ShareIdleCores
+from search.cores import ShareIdleCores, core_budget
 from search.data import audited, data_path, load_search_data, write_audit
 from search.evaluate import positive_class
 from search.final import finalize
@@ -190,7 +190,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     cores = None
     if o.share_idle_cores and not o.gpus_per_trial:
         name = f"cores-{folder.name}"
-        cores = CoreBudget.options(name=name, get_if_exists=True).remote()
+        cores = core_budget(name)
         callbacks.append(ShareIdleCores(name, num_samples=o.num_samples, cpus_per_trial=o.cpus_per_trial))
     trainable = with_data(train_classifier, search.data, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial},
                           cores=cores)

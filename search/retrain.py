@@ -20,11 +20,12 @@ import pandas as pd
 import ray
 import torch
 
-from search.cores import CoreBudget, share_among_tasks
+from search.cores import core_budget, share_among_tasks
 from search.leaderboard import VAL_METRICS, clock
 from trainables import UserError
 from trainables.data import Dataset
 from trainables.train import Training
+from trainables.trainable import allowed_threads
 
 
 def candidates(folder: Path, board: pd.DataFrame, *, metric: str, epochs: str,
@@ -118,7 +119,7 @@ def _epochs(run: Training, epochs: int, warm_restart: int, cores, key: str):
     own = torch.get_num_threads()
     for cycle in (run.epochs(until=epochs), *([_restarted(run, warm_restart)] if warm_restart else [])):
         while True:
-            threads = (ray.get(cores.get.remote(key)) if cores is not None else None) or own
+            threads = allowed_threads(cores, key, own)
             torch.set_num_threads(threads)
             metrics = next(cycle, None)
             if metrics is None:
@@ -159,7 +160,7 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
     train+val (in index order) and the fold mean on test. With `share_idle_cores` (CPU tasks only),
     once no task waits for a slot, the cores of finished tasks go to those still running."""
     task = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
-    cores = CoreBudget.remote() if share_idle_cores and not gpus else None
+    cores = core_budget() if share_idle_cores and not gpus else None
     data_ref = ray.put(data)
     parts = folds or [(None, None)]
     pending = {}

@@ -116,6 +116,33 @@ def test_trials_spread_over_nodes_and_survive_a_killed_worker(cluster, tmp_path,
     assert "Traceback" in (folder / "engine.log").read_text()
 
 
+def test_the_core_budget_lives_on_the_drivers_node_and_its_loss_fails_no_trial(cluster):
+    """The actor that shares idle cores sits on the driver's node even when that node's CPUs are
+    taken (left to Ray, it went to a worker, and killing that worker failed every trial); should it
+    be lost anyway, trials read the CPUs they asked for."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from search.cores import core_budget
+    from trainables.trainable import allowed_threads
+    c, _ = cluster
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        trial = ray.remote(num_cpus=1)(lambda: time.sleep(60))  # holds the driver's node's one CPU, as a trial does
+        busy = trial.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+        time.sleep(1)
+        budgets = [core_budget() for _ in range(4)] + [core_budget("cores-run")]
+        nodes = ray.get([b.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()) for b in budgets])
+        assert set(nodes) == {here}
+        budgets[-1].set.remote({"a": 2})
+        assert allowed_threads(budgets[-1], "a", 1) == 2 and allowed_threads(budgets[-1], "b", 1) == 1
+        ray.kill(budgets[-1])
+        assert allowed_threads(budgets[-1], "a", 1) == 1
+        ray.cancel(busy, force=True)
+    finally:
+        ray.shutdown()
+
+
 def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path, pneumonia_npz):
     args = [*SEARCH, "--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "stopped",
             "--num-samples", "6", "--max-epochs", "3"]

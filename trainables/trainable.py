@@ -41,7 +41,7 @@ def train_classifier(config: dict, data: Dataset, *, cores=None) -> None:
     own, trial_id = torch.get_num_threads(), tune.get_context().get_trial_id()
     epochs = zip(*(run.epochs() for run in runs))
     while True:
-        threads = (ray.get(cores.get.remote(trial_id)) if cores is not None else None) or own
+        threads = allowed_threads(cores, trial_id, own)
         torch.set_num_threads(threads)
         per_fold = next(epochs, None)
         if per_fold is None:
@@ -50,6 +50,17 @@ def train_classifier(config: dict, data: Dataset, *, cores=None) -> None:
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"folds": [run.state_dict() for run in runs], "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def allowed_threads(cores, key: str, own: int) -> int:
+    """The threads the `cores` actor allows `key` now; `own` (the CPUs it asked for) when it names
+    none, when there is no actor, or when the actor is lost: sharing idle cores must never fail a run."""
+    if cores is None:
+        return own
+    try:
+        return ray.get(cores.get.remote(key), timeout=30) or own
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return own
 
 
 def fold_mean(per_fold: tuple[dict, ...]) -> dict:
