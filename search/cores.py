@@ -95,7 +95,10 @@ class ShareIdleCores(tune.Callback):
 def share_among_tasks(budget, unfinished: set[str], cpus_per_task: float) -> None:
     """Finalize's retrainings: once none of the `unfinished` tasks waits for a slot, share each
     node's idle cores among those running there (as `ShareIdleCores` does for trials)."""
-    started = ray.get(budget.started_on.remote())
+    try:
+        started = ray.get(budget.started_on.remote())
+    except ray.exceptions.RayActorError:  # its process died: the tasks keep the CPUs they asked for
+        return
     running = {key: node for key, node in started.items() if key in unfinished}
     if running and len(running) == len(unfinished):
         budget.set.remote(shares(running, node_cpus(), cpus_per_task))

@@ -122,7 +122,7 @@ def test_the_core_budget_lives_on_the_drivers_node_and_its_loss_fails_no_trial(c
     be lost anyway, trials read the CPUs they asked for."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    from search.cores import core_budget
+    from search.cores import core_budget, share_among_tasks
     from trainables.trainable import allowed_threads
     c, _ = cluster
     ray.init(address=c.address, log_to_driver=False)
@@ -136,8 +136,12 @@ def test_the_core_budget_lives_on_the_drivers_node_and_its_loss_fails_no_trial(c
         assert set(nodes) == {here}
         budgets[-1].set.remote({"a": 2})
         assert allowed_threads(budgets[-1], "a", 1) == 2 and allowed_threads(budgets[-1], "b", 1) == 1
-        ray.kill(budgets[-1])
+        ray.kill(budgets[-1])  # takes effect a moment later
+        deadline = time.time() + 30
+        while allowed_threads(budgets[-1], "a", 1) == 2 and time.time() < deadline:
+            time.sleep(0.2)
         assert allowed_threads(budgets[-1], "a", 1) == 1
+        share_among_tasks(budgets[-1], {"a"}, 1)  # finalize's driver loop goes on without it
         ray.cancel(busy, force=True)
     finally:
         ray.shutdown()
