@@ -15,7 +15,7 @@ from search.cli import add_flags, from_flags, handle_errors
 from search.data import audited, data_path, load_search_data, write_audit
 from search.options import SearchOptions
 
-FLAGS = ("data", "image_size", "channels", "group_column", "seed", "skip_corrupt")
+FLAGS = ("data", "image_size", "channels", "group_column", "seed", "skip_corrupt", "ct_window")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def audit(o: SearchOptions, out: str | None) -> None:
     data = load_search_data(data_path(o.data), image_size=o.image_size or "auto", channels=o.channels, seed=o.seed,
-                            group_column=o.group_column, skip_corrupt=o.skip_corrupt)
+                            group_column=o.group_column, skip_corrupt=o.skip_corrupt, ct_window=o.ct_window)
     _, report = audited(data, dedupe=False)
     if out:
         folder = Path(out).expanduser()

@@ -24,12 +24,30 @@ def connected(address: str | None):
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
-             logging_level="ERROR")
+    if address:
+        use_token_if_available()
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
+                 logging_level="ERROR")
+    except ConnectionError as exc:
+        raise UserError(f"cannot join a Ray cluster at --address {address}: {str(exc).strip().splitlines()[0][:200]}. "
+                        f"Start one first (ray start --head, or ray up cluster.yaml) and give its head's host:6379; if "
+                        f"it uses token authentication, this machine needs its token (~/.ray/auth_token, or "
+                        f"RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def use_token_if_available() -> None:
+    """Token authentication for joining a cluster, as `ray start` and `ray.init(address="auto")` use
+    it: on when this machine has a token (~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)
+    and RAY_AUTH_MODE is unset. Ray does this itself only for "auto", not for an explicit host:port,
+    so a search given the head's address would be refused by a head that `ray start` started with
+    tokens on. A cluster without tokens accepts a client that sends one."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 @contextmanager

@@ -1,5 +1,6 @@
-"""The data of a search: where it is, loaded with the search's options, and audited (optionally
-without the copies that leak across splits). `trainables.data` does the loading itself.
+"""The data of a search: where it is, loaded with the search's options (decoded by Ray tasks over
+the cluster, kept in memory or in the disk store), and audited (optionally without the copies that
+leak across splits). `trainables.data` does the loading itself.
 
 Example:
     >>> data = load_search_data(data_path(None), image_size=32, channels=1, seed=0)
@@ -11,10 +12,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ray
+
 from search.records import write_atomic, write_json
 from trainables import UserError
 from trainables.audit import audit_dataset, dedupe as drop_duplicates, render, summary_lines
 from trainables.data import Dataset, load_dataset
+
+# --data-store auto keeps the decoded images in the object store up to this share of the smallest
+# trial node's store: the rest is for checkpoints, results and the trials' own objects
+AUTO_STORE_SHARE = 0.5
 
 DATA_ENV = "SEARCH_DATA"
 # PneumoniaMNIST (2.4 MB, CC BY 4.0; default_data/README.md): the search runs anywhere, offline
@@ -38,19 +45,64 @@ def data_path(given: str | None) -> Path:
 
 
 def load_search_data(path: Path, *, image_size, channels: int, seed: int, group_column: str | None = None,
-                     skip_corrupt: bool = False, subset: int | None = None,
-                     fingerprint: str | None = None) -> Dataset:
+                     skip_corrupt: bool = False, subset: int | None = None, fingerprint: str | None = None,
+                     ct_window: str = "lung", store: str = "memory", cache: str | None = None,
+                     trial_resources: tuple[float, float] = (1, 0)) -> Dataset:
     """The data as a search loads it; with `fingerprint`, it must be the data that search ran on.
+    When Ray runs, the files are decoded by Ray tasks spread over the cluster. `store` "auto" picks
+    memory or disk by the decoded size (see `auto_store`; `trial_resources`: a trial's CPUs and GPUs).
 
     Raises:
         UserError: bad data (see `trainables.data.load_dataset`), or another fingerprint.
     """
     data = load_dataset(path, image_size=image_size, channels=channels, seed=seed, group_column=group_column,
-                        skip_corrupt=skip_corrupt, subset=subset)
+                        skip_corrupt=skip_corrupt, subset=subset, ct_window=ct_window, cache=cache,
+                        store=(lambda nbytes: auto_store(nbytes, *trial_resources)) if store == "auto" else store,
+                        run_chunks=ray_chunks if ray.is_initialized() else None)
     if fingerprint and data.fingerprint != fingerprint:
         raise UserError(f"the data at {path} is not the data the search ran on (fingerprint {fingerprint}, "
                         f"now {data.fingerprint}); point --data at that data, or start a new search")
     return data
+
+
+def auto_store(nbytes: int, cpus: float, gpus: float) -> str:
+    """"memory" when the decoded images fit in `AUTO_STORE_SHARE` of the object store of the smallest
+    live node that can run a trial (`cpus`, `gpus`), else "disk"; the console says which and why.
+    With no such node yet (an autoscaler adds them), the smallest live node's store decides."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
+    trial_nodes = [r for r in nodes if r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus]
+    if not nodes:
+        return "memory"
+    smallest = min(r.get("object_store_memory", 0) for r in trial_nodes or nodes)
+    store = "memory" if nbytes <= AUTO_STORE_SHARE * smallest else "disk"
+    which = "the smallest node that can run a trial" if trial_nodes else "the smallest node (none can run a trial yet)"
+    print(f"data store: {store} (--data-store auto): the decoded images take {_size(nbytes)}, "
+          f"{'within' if store == 'memory' else 'more than'} {AUTO_STORE_SHARE:.0%} of the {_size(smallest)} object "
+          f"store of {which}" + ("; trials read their batches from the cache on disk" if store == "disk" else ""),
+          flush=True)
+    return store
+
+
+def ray_chunks(fn, chunks: list, kwargs: dict):
+    """`(k, fn(chunks[k], **kwargs))` as Ray tasks finish, spread over the cluster's nodes (a few per
+    CPU in flight, so the driver never holds more than those results)."""
+    task = ray.remote(fn).options(num_cpus=1, scheduling_strategy="SPREAD", max_retries=2)
+    in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pending, queue = {}, list(enumerate(chunks))[::-1]
+    while queue or pending:
+        while queue and len(pending) < in_flight:
+            k, chunk = queue.pop()
+            pending[task.remote(chunk, **kwargs)] = k
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(ready[0]), ray.get(ready[0])
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:,.0f} {unit}" if unit == "B" else f"{nbytes:,.1f} {unit}"
+        nbytes /= 1000
+    return ""
 
 
 def audited(data: Dataset, *, dedupe: bool) -> tuple[Dataset, dict]:

@@ -112,12 +112,15 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
     space = _space(options)
     if space.fixed and options.num_samples is None:  # a fixed space runs each of its points once
         options = replace(options, num_samples=len(space.points))
-    o = replace(with_profile(options, profile), name=folder.name, data=str(path.resolve()))
+    o = replace(with_profile(options, profile), name=folder.name, data=str(path.resolve()),
+                data_cache=str(Path(options.data_cache or folder.parent / "data-cache").expanduser().resolve()))
     check_fits(o.cpus_per_trial, o.gpus_per_trial or 0, task="run a trial", cluster=bool(o.address),
                flags="--cpus-per-trial / --gpus-per-trial")
     data = load_search_data(path, image_size=o.image_size, channels=o.channels, seed=o.seed,
                             group_column=o.group_column, skip_corrupt=o.skip_corrupt, subset=o.subset,
-                            fingerprint=saved["data"]["fingerprint"] if saved else None)
+                            fingerprint=saved["data"]["fingerprint"] if saved else None, ct_window=o.ct_window,
+                            store=o.data_store, cache=o.data_cache,
+                            trial_resources=(o.cpus_per_trial, o.gpus_per_trial or 0))
     o.image_size = int(data.images.shape[1])  # "auto" resolved, recorded for finalize and --resume
     positive_class(data.class_names, o.positive_class)  # a bad --positive-class fails now
     data, audit = audited(data, dedupe=o.dedupe)

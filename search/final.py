@@ -122,7 +122,8 @@ def _search_data(record: dict, moved_to: str | None) -> Dataset:
     data = load_search_data(Path(path).expanduser(), image_size=o["image_size"], channels=o["channels"],
                             seed=o["seed"], group_column=o.get("group_column"),
                             skip_corrupt=o.get("skip_corrupt", False), subset=o.get("subset"),
-                            fingerprint=record["data"]["fingerprint"])
+                            fingerprint=record["data"]["fingerprint"], ct_window=o.get("ct_window", "lung"),
+                            store=record["data"].get("store", {}).get("store", "memory"), cache=o.get("data_cache"))
     return audited(data, dedupe=True)[0] if o.get("dedupe") else data
 
 
@@ -189,6 +190,7 @@ def _save_models(tmp: Path, folder: Path, summary: dict, models: dict, members: 
     """`members/<name>/` for each member alone, and `ensemble/`: the final model."""
     record = {"class_names": data.class_names, "positive_class": summary["positive_class"],
               "preprocessing": {"image_size": int(data.images.shape[1]), "channels": int(data.channels),
+                                "ct_window": summary["search"]["options"].get("ct_window", "lung"),
                                 "decode": "trainables.images.decode_image"},
               "data": summary["data"], "versions": summary["versions"], "experiment": str(folder)}
     by_name = {m["name"]: m for m in members}

@@ -18,6 +18,7 @@ from search.data import DATA_ENV
 from search.samplers import SAMPLERS
 from spaces import UnknownSpace, get_space, list_spaces
 from trainables import UserError
+from trainables.dicom import check_ct_window
 from trainables.images import check_image_size
 from trainables.metrics import METRIC_MODES
 
@@ -110,6 +111,14 @@ class SearchOptions(SharedOptions):
     batch_size: int | str | None = option(None, f"training batch size; auto: the largest of "
                                                 f"{', '.join(map(str, AUTO_BATCH_SIZES))} that gives an epoch at least "
                                                 f"{MIN_STEPS_PER_EPOCH} steps", type=int_or_auto)
+    data_store: str = option("auto", "where trials read the decoded images from: memory (the Ray object store, "
+                                     "fastest), disk (the cache, read batch by batch), or auto: memory when the decoded "
+                                     "images fit in half the object store of the smallest node that runs trials",
+                             choices=("auto", "memory", "disk"))
+    data_cache: str | None = option(None, "folder of decoded data sets, reused by every later search of the same "
+                                          "files (default: <storage>/data-cache; on a cluster a path every node reaches)")
+    ct_window: str = option("lung", "window of CT DICOM images in HU: lung (centre -600, width 1500), mediastinum "
+                                    "(40, 400), file (the file's own), or 'centre,width'")
     group_column: str | None = option(None, "manifest column of patient ids (detected by name when obvious)")
     skip_corrupt: bool = option(False, "leave unreadable images out, with a warning")
     dedupe: bool = option(True, "keep a file that appears in two splits in both (by default only the copy in the "
@@ -216,6 +225,9 @@ def check_search(o: SearchOptions) -> None:
         raise UserError(str(exc)) from None
     if o.image_size is not None:
         check_image_size(o.image_size)
+    check_ct_window(o.ct_window)
+    if o.data_cache and Path(o.data_cache).expanduser().exists() and not Path(o.data_cache).expanduser().is_dir():
+        raise UserError(f"--data-cache {o.data_cache!r} is a file; give a folder (it is created if missing)")
     if o.batch_size not in (None, "auto") and (isinstance(o.batch_size, bool) or not isinstance(o.batch_size, int)
                                                or o.batch_size < 2):
         raise UserError(f"--batch-size must be 'auto' or a whole number, 2 or more; got {o.batch_size!r}")

@@ -17,7 +17,7 @@ from search.cli import handle_errors
 from search.records import write_atomic
 from search.saliency import write_overlays
 from search.saved_model import device_name, image_files, load_model, predict_files
-from trainables.images import decode_images
+from trainables.store import decode_images
 from trainables import UserError
 
 
@@ -45,7 +45,8 @@ def predict(args: argparse.Namespace) -> None:
     write_atomic(out, lambda f: table.to_csv(f, index=False))
     if args.saliency:
         pre, names = model.record["preprocessing"], model.class_names
-        pixels = decode_images(files, image_size=pre["image_size"], channels=pre["channels"])
+        pixels, files = decode_images(files, image_size=pre["image_size"], channels=pre["channels"],
+                                      ct_window=pre.get("ct_window", "lung"))
         write_overlays(model, pixels, table["predicted"].map(names.index).to_numpy(),
                        list(table["path"]) if images.is_dir() else [images.name], Path(args.saliency).expanduser())
         print(f"saliency overlays: {args.saliency}")

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from search.calibration import apply_temperature
 from search.evaluate import decide
 from trainables import UserError
-from trainables.images import IMAGE_EXTENSIONS, decode_images, images_under
+from trainables.images import IMAGE_EXTENSIONS, files_under, unread_line
+from trainables.store import decode_images
 from trainables.models import build_model
 from trainables.train import Preprocess, predict_proba
 
@@ -126,9 +127,12 @@ def image_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise UserError(f"--images {str(path)!r} does not exist")
-    files = images_under(path)
+    files, unread = files_under(path)
     if not files:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}, or DICOM without an extension) under {path}"
+                        + (f"; it holds {unread_line(unread)}" if unread else ""))
+    if unread:
+        print(f"left unread under {path}: {unread_line(unread)}", flush=True)
     return files
 
 
@@ -136,7 +140,8 @@ def predict_files(model: SavedModel, files: list[Path], *, root: Path | None = N
     """A table with one row per image: path (relative to `root`), each class probability, the
     predicted class. Images are decoded exactly as in training."""
     pre = model.record["preprocessing"]
-    images = decode_images(files, image_size=pre["image_size"], channels=pre["channels"])
+    images, files = decode_images(files, image_size=pre["image_size"], channels=pre["channels"],
+                                  ct_window=pre.get("ct_window", "lung"))
     probs = model.predict_proba(images)
     names = model.class_names
     table = pd.DataFrame({"path": [str(f.relative_to(root)) if root else str(f) for f in files]})

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from trainables.data import SPLITS, Dataset
+from trainables.images import unread_line
 
 PURITY = 0.95        # a value this pure in one class ...
 COVERAGE = 0.10      # ... and holding this share of that class's images is a shortcut
@@ -39,7 +37,8 @@ def audit_dataset(data: Dataset) -> dict:
     files = _file_properties(data)
     used = np.flatnonzero(data.split != LEFT_OUT)
     report = {"source": data.source, "fingerprint": data.fingerprint, "split_kind": data.split_kind,
-              "class_names": data.class_names, "images": int(len(used)), "counts": data.counts(), "warnings": []}
+              "class_names": data.class_names, "images": int(len(used)), "counts": data.counts(), "warnings": [],
+              "unread": dict(data.unread)}
     if data.groups is not None:
         report["groups_per_split"] = {s: int(len(np.unique(data.groups[data.indices(s)]))) for s in SPLITS}
     report["duplicates"] = _duplicates(data, files["sha256"], used, report["warnings"])
@@ -51,19 +50,13 @@ def audit_dataset(data: Dataset) -> dict:
 
 
 def _file_properties(data: Dataset) -> dict[str, list]:
-    """Per image: content hash, and for image files their format, mode and size."""
-    if data.paths is None or data.root is None:  # arrays (npz): hash the decoded pixels
-        return {"sha256": [hashlib.sha256(im.tobytes()).hexdigest()[:32] for im in data.images]}
-
-    def one(rel):
-        path = Path(data.root) / rel
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
-        with Image.open(path) as im:
-            return digest, im.format or path.suffix.lstrip(".").upper(), im.mode, f"{im.width}x{im.height}"
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        rows = list(pool.map(one, data.paths))
-    return {k: [r[i] for r in rows] for i, k in enumerate(("sha256", "format", "mode", "size"))}
+    """Per image: content hash, and for image files their format, mode and size (all read in the
+    decoding pass: no file is opened again)."""
+    if data.file_infos is None:  # arrays (npz): hash the decoded pixels, a block at a time
+        block = 4096
+        return {"sha256": [hashlib.sha256(im.tobytes()).hexdigest()[:32] for start in range(0, len(data.labels), block)
+                           for im in data.images[start:start + block]]}
+    return {k: [info[k] for info in data.file_infos] for k in ("sha256", "format", "mode", "size")}
 
 
 def _duplicates(data: Dataset, digests: list[str], used: np.ndarray, warnings: list[str]) -> dict:
@@ -155,6 +148,8 @@ def summary_lines(report: dict) -> list[str]:
              f"{dup['conflicting_labels']} with conflicting labels"]
     if "groups_per_split" in report:
         lines.append("  groups per split: " + ", ".join(f"{s} {n}" for s, n in report["groups_per_split"].items()))
+    if report.get("unread"):
+        lines.append(f"  left unread: {unread_line(report['unread'])}")
     lines += [f"  warning: {w}" for w in report["warnings"]]
     return lines
 
@@ -166,6 +161,9 @@ def render(report: dict) -> str:
              f"{report['images']} images, split {report['split_kind']}, fingerprint `{report['fingerprint']}`.", ""]
     if report["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    unread = report.get("unread") or {}
+    lines += ["## Files not read", "", (f"{sum(unread.values())} file(s) under the data were not read as images: "
+                                         + unread_line(unread) + ".") if unread else "Every file under the data was read.", ""]
     lines += ["## Images per class and split", "", "| split | " + " | ".join(names) + " | groups |",
               "| --- |" + " --- |" * (len(names) + 1)]
     for s, per in report["counts"].items():

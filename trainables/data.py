@@ -11,26 +11,31 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from trainables import UserError
+from trainables.dicom import check_ct_window
 from trainables.images import check_image_size, listing
 from trainables.sources import DATA_SOURCES, SPLITS, Raw
+from trainables.store import STORES, Decoding, DiskImages, rows
 
 
 @dataclass
 class Dataset:
     """Decoded images and everything known about them; the unit shared with all trials.
 
-    `images` is uint8 of shape (N, H, W, C) with C = 1 (grayscale) or 3; `split` holds, per
-    image, 0 (train), 1 (val) or 2 (test).
+    `images` is uint8 of shape (N, H, W, C) with C = 1 (grayscale) or 3, in memory or (the disk
+    store) a `DiskImages` handle whose rows are read as needed; `split` holds, per image, 0 (train),
+    1 (val) or 2 (test).
     """
 
-    images: np.ndarray
+    images: np.ndarray | DiskImages
     labels: np.ndarray
     class_names: list[str]
     split: np.ndarray
@@ -40,6 +45,13 @@ class Dataset:
     source: str
     split_kind: str
     root: str | None = None  # the folder `paths` are relative to (None for arrays)
+    file_infos: list[dict] | None = None  # per image file: sha256, format, mode, size (from decoding)
+    unread: Counter = field(default_factory=Counter)  # files under the data that were not read, by kind
+    store: dict = field(default_factory=dict)  # where the decoded images live: store, bytes, cache, reused
+
+    @property
+    def on_disk(self) -> bool:
+        return isinstance(self.images, DiskImages)
 
     @property
     def num_classes(self) -> int:
@@ -53,8 +65,9 @@ class Dataset:
         return np.flatnonzero(self.split == SPLITS.index(split))
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split's images (in memory, or read as sliced from the disk store) and labels."""
         idx = self.indices(split)
-        return self.images[idx], self.labels[idx]
+        return rows(self.images, idx), self.labels[idx]
 
     def cv_folds(self, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """`k` folds of the train+val pool as (train, held-out) image indices: stratified by class,
@@ -95,7 +108,9 @@ class Dataset:
         """Plain-data description recorded with every output."""
         out = {"source": self.source, "fingerprint": self.fingerprint, "split_kind": self.split_kind,
                "class_names": self.class_names, "image_shape": list(self.images.shape[1:]),
-               "counts": self.counts()}
+               "counts": self.counts(), "store": self.store}
+        if self.unread:
+            out["unread"] = dict(self.unread)
         if self.groups is not None:
             out["groups_per_split"] = {s: int(len(np.unique(self.groups[self.indices(s)])))
                                        for s in SPLITS}
@@ -103,8 +118,9 @@ class Dataset:
 
 
 def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channels: int = 1, seed: int = 0,
-                 group_column: str | None = None, skip_corrupt: bool = False,
-                 subset: int | None = None) -> Dataset:
+                 group_column: str | None = None, skip_corrupt: bool = False, subset: int | None = None,
+                 ct_window: str = "lung", store: str | Callable[[int], str] = "memory", cache: str | None = None,
+                 run_chunks: Callable | None = None) -> Dataset:
     """Load, validate and split a data set; every image is decoded and resized here, once.
 
     Args:
@@ -116,6 +132,11 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
         group_column: manifest column holding patient ids; detected by name when omitted.
         skip_corrupt: leave unreadable images out with one warning instead of failing.
         subset: keep at most this many images per split (stratified), for smoke runs.
+        ct_window: the window CT DICOM files are shown in (`trainables.dicom.check_ct_window`).
+        store: "memory", "disk" (the decoded images in `cache`, read by rows), or a function of the
+            decoded size in bytes that picks one.
+        cache: folder of decoded data sets, reused when the same files are decoded the same way.
+        run_chunks: how decoding chunks run (`trainables.store.Decoding`; default local threads).
 
     Raises:
         UserError: naming the bad path, image, column, class or split.
@@ -127,15 +148,21 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
     check_image_size(image_size)
     if channels not in (1, 3):
         raise UserError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    check_ct_window(ct_window)
+    if not callable(store) and store not in STORES:
+        raise UserError(f"unknown data store {store!r}; choose one of {', '.join(STORES)}")
+    decoding = Decoding(image_size=image_size, channels=channels, ct_window=ct_window, store=store,
+                        cache=Path(cache) if cache else None, run_chunks=run_chunks)
     for name, (matches, loader) in DATA_SOURCES.items():
         if matches(path):
-            raw = loader(path, image_size=image_size, channels=channels, group_column=group_column,
-                         skip_corrupt=skip_corrupt)
+            raw = loader(path, decoding=decoding, group_column=group_column, skip_corrupt=skip_corrupt)
             break
     else:
         raise UserError(f"cannot read {str(path)!r}: expected an image folder, a .npz file or a .csv "
                         f"manifest (sources: {', '.join(DATA_SOURCES)})")
-    return _finish(raw, seed=seed, subset=subset)
+    data = _finish(raw, seed=seed, subset=subset)
+    data.store = dict(decoding.chosen)
+    return data
 
 
 # ---- validation and splitting ----------------------------------------------------------------
@@ -168,7 +195,7 @@ def _finish(raw: Raw, *, seed: int, subset: int | None) -> Dataset:
                             f"split needs every class: add images or change the split")
     return Dataset(images=raw.images, labels=labels, class_names=class_names, split=split,
                    groups=raw.groups, paths=raw.paths, fingerprint=raw.fingerprint, source=raw.source,
-                   split_kind=kind, root=raw.root)
+                   split_kind=kind, root=raw.root, file_infos=raw.file_infos, unread=raw.unread)
 
 
 def _check_groups_stay_in_their_split(raw: Raw) -> None:

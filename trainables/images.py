@@ -7,17 +7,19 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from trainables import UserError
+from trainables.dicom import DICOM_EXTENSIONS, NoImage, is_dicom, read_dicom
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
 MAX_LISTED = 10
 # "auto" image size (the CPU profile): MedMNIST-sized images stay near their 28 px, larger files
 # (CT slices, full X-rays) go to 64 px, where the CT models gain 0.01-0.03 test AUC (BENCHMARKS.md)
@@ -32,24 +34,41 @@ def check_image_size(value) -> None:
         raise UserError(f"--image-size must be 'auto' or a whole number of pixels, 8 or more; got {value!r}")
 
 
-def decode_image(path: str | os.PathLike, *, image_size: int, channels: int) -> np.ndarray:
-    """Read one image file as uint8 (image_size, image_size, channels), whatever its mode: pixels
-    that are not 8-bit go through `to_uint8`, alpha is dropped, and every image ends in the same
-    mode, so the file's mode can never carry the label.
+def decode_image(path: str | os.PathLike, *, image_size: int, channels: int, ct_window: str = "lung") -> np.ndarray:
+    """Read one image file (PNG, JPEG, BMP, TIFF or DICOM) as uint8 (image_size, image_size, channels),
+    whatever its mode: pixels that are not 8-bit go through `to_uint8` (DICOM through
+    `trainables.dicom`), alpha is dropped, and every image ends in the same mode, so the file's mode
+    can never carry the label.
 
     Raises:
         UserError: a stack of frames, or pixels that cannot be shown as 8-bit (see `to_uint8`).
     """
-    with Image.open(path) as im:
+    return decode_bytes(Path(path).read_bytes(), image_size=image_size, channels=channels, ct_window=ct_window,
+                        dicom=Path(path).suffix.lower() in DICOM_EXTENSIONS)[0]
+
+
+def decode_bytes(data: bytes, *, image_size: int, channels: int, ct_window: str = "lung",
+                 dicom: bool = False) -> tuple[np.ndarray, dict]:
+    """One file's bytes as `decode_image` decodes them, and what the audit and the fingerprint need
+    of the file: `sha256` of its bytes, its `format`, `mode` and `size` (and a DICOM's `patient_id`).
+    `dicom`: read as DICOM even without the preamble (a `.dcm` file)."""
+    info = {"sha256": hashlib.sha256(data).hexdigest()[:32]}
+    if dicom or is_dicom(data[:132]):
+        pixels, meta = read_dicom(data, ct_window=ct_window)
+        info.update(format="DICOM", mode=f"{meta['photometric'] or '?'} {meta['bits']}-bit {meta['modality']}".strip(),
+                    size=f"{pixels.shape[1]}x{pixels.shape[0]}", patient_id=meta["patient_id"])
+        im = Image.fromarray(pixels)
+    else:
+        im = Image.open(io.BytesIO(data))
         if getattr(im, "n_frames", 1) > 1:
             raise UserError(f"it holds {im.n_frames} frames (a stack); save one image per file")
         im.load()
+        info.update(format=im.format or "?", mode=im.mode, size=f"{im.width}x{im.height}")
         if im.mode in ("I", "F") or im.mode.startswith("I;"):
             im = Image.fromarray(to_uint8(np.asarray(im)))
-        im = im.convert("RGB" if channels == 3 else "L")
-        im = im.resize((image_size, image_size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[..., None] if arr.ndim == 2 else arr
+    im = im.convert("RGB" if channels == 3 else "L")
+    arr = np.asarray(im.resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
+    return (arr[..., None] if arr.ndim == 2 else arr), info
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -76,16 +95,6 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
-def decode_images(files: list[Path], *, image_size: int, channels: int) -> np.ndarray:
-    """Decode image files into uint8 (N, image_size, image_size, channels), as `load_dataset` does.
-
-    Raises:
-        UserError: naming every file that is not a readable image.
-    """
-    return decode_all(files, image_size=image_size, channels=channels, skip_corrupt=False,
-                       fix="fix or remove them")[0]
-
-
 def auto_image_size(native_side: int) -> int:
     """The side an "auto" image size decodes to, given the images' own shorter side."""
     return AUTO_SIZES["small"] if native_side <= AUTO_SMALL_UP_TO else AUTO_SIZES["large"]
@@ -97,38 +106,45 @@ def native_side(files: list[Path], sample: int = 64) -> int:
     sides = []
     for p in files[:: max(1, len(files) // sample)][:sample]:
         try:
-            with Image.open(p) as im:
-                sides.append(min(im.size))
-        except Exception:  # PIL raises many kinds; _decode_all names the file
+            sides.append(_shorter_side(Path(p)))
+        except Exception:  # PIL and pydicom raise many kinds; the decoding names the file
             continue
     return int(np.median(sides)) if sides else AUTO_SMALL_UP_TO + 1
 
 
-def decode_all(files: list[Path], *, image_size: int | str, channels: int, skip_corrupt: bool,
-                fix: str = "fix or remove them, or pass --skip-corrupt to leave them out"):
-    if image_size == "auto":
-        image_size = auto_image_size(native_side(files))
+def _shorter_side(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if path.suffix.lower() in DICOM_EXTENSIONS or is_dicom(head):
+        import pydicom
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return min(int(ds.Rows), int(ds.Columns))
+    with Image.open(path) as im:
+        return min(im.size)
 
-    def one(p):
+
+def decode_chunk(files: list, *, image_size: int, channels: int, ct_window: str = "lung") -> dict:
+    """Decode a chunk of files: `pixels`, the decoded images stacked (in order, unreadable ones left
+    out), and per file a `results` entry: its `decode_bytes` info, or {"error": "<file> (<why>)"},
+    or {"no_image": kind} for a DICOM object that holds no image. Runs anywhere (a thread, a Ray task)."""
+    pixels, results = [], []
+    for p in files:
         try:
-            return decode_image(p, image_size=image_size, channels=channels), None
+            image, info = decode_bytes(Path(p).read_bytes(), image_size=image_size, channels=channels,
+                                       ct_window=ct_window, dicom=Path(p).suffix.lower() in DICOM_EXTENSIONS)
+        except NoImage as exc:
+            results.append({"no_image": exc.kind})
+            continue
         except UserError as exc:  # read, but not decodable faithfully: the reason in full
-            return None, f"{p} ({exc})"
-        except Exception as exc:  # PIL raises many kinds for a bad file
-            return None, f"{p} ({type(exc).__name__}: {str(exc)[:80]})"
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(one, files))
-    bad = [err for _, err in results if err]
-    if bad and not skip_corrupt:
-        raise UserError(f"{len(bad)} image(s) could not be read: {listing(bad)}; {fix}")
-    if bad:
-        warnings.warn(f"left out {len(bad)} unreadable image(s): {'; '.join(bad)}", stacklevel=2)
-    keep = np.array([err is None for _, err in results])
-    good = [img for img, err in results if err is None]
-    if not good:
-        raise UserError("none of the images could be read")
-    return np.stack(good), keep
+            results.append({"error": f"{p} ({exc})"})
+            continue
+        except Exception as exc:  # PIL and the OS raise many kinds for a bad file
+            results.append({"error": f"{p} ({type(exc).__name__}: {str(exc)[:80]})"})
+            continue
+        pixels.append(image)
+        results.append(info)
+    empty = np.zeros((0, image_size, image_size, channels), np.uint8)
+    return {"pixels": np.stack(pixels) if pixels else empty, "results": results}
 
 
 def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
@@ -161,9 +177,34 @@ def resize_array(x: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                  and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def files_under(folder: Path) -> tuple[list[Path], Counter]:
+    """The image files under `folder` (recursively, sorted), and the files left unread, counted by
+    kind (their extension; hidden files; files with no extension that are not DICOM), so that none
+    is skipped without a word. A file with no extension is an image when it carries the DICOM preamble."""
+    images, unread = [], Counter()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            unread["hidden files"] += 1
+        elif p.suffix.lower() in IMAGE_EXTENSIONS or (not p.suffix and _has_dicom_preamble(p)):
+            images.append(p)
+        else:
+            unread[f"{p.suffix.lower()} files" if p.suffix else "files with no extension (not DICOM)"] += 1
+    return images, unread
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return is_dicom(f.read(132))
+    except OSError:
+        return False
+
+
+def unread_line(unread: Counter) -> str:
+    """`Counter` of unread files as one phrase: "3 .txt files, 1 DICOM object without pixel data (SR)"."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(unread.items(), key=lambda kv: -kv[1]))
 
 
 def listing(items: list[str]) -> str:

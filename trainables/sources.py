@@ -9,7 +9,8 @@ given split, groups, paths, a fingerprint); `trainables.data` validates and spli
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 from trainables import UserError
-from trainables.images import (IMAGE_EXTENSIONS, auto_image_size, decode_all, images_under, listing, resize_array,
+from trainables.images import (IMAGE_EXTENSIONS, auto_image_size, files_under, listing, native_side, resize_array,
                                to_channels)
+from trainables.store import Decoding, DiskImages, cache_arrays, decode_files, raise_unreadable
 
 SPLITS = ("train", "val", "test")
 # the names people give the three splits (folder names and manifest values, any case)
@@ -30,7 +32,7 @@ MEDMNIST_CLASS_NAMES = {"pneumoniamnist": ["normal", "pneumonia"]}
 
 @dataclass
 class Raw:
-    images: np.ndarray
+    images: np.ndarray | DiskImages
     labels: list  # class names or integer ids, one per image
     given_split: np.ndarray | None  # per image 'train' / 'val' / 'test', or None
     groups: np.ndarray | None
@@ -39,12 +41,15 @@ class Raw:
     source: str
     class_names: list[str] | None = None  # for integer labels
     root: str | None = None
+    file_infos: list[dict] | None = None  # per image file: sha256, format, mode, size (the decoding pass's)
+    unread: Counter = field(default_factory=Counter)  # files under the data left unread, by kind
 
 
-def _load_folder(root: Path, *, image_size: int, channels: int, group_column, skip_corrupt) -> Raw:
+def _load_folder(root: Path, *, decoding: Decoding, group_column, skip_corrupt) -> Raw:
     subdirs = _visible_dirs(root)
     split_dirs = {d: SPLIT_FOLDER_NAMES[d.name.lower()] for d in subdirs
                   if d.name.lower() in SPLIT_FOLDER_NAMES}
+    unread = Counter()
     if split_dirs:
         others = [d.name for d in subdirs if d not in split_dirs]
         if others:
@@ -56,32 +61,65 @@ def _load_folder(root: Path, *, image_size: int, channels: int, group_column, sk
         if "train" not in split_dirs.values():
             raise UserError(f"{root} has split folders ({', '.join(sorted(d.name for d in split_dirs))}) but no "
                             f"training one; name it one of {_names_of('train')}")
-        entries = [(p, cls, split) for d, split in split_dirs.items() for cls in _visible_dirs(d)
-                   for p in images_under(cls)]
+        classes = [(cls, split) for d, split in split_dirs.items() for cls in _visible_dirs(d)]
+        unread["files outside class folders"] += sum(1 for d in split_dirs for p in d.iterdir() if p.is_file())
     else:
-        entries = [(p, cls, None) for cls in subdirs for p in images_under(cls)]
+        classes = [(cls, None) for cls in subdirs]
+    entries = []
+    for cls, split in classes:
+        files, skipped = files_under(cls)
+        entries += [(p, cls, split) for p in files]
+        unread += skipped
+    loose = [p for p in root.iterdir() if p.is_file()]
+    unread["files outside class folders"] += len(loose)
     if not entries:
-        loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-        hint = (f"; the {len(loose)} images directly in it need one sub-folder per class"
-                if loose else "")
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in class folders under "
-                        f"{root}{hint}")
-    files = [p for p, _, _ in entries]
-    images, keep = decode_all(files, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
-    entries = [e for e, k in zip(entries, keep) if k]
+        images = [p.name for p in loose if p.suffix.lower() in IMAGE_EXTENSIONS]
+        hint = f"; the {len(images)} images directly in it need one sub-folder per class" if images else ""
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}, or DICOM without an extension) found in class "
+                        f"folders under {root}{hint}")
+    decoded, entries, infos, unread = _decode(root, [p for p, _, _ in entries], entries, decoding, skip_corrupt, unread)
     given = np.array([s for _, _, s in entries]) if split_dirs else None
     paths = [str(p.relative_to(root)) for p, _, _ in entries]
     # class/<patient>/<image>: the first sub-folder is the patient; an image right in its class folder is its own
     inside = [p.relative_to(cls).parts for p, cls, _ in entries]
-    groups = np.array([parts[0] if len(parts) > 1 else path for parts, path in zip(inside, paths)]) \
-        if any(len(parts) > 1 for parts in inside) else None
-    return Raw(images=images, labels=[cls.name for _, cls, _ in entries], given_split=given, groups=groups,
-                paths=paths,
-                fingerprint=_file_list_fingerprint(root, files), root=str(root),
-                source=f"folder:{root}" + (" (groups: per-patient sub-folders)" if groups is not None else ""))
+    groups, how = None, ""
+    if any(len(parts) > 1 for parts in inside):
+        groups, how = np.array([parts[0] if len(parts) > 1 else path for parts, path in zip(inside, paths)]), \
+            " (groups: per-patient sub-folders)"
+    elif any(i.get("patient_id") for i in infos):
+        groups, how = _dicom_patients(infos, paths), " (groups: DICOM PatientID)"
+    return Raw(images=decoded.images, labels=[cls.name for _, cls, _ in entries], given_split=given, groups=groups,
+               paths=paths, fingerprint=decoded.fingerprint, root=str(root), source=f"folder:{root}{how}",
+               file_infos=infos, unread=unread)
 
 
-def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_corrupt) -> Raw:
+def _decode(root: Path, files: list[Path], rows: list, decoding: Decoding, skip_corrupt: bool, unread: Counter):
+    """Decode the files of a folder or manifest (their `rows`: one entry per file); returns the
+    decoded data, the rows and infos of the images kept, and the unread files counted by kind."""
+    if decoding.image_size == "auto":
+        decoding = replace(decoding, image_size=auto_image_size(native_side(files)))
+    decoded = decode_files(files, root, decoding)
+    raise_unreadable(decoded, skip_corrupt=skip_corrupt)
+    unread = unread + Counter({f"DICOM objects without pixel data ({kind})": n for kind, n in decoded.no_image.items()})
+    if unread:
+        print(f"data: left unread under {root}: "
+              + ", ".join(f"{n} {kind}" for kind, n in sorted(unread.items(), key=lambda kv: -kv[1])), flush=True)
+    kept = [row for row, k in zip(rows, decoded.keep) if k]
+    return decoded, kept, decoded.infos, unread
+
+
+def _dicom_patients(infos: list[dict], paths: list[str]) -> np.ndarray:
+    """Patient ids from the DICOM PatientID tag; an image without one (blanked by de-identification,
+    or not DICOM) is its own group, and a warning says how many."""
+    blank = sum(not i.get("patient_id") for i in infos)
+    if blank:
+        import warnings
+        warnings.warn(f"{blank} of {len(infos)} images have no DICOM PatientID (a de-identified export may blank it); "
+                      f"each of them is its own patient in splits and intervals", stacklevel=3)
+    return np.array([i.get("patient_id") or f"file:{p}" for i, p in zip(infos, paths)])
+
+
+def _load_npz(path: Path, *, decoding: Decoding, group_column, skip_corrupt) -> Raw:
     try:
         arrays = np.load(path)
         keys = set(arrays.files)
@@ -91,7 +129,8 @@ def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_
     if "train" not in splits or "train_labels" not in keys:
         raise UserError(f"{path} is not a MedMNIST-style .npz: expected train_images and train_labels "
                         f"(and optionally val_/test_), found {sorted(keys)}")
-    size = auto_image_size(min(arrays["train_images"].shape[1:3])) if image_size == "auto" else image_size
+    size = auto_image_size(min(arrays["train_images"].shape[1:3])) if decoding.image_size == "auto" else decoding.image_size
+    channels = decoding.channels
     images, labels, given = [], [], []
     for s in splits:
         if f"{s}_labels" not in keys:
@@ -118,11 +157,19 @@ def _load_npz(path: Path, *, image_size: int, channels: int, group_column, skip_
     if y.min() < 0 or y.max() >= len(names):
         raise UserError(f"{path}: labels range {y.min()}..{y.max()} does not fit the {len(names)} "
                         f"class names {names}")
-    return Raw(images=np.concatenate(images), labels=list(y), given_split=np.array(given), groups=None,
-                paths=None, fingerprint=_sha256_file(path), source=f"npz:{path}", class_names=names)
+    images, fingerprint = np.concatenate(images), _sha256_file(path)
+    decoding = replace(decoding, image_size=size)
+    store = decoding.store(images.nbytes) if callable(decoding.store) else decoding.store
+    decoding.chosen.update(store=store, bytes=int(images.nbytes))
+    if store == "disk":
+        if decoding.cache is None:
+            raise UserError("the disk data store needs a cache folder (--data-cache)")
+        images = cache_arrays(images, fingerprint, decoding)
+    return Raw(images=images, labels=list(y), given_split=np.array(given), groups=None,
+               paths=None, fingerprint=fingerprint, source=f"npz:{path}", class_names=names)
 
 
-def _load_manifest(path: Path, *, image_size: int, channels: int, group_column, skip_corrupt) -> Raw:
+def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt) -> Raw:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:
@@ -156,13 +203,17 @@ def _load_manifest(path: Path, *, image_size: int, channels: int, group_column, 
             raise UserError(f"manifest {path}: unknown split value(s) {bad}; use "
                             + "; ".join(f"{_names_of(split)} for {split}" for split in SPLITS) + " (any case)")
         given = given.to_numpy()
-    images, keep = decode_all(files, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
-    table = table[keep]
-    return Raw(images=images, labels=list(table["label"]),
-                given_split=given[keep] if given is not None else None,
-                groups=table[group].to_numpy() if group else None, paths=list(table["path"]),
-                fingerprint=_sha256_file(path)[:16] + _file_list_fingerprint(path.parent, files)[:16],
-                source=f"manifest:{path}" + (f" (groups: {group})" if group else ""), root=str(path.parent))
+    decoded, kept, infos, unread = _decode(path.parent, files, list(range(len(files))), decoding, skip_corrupt,
+                                           Counter())
+    table = table.iloc[kept]
+    paths = list(table["path"])
+    groups, how = (table[group].to_numpy(), f" (groups: {group})") if group else (None, "")
+    if group is None and any(i.get("patient_id") for i in infos):
+        groups, how = _dicom_patients(infos, paths), " (groups: DICOM PatientID)"
+    return Raw(images=decoded.images, labels=list(table["label"]),
+               given_split=given[kept] if given is not None else None, groups=groups, paths=paths,
+               fingerprint=_sha256_file(path)[:16] + decoded.fingerprint[:16],
+               source=f"manifest:{path}{how}", root=str(path.parent), file_infos=infos, unread=unread)
 
 
 DATA_SOURCES: dict[str, tuple[Callable[[Path], bool], Callable[..., Raw]]] = {
@@ -174,11 +225,6 @@ DATA_SOURCES: dict[str, tuple[Callable[[Path], bool], Callable[..., Raw]]] = {
 
 def _visible_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _file_list_fingerprint(root: Path, files: list[Path]) -> str:
-    lines = sorted(f"{p.relative_to(root)}\t{p.stat().st_size}" for p in files)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
 
 
 def _sha256_file(path: Path) -> str:

@@ -27,6 +27,7 @@ from trainables.config import parse_class_weights, validate_config
 from trainables.data import Dataset
 from trainables.metrics import classification_metrics
 from trainables.models import Classifier, build_model, min_input_size
+from trainables.store import Rows, rows
 
 
 class Training:
@@ -55,9 +56,10 @@ class Training:
         train = data.indices("train") if train is None else train
         val = data.indices("val") if val is None else val
         train_labels = data.labels[train]
-        self.train_x = torch.from_numpy(data.images[train]).to(device)
+        # small data: the split on the device once; the disk store: rows read batch by batch (Rows)
+        self.train_x = rows(data.images, train) if data.on_disk else torch.from_numpy(data.images[train]).to(device)
         self.train_y = torch.from_numpy(train_labels).to(device)
-        self.val_x, self.val_y = data.images[val], data.labels[val]
+        self.val_x, self.val_y = rows(data.images, val), data.labels[val]
         weights = class_weights(config["class_weights"], train_labels, data.num_classes,
                                 minority_weight=config["minority_weight"])
         self.loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, device=device),
@@ -156,16 +158,16 @@ def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler
         FloatingPointError: the loss became NaN or infinite (the trial diverged).
     """
     model.train()
-    device = train_x.device
+    device = train_y.device
     amp, dtype = prep.autocast
     scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
-    order = torch.randperm(len(train_y), generator=generator).to(device)
+    order = torch.randperm(len(train_y), generator=generator)
+    batches = [order[start:start + batch_size] for start in range(0, len(order) - 1, batch_size)]
+    batches = [idx for idx in batches if len(idx) >= 2]  # BatchNorm needs two samples
     total, seen = 0.0, 0
-    for start in range(0, len(order) - 1, batch_size):
-        idx = order[start:start + batch_size]
-        if len(idx) < 2:  # BatchNorm needs two samples
-            break
-        x = prep(train_x[idx], augment=augment, generator=generator)
+    for idx, x_uint8 in zip(batches, read_batches(train_x, batches)):
+        idx = idx.to(device)
+        x = prep(x_uint8, augment=augment, generator=generator)
         y = train_y[idx]
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             loss = loss_fn(model(x), y)
@@ -180,6 +182,33 @@ def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler
         total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)
+
+
+def read_batches(images: torch.Tensor | Rows, batches: list[torch.Tensor]):
+    """The uint8 images of each batch of indices: indexed on the device for a split held there; read
+    from the disk store by a DataLoader otherwise (on a GPU by worker processes, into pinned memory,
+    while the GPU trains on the batch before)."""
+    if isinstance(images, torch.Tensor):
+        yield from (images[idx.to(images.device)] for idx in batches)
+        return
+    cuda = torch.cuda.is_available()
+    workers = min(4, int(os.environ.get("OMP_NUM_THREADS") or 1)) if cuda else 0
+    loader = torch.utils.data.DataLoader(_BatchRows(images, batches), batch_size=None, num_workers=workers,
+                                         pin_memory=cuda, prefetch_factor=2 if workers else None)
+    yield from loader
+
+
+class _BatchRows(torch.utils.data.Dataset):
+    """Batch k: the rows `batches[k]` of `images` (a disk split), as a uint8 tensor."""
+
+    def __init__(self, images: Rows, batches: list[torch.Tensor]):
+        self.images, self.batches = images, [b.numpy() for b in batches]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[self.batches[k]])
 
 
 def execution(device: torch.device, precision: str, memory_format: str) -> tuple[tuple[bool, torch.dtype], bool]:

@@ -1,0 +1,336 @@
+"""Where decoded images live, and how a list of files becomes them.
+
+Files are decoded in chunks (`decode_chunk`) by `run_chunks`: local threads by default, Ray tasks
+spread over the cluster when the search passes them (`search.data`). The same pass hashes every
+file's bytes, so the data's fingerprint is its content. Decoded images go to memory, or, with a
+`cache` folder, into `<cache>/<key>/images.npy` (uint8, N x S x S x C) beside `files.json`, where
+`key` is the file list (path, size, modification time) and the decoding options: a later search of
+the same files reads them back instead of decoding again. On the disk store trials get a
+`DiskImages` handle to that file and read the rows they need (memory-mapped: the page cache keeps
+one copy per node), never a whole split.
+
+Example:
+    >>> decoded = decode_files(files, root, Decoding(image_size=64, channels=1, cache=Path("cache"), store="disk"))
+    >>> decoded.images[np.array([3, 1])].shape      # rows read from disk
+    (2, 64, 64, 1)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from trainables import UserError
+from trainables.images import decode_chunk, listing
+
+DECODER_VERSION = 2  # bump when a decoding rule changes: caches of older rules are then not reused
+CHUNK = 256  # files per decoding task: small enough for a progress line every few seconds
+STORES = ("memory", "disk")
+
+
+class DiskImages:
+    """uint8 images (N, S, S, C) in a `.npy` file, read row by row as asked (memory-mapped).
+    Pickles as its path, so Ray hands a trial the handle, not the pixels; indexing returns the
+    rows asked for as an ordinary array."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._rows = None
+
+    @property
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = np.load(self.path, mmap_mode="r")
+        return self._rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rows.shape
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.array(self.rows[key])
+
+    def __reduce__(self):
+        return DiskImages, (self.path,)
+
+
+class Rows:
+    """The images `images[index]`, read only when sliced: a split of the disk store, whose rows a
+    trial reads batch by batch. `len`, slicing and integer-array indexing, like an array."""
+
+    def __init__(self, images, index: np.ndarray):
+        self.images, self.index = images, np.asarray(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.images.shape[1:])
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.images[self.index[key]]
+
+
+def rows(images, index: np.ndarray):
+    """`images[index]`: copied into memory for in-memory images, a `Rows` view of the disk store."""
+    return images[index] if isinstance(images, np.ndarray) else Rows(images, index)
+
+
+@dataclass
+class Decoding:
+    """How files become arrays, and where they are kept.
+
+    `store`: "memory" or "disk", or a function of the decoded size in bytes that picks one (the
+    search's `--data-store auto`). `cache`: folder of decoded data sets (needed by the disk store;
+    None decodes in memory and keeps nothing). `run_chunks(fn, chunks, kwargs)`: yields
+    `(k, fn(chunks[k], **kwargs))` as chunks finish, in any order (default: local threads).
+    """
+
+    image_size: int
+    channels: int
+    ct_window: str = "lung"
+    store: str | Callable[[int], str] = "memory"
+    cache: Path | None = None
+    run_chunks: Callable | None = None
+    progress_every: float = 30.0
+    chosen: dict = field(default_factory=dict)  # filled in: the store used, cache folder, whether it was reused
+
+    def options(self) -> dict:
+        return {"image_size": self.image_size, "channels": self.channels, "ct_window": self.ct_window}
+
+
+@dataclass
+class Decoded:
+    """The decoded files: `images` of the readable ones (in file order), `keep` per file, their
+    `infos` (sha256, format, mode, size, patient_id), the `errors` of the unreadable ones, the DICOM
+    objects without an image by kind (`no_image`), and the content `fingerprint`."""
+
+    images: np.ndarray | DiskImages
+    keep: np.ndarray
+    infos: list[dict]
+    errors: list[str]
+    no_image: Counter
+    fingerprint: str
+
+
+def decode_files(files: list[Path], root: Path | None, decoding: Decoding) -> Decoded:
+    """Decode `files` (paths under `root`) as `decoding` says, from its cache when the same files
+    were decoded the same way before. The fingerprint hashes each file's path under `root` and bytes."""
+    nbytes = len(files) * decoding.image_size ** 2 * decoding.channels
+    store = decoding.store(nbytes) if callable(decoding.store) else decoding.store
+    if store not in STORES:
+        raise UserError(f"unknown data store {store!r}; choose one of {', '.join(STORES)}")
+    if store == "disk" and decoding.cache is None:
+        raise UserError("the disk data store needs a cache folder (--data-cache)")
+    decoding.chosen.update(store=store, bytes=nbytes)
+    if decoding.cache is None:
+        return _decode(files, root, decoding, out=None)
+    folder = Path(decoding.cache).expanduser() / _listing_key(files, root, decoding)
+    decoding.chosen["cache"] = str(folder)
+    if not (folder / "files.json").is_file():
+        decoding.chosen["reused"] = False
+        _decode_into_cache(files, root, decoding, folder)
+    else:
+        decoding.chosen["reused"] = True
+        print(f"decoded images: reused {folder} ({len(files):,} files)", flush=True)
+    return _from_cache(folder, store)
+
+
+def cache_arrays(images: np.ndarray, fingerprint: str, decoding: Decoding) -> DiskImages:
+    """In-memory images (a `.npz` source) written once into the cache, keyed by their fingerprint
+    and the decoding options, for the disk store."""
+    key = hashlib.sha256(json.dumps([fingerprint, decoding.options(), DECODER_VERSION]).encode()).hexdigest()[:24]
+    folder = Path(decoding.cache).expanduser() / f"arrays-{key}"
+    decoding.chosen.update(cache=str(folder), reused=(folder / "images.npy").is_file())
+    if not decoding.chosen["reused"]:
+        tmp = _fresh(folder)
+        np.save(tmp / "images.npy", images)
+        tmp.rename(folder)
+    return DiskImages(folder / "images.npy")
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+
+def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | None) -> Decoded:
+    """Decode every file; the pixels go to memory, or with `out` into the `.npy` file `out` (one row
+    per file, written as chunks finish, so the driver never holds them all)."""
+    shape = (decoding.image_size, decoding.image_size, decoding.channels)
+    row = int(np.prod(shape))
+    chunks = [[str(p) for p in files[k:k + CHUNK]] for k in range(0, len(files), CHUNK)]
+    results: list = [None] * len(chunks)
+    memory = np.empty((len(files), *shape), np.uint8) if out is None else None
+    handle, offset = (_npy_for_rows(out, (len(files), *shape)) if out is not None else (None, 0))
+    run = decoding.run_chunks or _threads
+    started = last = time.time()
+    done = 0
+    try:
+        for k, chunk in run(decode_chunk, chunks, decoding.options()):
+            ok = [i for i, r in enumerate(chunk["results"]) if "sha256" in r]
+            first = k * CHUNK
+            if memory is not None:
+                memory[[first + i for i in ok]] = chunk["pixels"]
+            else:
+                for i, image in zip(ok, chunk["pixels"]):  # rows in file order; failed rows stay zero and are dropped
+                    handle.seek(offset + (first + i) * row)
+                    handle.write(image.tobytes())
+            results[k] = chunk["results"]
+            done += len(chunk["results"])
+            if time.time() - last >= decoding.progress_every and done < len(files):
+                last = time.time()
+                rate = done / (last - started)
+                print(f"decoding: {done:,}/{len(files):,} images ({rate:,.0f}/s), ETA ~{_clock((len(files) - done) / rate)}",
+                      flush=True)
+    finally:
+        if handle is not None:
+            handle.close()
+    flat = [r for chunk in results for r in chunk]
+    keep = np.array(["sha256" in r for r in flat], bool)
+    if len(files) >= CHUNK:
+        print(f"decoded {len(files):,} images in {_clock(time.time() - started)} "
+              f"({len(files) / max(time.time() - started, 1e-9):,.0f}/s)", flush=True)
+    decoded = Decoded(images=memory[keep] if memory is not None else np.empty(0), keep=keep,
+                      infos=[r for r in flat if "sha256" in r], errors=[r["error"] for r in flat if "error" in r],
+                      no_image=Counter(r["no_image"] for r in flat if "no_image" in r),
+                      fingerprint=_content_fingerprint(files, root, flat))
+    return decoded
+
+
+def _threads(fn, chunks: list, kwargs: dict) -> Iterator[tuple[int, dict]]:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        futures = {pool.submit(fn, chunk, **kwargs): k for k, chunk in enumerate(chunks)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+def _content_fingerprint(files: list[Path], root: Path, results: list[dict]) -> str:
+    lines = sorted(f"{_relative(p, root)}\t{r.get('sha256', 'unreadable')}" for p, r in zip(files, results))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+
+
+# ---- the cache ---------------------------------------------------------------------------------
+
+def _listing_key(files: list[Path], root: Path, decoding: Decoding) -> str:
+    """What identifies a decoding without reading the files: each file's path under `root`, size and
+    modification time, the decoding options and the decoder's version. An edited file changes its
+    time (and its bytes change the fingerprint the cache records)."""
+    h = hashlib.sha256(json.dumps([decoding.options(), DECODER_VERSION]).encode())
+    for p in files:
+        st = os.stat(p)
+        h.update(f"{_relative(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _decode_into_cache(files: list[Path], root: Path, decoding: Decoding, folder: Path) -> None:
+    """Decode into a fresh folder beside `folder` and rename it into place when complete: a crash
+    never leaves a cache entry that looks whole. Unreadable files' rows are dropped at the end."""
+    tmp = _fresh(folder)
+    try:
+        decoded = _decode(files, root, decoding, out=tmp / "all.npy")
+        if decoded.keep.all():
+            os.replace(tmp / "all.npy", tmp / "images.npy")
+        else:
+            _copy_rows(tmp / "all.npy", tmp / "images.npy", decoded.keep)
+            (tmp / "all.npy").unlink()
+        record = {"files": [_relative(p, root) for p in files], "keep": decoded.keep.tolist(), "infos": decoded.infos,
+                  "errors": decoded.errors, "no_image": dict(decoded.no_image), "fingerprint": decoded.fingerprint,
+                  "options": decoding.options(), "decoder_version": DECODER_VERSION}
+        (tmp / "files.json").write_text(json.dumps(record))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _from_cache(folder: Path, store: str) -> Decoded:
+    record = json.loads((folder / "files.json").read_text())
+    images = DiskImages(folder / "images.npy")
+    return Decoded(images=images if store == "disk" else np.load(folder / "images.npy"),
+                   keep=np.array(record["keep"], bool), infos=record["infos"], errors=record["errors"],
+                   no_image=Counter(record["no_image"]), fingerprint=record["fingerprint"])
+
+
+def _fresh(folder: Path) -> Path:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _npy_for_rows(path: Path, shape: tuple[int, ...]):
+    """An open `.npy` file of uint8 `shape` (zeros) and the byte offset of its first row."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        offset = f.tell()
+        f.truncate(offset + int(np.prod(shape)))
+    return open(path, "r+b"), offset
+
+
+def _copy_rows(src: Path, dst: Path, keep: np.ndarray, block: int = 4096) -> None:
+    """The rows of `src` where `keep`, into `dst`, a block at a time (never the whole array in memory)."""
+    source = np.load(src, mmap_mode="r")
+    handle, offset = _npy_for_rows(dst, (int(keep.sum()), *source.shape[1:]))
+    with handle:
+        handle.seek(offset)
+        for start in range(0, len(keep), block):
+            handle.write(np.ascontiguousarray(source[start:start + block][keep[start:start + block]]).tobytes())
+    del source
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    return Path(path).relative_to(root).as_posix() if root is not None else str(path)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def decode_images(files: list[Path], *, image_size: int, channels: int, ct_window: str = "lung") -> tuple[np.ndarray, list[Path]]:
+    """Decode files in memory exactly as a search does (`search.predict`): the images, and the files
+    they are (a DICOM object without an image is left out, with a warning that counts them).
+
+    Raises:
+        UserError: naming every file that is not a readable image.
+    """
+    decoded = decode_files(list(files), None, Decoding(image_size=image_size, channels=channels, ct_window=ct_window))
+    raise_unreadable(decoded, skip_corrupt=False, fix="fix or remove them")
+    if decoded.no_image:
+        import warnings
+        warnings.warn("left out " + ", ".join(f"{n} DICOM object(s) without pixel data ({kind})"
+                                              for kind, n in decoded.no_image.items()), stacklevel=2)
+    return decoded.images, [f for f, k in zip(files, decoded.keep) if k]
+
+
+def raise_unreadable(decoded: Decoded, *, skip_corrupt: bool,
+                     fix: str = "fix or remove them, or pass --skip-corrupt to leave them out") -> None:
+    """The unreadable files, all named in one error, or (`skip_corrupt`) in one warning.
+
+    Raises:
+        UserError: some file is unreadable and `skip_corrupt` is off, or no file is readable.
+    """
+    import warnings
+    if decoded.errors and not skip_corrupt:
+        raise UserError(f"{len(decoded.errors)} image(s) could not be read: {listing(decoded.errors)}; {fix}")
+    if decoded.errors:
+        warnings.warn(f"left out {len(decoded.errors)} unreadable image(s): {'; '.join(decoded.errors)}", stacklevel=2)
+    if not decoded.keep.any():
+        raise UserError("none of the images could be read")
