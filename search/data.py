@@ -85,7 +85,8 @@ def auto_store(nbytes: int, cpus: float, gpus: float) -> str:
 
 def ray_chunks(fn, chunks: list, kwargs: dict):
     """`(k, fn(chunks[k], **kwargs))` as Ray tasks finish, spread over the cluster's nodes (a few per
-    CPU in flight, so the driver never holds more than those results)."""
+    CPU in flight, so the driver never holds more than those results); `(None, None)` after 10 s
+    without one (tasks waiting for CPUs an autoscaler adds), so the caller can still print progress."""
     task = ray.remote(fn).options(num_cpus=1, scheduling_strategy="SPREAD", max_retries=2)
     in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     pending, queue = {}, list(enumerate(chunks))[::-1]
@@ -93,8 +94,8 @@ def ray_chunks(fn, chunks: list, kwargs: dict):
         while queue and len(pending) < in_flight:
             k, chunk = queue.pop()
             pending[task.remote(chunk, **kwargs)] = k
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        yield pending.pop(ready[0]), ray.get(ready[0])
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=10)
+        yield (pending.pop(ready[0]), ray.get(ready[0])) if ready else (None, None)
 
 
 def _size(nbytes: float) -> str:

@@ -57,6 +57,7 @@ class Search:
     audit: dict
     slots: int
     cluster: dict
+    data_seconds: float  # decoding (or reading the cache) and the audit
 
 
 def run_search(options: SearchOptions) -> Path:
@@ -88,6 +89,7 @@ def run_search(options: SearchOptions) -> Path:
         if finished and o.finalize:
             shared = {f.name: getattr(o, f.name) for f in fields(SharedOptions)}
             finalize(FinalizeOptions(experiment=str(folder), **shared), data=search.data)
+    clock["data_seconds"] = search.data_seconds
     _write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)
     return folder
 
@@ -116,6 +118,7 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
                 data_cache=str(Path(options.data_cache or folder.parent / "data-cache").expanduser().resolve()))
     check_fits(o.cpus_per_trial, o.gpus_per_trial or 0, task="run a trial", cluster=bool(o.address),
                flags="--cpus-per-trial / --gpus-per-trial")
+    data_started = time.time()
     data = load_search_data(path, image_size=o.image_size, channels=o.channels, seed=o.seed,
                             group_column=o.group_column, skip_corrupt=o.skip_corrupt, subset=o.subset,
                             fingerprint=saved["data"]["fingerprint"] if saved else None, ct_window=o.ct_window,
@@ -124,6 +127,7 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
     o.image_size = int(data.images.shape[1])  # "auto" resolved, recorded for finalize and --resume
     positive_class(data.class_names, o.positive_class)  # a bad --positive-class fails now
     data, audit = audited(data, dedupe=o.dedupe)
+    data_seconds = time.time() - data_started
     pool = len(data.indices("train")) + len(data.indices("val"))
     o.folds = resolve_folds(o.folds, pool)
     if o.folds > 1:
@@ -136,7 +140,7 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
         if config["weights"] == "imagenet":
             weights_source(config["backbone"], "imagenet", o.weights_dir)  # fails now, not in every trial
     return Search(options=o, profile=profile, folder=folder, space=space, backbones=backbones, stages=stages,
-                  first=first, data=data, audit=audit, cluster=cluster,
+                  first=first, data=data, audit=audit, cluster=cluster, data_seconds=data_seconds,
                   slots=o.max_concurrent or slots(o.cpus_per_trial, o.gpus_per_trial))
 
 
@@ -221,6 +225,9 @@ def _announce(search: Search, *, asha: bool) -> None:
     print(f"data: {data.source} | classes {data.class_names} | "
           f"{ {s: sum(c.values()) for s, c in data.counts().items()} } | split {data.split_kind} | "
           f"fingerprint {data.fingerprint}")
+    where = data.store
+    print(f"data store: {where.get('store')}" + (f", decoded images cached in {where['cache']}"
+                                                 + (" (reused)" if where.get("reused") else "") if where.get("cache") else ""))
     pool = len(data.indices("train")) + len(data.indices("val"))
     print(f"search: space {space.name} ("
           + (f"{len(space.points)} fixed point(s)" if space.fixed else f"{len(search.backbones)} backbones"

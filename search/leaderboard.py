@@ -95,6 +95,7 @@ class LeaderboardCallback(tune.Callback):
         self.stopped_before: set[str] = set()  # ASHA stops recorded before a --resume
         self.started = time.time()
         self.print_every, self.last_print = print_every, 0.0
+        self.epoch_started: dict[str, float] = {}  # per running trial: when its current epoch began
 
     def setup(self, **info):
         """Called at the start and again after `--resume`: take back what the leaderboard on disk
@@ -118,7 +119,16 @@ class LeaderboardCallback(tune.Callback):
             return False
         return b is None or (a > b if self.mode == "max" else a < b)
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.epoch_started[trial.trial_id] = time.time()
+
+    def on_step_end(self, iteration, trials, **info):
+        """A line at least every `print_every` seconds, also while every trial is inside a long epoch."""
+        if time.time() - self.last_print > self.print_every:
+            self.report(trials, running_detail=True)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.epoch_started[trial.trial_id] = time.time()
         kept = self.best.get(trial.trial_id)
         if kept is None or self.better(result.get(self.metric), kept.get(self.metric)):
             self.best[trial.trial_id] = {k: result[k] for k in (*KEPT, "training_iteration") if k in result}
@@ -156,7 +166,7 @@ class LeaderboardCallback(tune.Callback):
         write_atomic(self.folder / "leaderboard_by_backbone.csv", lambda p: per_backbone.to_csv(p, index=False))
         return board
 
-    def report(self, trials) -> None:
+    def report(self, trials, *, running_detail: bool = False) -> None:
         self.last_print = time.time()
         elapsed = self.last_print - self.started
         # Ray calls on_trial_complete before the trial's status changes: count what ended here
@@ -175,6 +185,11 @@ class LeaderboardCallback(tune.Callback):
             if self.time_budget:
                 eta = min(eta, max(0.0, self.time_budget - elapsed))
             line += f" | ETA ~{clock(eta)}"
+        if running_detail:
+            now = [f"{t.trial_id} {t.config.get('backbone', '')} epoch {(t.last_result or {}).get('training_iteration', 0) + 1} "
+                   f"for {clock(self.last_print - self.epoch_started.get(t.trial_id, self.last_print))}"
+                   for t in trials if t.status == "RUNNING" and t.trial_id not in self.ended]
+            line += f" | in progress: {'; '.join(now)}" if now else ""
         print(line, flush=True)
 
 

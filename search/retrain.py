@@ -27,6 +27,8 @@ from trainables.data import Dataset
 from trainables.train import Training
 from trainables.trainable import allowed_threads
 
+HEARTBEAT = 60  # seconds: the longest the console stays quiet while retrainings run
+
 
 def candidates(folder: Path, board: pd.DataFrame, *, metric: str, epochs: str,
                warm_restart: str = "none") -> list[dict]:
@@ -182,6 +184,7 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
     outs = [[[None] * len(parts) for _ in range(seeds)] for _ in members]
     errors: dict[int, str] = {}
     started, total = time.time(), len(pending)
+    last_line = started
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=2)
         if ready:
@@ -190,7 +193,12 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
         if cores is not None:
             share_among_tasks(cores, {"-".join(map(str, where)) for where in pending.values()}, cpus)
         if not ready:
+            if time.time() - last_line >= HEARTBEAT:
+                last_line = time.time()
+                print(f"[{clock(last_line - started)}] retrained {total - len(pending)}/{total}, {len(pending)} in progress "
+                      f"({', '.join(sorted({members[m]['name'] for m, _, _ in pending.values()}))})", flush=True)
             continue
+        last_line = time.time()
         try:
             outs[m][s][f] = out = ray.get(ref)
         except ray.exceptions.RayError as exc:  # the task raised, or its worker died (after retries)

@@ -182,6 +182,13 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
     done = 0
     try:
         for k, chunk in run(decode_chunk, chunks, decoding.options()):
+            if time.time() - last >= decoding.progress_every and done < len(files):
+                last = time.time()
+                rate = done / (last - started)
+                eta = f"ETA ~{_clock((len(files) - done) / rate)}" if rate else "waiting for CPUs to decode on"
+                print(f"decoding: {done:,}/{len(files):,} images ({rate:,.0f}/s), {eta}", flush=True)
+            if chunk is None:  # nothing finished for a while
+                continue
             ok = [i for i, r in enumerate(chunk["results"]) if "sha256" in r]
             first = k * CHUNK
             if memory is not None:
@@ -192,11 +199,6 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
                     handle.write(image.tobytes())
             results[k] = chunk["results"]
             done += len(chunk["results"])
-            if time.time() - last >= decoding.progress_every and done < len(files):
-                last = time.time()
-                rate = done / (last - started)
-                print(f"decoding: {done:,}/{len(files):,} images ({rate:,.0f}/s), ETA ~{_clock((len(files) - done) / rate)}",
-                      flush=True)
     finally:
         if handle is not None:
             handle.close()
