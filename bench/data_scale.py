@@ -11,7 +11,8 @@ epoch is short) and its data set-up (`timings.json` `data_seconds`: listing, rea
 the audit) against the cold decode; and a trial's training throughput over a fixed number of
 steps on each path (small_cnn, batch 64, one thread, rows drawn from the whole set).
 
-The PNG folders (64-96 px, PneumoniaMNIST X-rays upscaled, two classes) are made once under
+The PNG folders (64-96 px, PneumoniaMNIST X-rays upscaled with a little noise so that no two files
+are the same, two classes) are made once under
 --work (default ~/.cache/lung-search-bench) and reused; nothing is committed.
 """
 from __future__ import annotations
@@ -57,7 +58,9 @@ def _write_pngs(folder: Path, images, labels, start: int, stop: int) -> None:
         out = folder / ("normal", "pneumonia")[labels[i]] / f"{k:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         side = int(rng.integers(64, 97))
-        Image.fromarray(images[i]).resize((side, side), Image.BILINEAR).save(out)
+        image = np.asarray(Image.fromarray(images[i]).resize((side, side), Image.BILINEAR), np.int16)
+        noise = rng.integers(-3, 4, image.shape)  # every file different: no exact duplicates for the audit to drop
+        Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8)).save(out)
 
 
 def run_measured(command: list[str]) -> tuple[float, float, str]:

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ def connected(address: str | None):
         yield
         return
     if address:
+        _check_reachable(address)
         use_token_if_available()
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
@@ -38,6 +40,23 @@ def connected(address: str | None):
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5) -> None:
+    """Fail at once when nothing listens at a `host:port` address (Ray itself retries for minutes).
+
+    Raises:
+        UserError: naming the address and how to start a cluster there.
+    """
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot join a Ray cluster at --address {address}: nothing answers there ({exc.strerror or exc}). "
+                        f"Start one first (ray start --head, or ray up cluster.yaml) and give its head's host:6379, or "
+                        f"leave --address out to run on this machine") from None
 
 
 def use_token_if_available() -> None:

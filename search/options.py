@@ -152,7 +152,9 @@ class FinalizeOptions(SharedOptions):
 
 # a resumed search runs with the options it started with: only where it runs, for how long (a new
 # --time-budget, for this run) and what happens after it may change
-CHANGEABLE_ON_RESUME = ("storage", "time_budget", "finalize", *(f.name for f in fields(SharedOptions)))
+# (and where the decoded images live: the fingerprint still checks they are the same data)
+CHANGEABLE_ON_RESUME = ("storage", "time_budget", "finalize", "data_store", "data_cache",
+                        *(f.name for f in fields(SharedOptions)))
 
 
 def resolve_batch_size(batch_size: int | str, train_images: int) -> int:

@@ -163,7 +163,7 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
     once no task waits for a slot, the cores of finished tasks go to those still running."""
     task = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
     cores = core_budget() if share_idle_cores and not gpus else None
-    data_ref = ray.put(data)
+    data_ref = ray.put(data.for_training())
     parts = folds or [(None, None)]
     pending = {}
     for m, member in enumerate(members):

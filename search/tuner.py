@@ -177,9 +177,9 @@ def bind_space(space, **options):
 
 
 def with_data(trainable, data, resources: dict, **parameters):
-    """`trainable(config, data, **parameters)` as Tune runs it: `data` goes to the object store once
-    and every trial reads it from there; each trial holds `resources`."""
-    return tune.with_resources(tune.with_parameters(trainable, data=data, **parameters), resources)
+    """`trainable(config, data, **parameters)` as Tune runs it: `data` (a `Dataset`) goes to the
+    object store once and every trial reads it from there; each trial holds `resources`."""
+    return tune.with_resources(tune.with_parameters(trainable, data=data.for_training(), **parameters), resources)
 
 
 def make_tuner(trainable, *, searcher, scheduler, num_samples: int, storage: str, name: str, base_config: dict,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +60,11 @@ class Dataset:
     @property
     def channels(self) -> int:
         return self.images.shape[-1]
+
+    def for_training(self) -> "Dataset":
+        """What a trial or retraining needs: the same data without the per-file records (paths, the
+        decoding's file details), which on 200,000 files would be tens of MB in every worker."""
+        return replace(self, paths=None, file_infos=None)
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLITS.index(split))
@@ -258,7 +263,9 @@ def _subsample(split: np.ndarray, labels: np.ndarray, limit: int, *, seed: int) 
     out = np.full_like(split, 255)  # 255: left out
     for code in range(len(SPLITS)):
         idx = np.flatnonzero(split == code)
-        if len(idx) > limit:
+        if len(idx) - limit >= len(np.unique(labels[idx])):
             idx, _ = train_test_split(idx, train_size=limit, stratify=labels[idx], random_state=seed)
+        elif len(idx) > limit:  # fewer left out than there are classes: too few to stratify, and too few to matter
+            idx = np.random.default_rng(seed).permutation(idx)[:limit]
         out[idx] = code
     return out

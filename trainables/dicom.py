@@ -20,6 +20,7 @@ import io
 import numpy as np
 
 from trainables import UserError
+from trainables.pixels import to_uint8
 
 CT_WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0)}
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -106,8 +107,7 @@ def _to_display(raw: np.ndarray, ds, info: dict, ct_window: str) -> np.ndarray:
         bits = int(lut.LUTDescriptor[2]) or 16
         out = np.asarray(apply_voi_lut(x, ds, prefer_lut=True), np.float64) * (255 / (2 ** bits - 1))
     else:
-        from trainables.images import to_uint8  # no window: the rule every other source follows
-        out = to_uint8(x)
+        out = to_uint8(x)  # no window: the rule every other source follows
     out = np.clip(np.round(out), 0, 255).astype(np.uint8)
     return 255 - out if info["photometric"] == "MONOCHROME1" else out
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from trainables import UserError
 from trainables.dicom import DICOM_EXTENSIONS, NoImage, is_dicom, read_dicom
+from trainables.pixels import to_uint8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
 MAX_LISTED = 10
@@ -69,30 +70,6 @@ def decode_bytes(data: bytes, *, image_size: int, channels: int, ct_window: str 
     im = im.convert("RGB" if channels == 3 else "L")
     arr = np.asarray(im.resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
     return (arr[..., None] if arr.ndim == 2 else arr), info
-
-
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """One image's pixels as uint8, by one rule for every source (files and .npz arrays alike):
-    8-bit stays as it is; values already within 0..255 are kept; floats within 0..1 are scaled by
-    255; other non-negative values (16-bit X-rays) are scaled by the image's own maximum; values
-    with negatives (CT in Hounsfield units) are stretched from the image's minimum to its maximum.
-
-    Raises:
-        UserError: NaN or infinite pixels, which no 8-bit image shows faithfully.
-    """
-    if pixels.dtype == np.uint8:
-        return pixels
-    x = pixels.astype(np.float64)
-    if not np.isfinite(x).all():
-        raise UserError("the image has NaN or infinite pixels; fix the file (no 8-bit image can show them)")
-    low, high = float(x.min()), float(x.max())
-    if low >= 0 and high <= 1 and pixels.dtype.kind in "fb":
-        x = x * 255
-    elif low < 0:
-        x = (x - low) * (255 / max(high - low, 1e-12))
-    elif high > 255:
-        x = x * (255 / high)
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def auto_image_size(native_side: int) -> int:
@@ -182,16 +159,18 @@ def files_under(folder: Path) -> tuple[list[Path], Counter]:
     kind (their extension; hidden files; files with no extension that are not DICOM), so that none
     is skipped without a word. A file with no extension is an image when it carries the DICOM preamble."""
     images, unread = [], Counter()
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file():
-            continue
-        if any(part.startswith(".") for part in p.relative_to(folder).parts):
-            unread["hidden files"] += 1
-        elif p.suffix.lower() in IMAGE_EXTENSIONS or (not p.suffix and _has_dicom_preamble(p)):
-            images.append(p)
-        else:
-            unread[f"{p.suffix.lower()} files" if p.suffix else "files with no extension (not DICOM)"] += 1
-    return images, unread
+    for here, subdirs, names in os.walk(folder):  # scandir underneath: no stat per file (200,000 files: ~1 s)
+        hidden = any(part.startswith(".") for part in Path(here).relative_to(folder).parts)
+        for name in names:
+            p = Path(here, name)
+            suffix = p.suffix.lower()
+            if hidden or name.startswith("."):
+                unread["hidden files"] += 1
+            elif suffix in IMAGE_EXTENSIONS or (not suffix and _has_dicom_preamble(p)):
+                images.append(p)
+            else:
+                unread[f"{suffix} files" if suffix else "files with no extension (not DICOM)"] += 1
+    return sorted(images), unread
 
 
 def _has_dicom_preamble(path: Path) -> bool:

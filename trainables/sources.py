@@ -9,6 +9,7 @@ given split, groups, paths, a fingerprint); `trainables.data` validates and spli
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,7 +114,6 @@ def _dicom_patients(infos: list[dict], paths: list[str]) -> np.ndarray:
     or not DICOM) is its own group, and a warning says how many."""
     blank = sum(not i.get("patient_id") for i in infos)
     if blank:
-        import warnings
         warnings.warn(f"{blank} of {len(infos)} images have no DICOM PatientID (a de-identified export may blank it); "
                       f"each of them is its own patient in splits and intervals", stacklevel=3)
     return np.array([i.get("patient_id") or f"file:{p}" for i, p in zip(infos, paths)])

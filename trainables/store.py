@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -193,6 +194,9 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
             first = k * CHUNK
             if memory is not None:
                 memory[[first + i for i in ok]] = chunk["pixels"]
+            elif len(ok) == len(chunk["results"]):  # the whole chunk: one write
+                handle.seek(offset + first * row)
+                handle.write(chunk["pixels"].tobytes())
             else:
                 for i, image in zip(ok, chunk["pixels"]):  # rows in file order; failed rows stay zero and are dropped
                     handle.seek(offset + (first + i) * row)
@@ -207,11 +211,12 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
     if len(files) >= CHUNK:
         print(f"decoded {len(files):,} images in {_clock(time.time() - started)} "
               f"({len(files) / max(time.time() - started, 1e-9):,.0f}/s)", flush=True)
-    decoded = Decoded(images=memory[keep] if memory is not None else np.empty(0), keep=keep,
-                      infos=[r for r in flat if "sha256" in r], errors=[r["error"] for r in flat if "error" in r],
-                      no_image=Counter(r["no_image"] for r in flat if "no_image" in r),
-                      fingerprint=_content_fingerprint(files, root, flat))
-    return decoded
+    if memory is not None and not keep.all():
+        memory = memory[keep]
+    return Decoded(images=memory if memory is not None else DiskImages(out), keep=keep,
+                   infos=[r for r in flat if "sha256" in r], errors=[r["error"] for r in flat if "error" in r],
+                   no_image=Counter(r["no_image"] for r in flat if "no_image" in r),
+                   fingerprint=_content_fingerprint(files, root, flat))
 
 
 def _threads(fn, chunks: list, kwargs: dict) -> Iterator[tuple[int, dict]]:
@@ -316,7 +321,6 @@ def decode_images(files: list[Path], *, image_size: int, channels: int, ct_windo
     decoded = decode_files(list(files), None, Decoding(image_size=image_size, channels=channels, ct_window=ct_window))
     raise_unreadable(decoded, skip_corrupt=False, fix="fix or remove them")
     if decoded.no_image:
-        import warnings
         warnings.warn("left out " + ", ".join(f"{n} DICOM object(s) without pixel data ({kind})"
                                               for kind, n in decoded.no_image.items()), stacklevel=2)
     return decoded.images, [f for f, k in zip(files, decoded.keep) if k]
@@ -329,7 +333,6 @@ def raise_unreadable(decoded: Decoded, *, skip_corrupt: bool,
     Raises:
         UserError: some file is unreadable and `skip_corrupt` is off, or no file is readable.
     """
-    import warnings
     if decoded.errors and not skip_corrupt:
         raise UserError(f"{len(decoded.errors)} image(s) could not be read: {listing(decoded.errors)}; {fix}")
     if decoded.errors:

@@ -184,15 +184,17 @@ def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler
     return total / max(seen, 1)
 
 
-def read_batches(images: torch.Tensor | Rows, batches: list[torch.Tensor]):
+def read_batches(images: torch.Tensor | Rows, batches: list[torch.Tensor], *, workers: int | None = None):
     """The uint8 images of each batch of indices: indexed on the device for a split held there; read
-    from the disk store by a DataLoader otherwise (on a GPU by worker processes, into pinned memory,
-    while the GPU trains on the batch before)."""
+    from the disk store by a DataLoader otherwise. `workers`: its reading processes (default: on a
+    GPU up to 4, the trial's CPUs, reading the next batches into pinned memory while the GPU trains;
+    none on a CPU, where the trial's cores are busy training and a batch's rows read in microseconds)."""
     if isinstance(images, torch.Tensor):
         yield from (images[idx.to(images.device)] for idx in batches)
         return
     cuda = torch.cuda.is_available()
-    workers = min(4, int(os.environ.get("OMP_NUM_THREADS") or 1)) if cuda else 0
+    if workers is None:
+        workers = min(4, int(os.environ.get("OMP_NUM_THREADS") or 1)) if cuda else 0
     loader = torch.utils.data.DataLoader(_BatchRows(images, batches), batch_size=None, num_workers=workers,
                                          pin_memory=cuda, prefetch_factor=2 if workers else None)
     yield from loader

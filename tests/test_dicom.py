@@ -1,0 +1,196 @@
+"""DICOM: the viewer's rules (modality LUT to Hounsfield units, CT window, the file's window for
+X-rays, MONOCHROME1 inverted), files found without an extension, objects without an image counted
+and not read, patients from PatientID, and a real search + finalize + predict on a folder that mixes
+DICOM and PNG. Every file is built here with pydicom."""
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset as DicomDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+from conftest import ROOT
+from trainables import UserError
+from trainables.data import load_dataset
+from trainables.images import decode_image
+
+
+def _dicom(path, pixels: np.ndarray, *, modality="DX", photometric="MONOCHROME2", bits=16, slope=None,
+           intercept=None, window=None, patient="", frames=1, syntax=ExplicitVRLittleEndian, preamble=True):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = DicomDataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = modality, patient
+    if pixels is not None:
+        stack = pixels if frames == 1 else np.stack([pixels] * frames)
+        ds.set_pixel_data(stack, photometric, bits)
+        if frames > 1:
+            ds.NumberOfFrames = frames
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if syntax != ExplicitVRLittleEndian:
+        ds.compress(syntax)
+    if not preamble:
+        ds.preamble = None
+    ds.save_as(path, enforce_file_format=preamble)
+    return path
+
+
+def _ct(path, hu: np.ndarray, **kw):
+    """A CT slice stored as unsigned 12-bit values with intercept -2048: the modality LUT gives back `hu`."""
+    return _dicom(path, (hu + 2048).astype(np.uint16), modality="CT", bits=12, slope=1, intercept=-2048, **kw)
+
+
+HU = np.array([[-1350, -600], [150, 2000]] * 8, np.int16).reshape(4, 8)  # below, at the centre of, above the lung window
+
+
+
+def test_ct_is_read_in_hounsfield_units_through_the_lung_window(tmp_path):
+    path = _ct(tmp_path / "slice.dcm", HU)
+    lung = decode_image(path, image_size=8, channels=1)[..., 0]
+    assert lung.dtype == np.uint8
+    assert lung.min() == 0 and lung.max() == 255  # -1350 HU and 150 HU lie outside -600 +- 750
+    mid = decode_image(_ct(tmp_path / "mid.dcm", np.full((8, 8), -600, np.int16)), image_size=8, channels=1)
+    assert abs(int(mid.mean()) - 128) <= 1  # the window's centre is mid-grey
+    wide = decode_image(path, image_size=8, channels=1, ct_window="0,5000")[..., 0]
+    assert 0 < wide.min() and wide.max() < 255  # the same slice in a wider window clips nothing
+    for bad in ("bone", "40", "40,-1"):
+        with pytest.raises(UserError, match="--ct-window must be one of lung, mediastinum, file"):
+            decode_image(path, image_size=8, channels=1, ct_window=bad)
+
+
+def test_monochrome1_is_inverted_and_an_xray_uses_its_own_window(tmp_path):
+    ramp = np.linspace(0, 4095, 64).reshape(8, 8).astype(np.uint16)
+    plain = decode_image(_dicom(tmp_path / "m2.dcm", ramp, bits=12), image_size=8, channels=1)
+    inverted = decode_image(_dicom(tmp_path / "m1.dcm", ramp, photometric="MONOCHROME1", bits=12), image_size=8,
+                            channels=1)
+    assert np.array_equal(plain.astype(int) + inverted, np.full(plain.shape, 255))
+    assert plain[0, 0, 0] == 0 and plain[-1, -1, 0] == 255  # no window: scaled by the image's own maximum
+    windowed = decode_image(_dicom(tmp_path / "w.dcm", ramp, bits=12, window=(1000, 500)), image_size=8, channels=1)
+    below, above = ramp <= 750, ramp >= 1250
+    assert (windowed[..., 0][below] == 0).all() and (windowed[..., 0][above] == 255).all()
+
+
+def test_compressed_files_decode_and_a_missing_decoder_is_named(tmp_path):
+    ramp = np.linspace(0, 4095, 64).reshape(8, 8).astype(np.uint16)
+    plain = decode_image(_dicom(tmp_path / "plain.dcm", ramp, bits=12), image_size=8, channels=1)
+    rle = decode_image(_dicom(tmp_path / "rle.dcm", ramp, bits=12, syntax=RLELossless), image_size=8, channels=1)
+    assert np.array_equal(plain, rle)
+    jpeg_ls = tmp_path / "jls.dcm"
+    _dicom(jpeg_ls, ramp, bits=12)
+    ds = pydicom.dcmread(jpeg_ls)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless; bytes that no decoder reads
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8not really jpeg-ls\xff\xd9"])
+    ds.save_as(jpeg_ls)
+    with pytest.raises(UserError, match=r"pixel data cannot be decoded \(transfer syntax JPEG-LS Lossless"):
+        decode_image(jpeg_ls, image_size=8, channels=1)
+
+
+def test_multiframe_and_imageless_dicom_and_stray_files_are_named_or_counted(tmp_path):
+    pixels = np.zeros((8, 8), np.uint16)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for k in range(5):
+            _dicom(tmp_path / name / f"{k}.dcm", pixels + k * 100)
+    _dicom(tmp_path / "a" / "report.dcm", None, modality="SR")  # a structured report: no image
+    _dicom(tmp_path / "a" / "IM0001", pixels + 7)  # no extension, DICOM preamble: an image
+    (tmp_path / "a" / "notes.txt").write_text("read me")
+    (tmp_path / "b" / "README").write_text("no extension, not DICOM")
+    (tmp_path / "b" / ".DS_Store").write_bytes(b"\0")
+    for k in range(5, 10):
+        _dicom(tmp_path / "a" / f"{k}.dcm", pixels + k)
+        _dicom(tmp_path / "b" / f"{k}.dcm", pixels + k)
+    data = load_dataset(tmp_path, image_size=8)
+    assert len(data.labels) == 21 and any(p.endswith("IM0001") for p in data.paths)
+    assert data.unread == {"DICOM objects without pixel data (SR)": 1, ".txt files": 1,
+                           "files with no extension (not DICOM)": 1, "hidden files": 1}
+    from trainables.audit import audit_dataset, render
+    report = render(audit_dataset(data))
+    assert "4 file(s) under the data were not read as images" in report and "1 .txt files" in report
+    _dicom(tmp_path / "b" / "cine.dcm", pixels, frames=3)
+    with pytest.raises(UserError, match=r"cine.dcm \(it holds 3 frames \(a multi-frame DICOM\); export one image per file\)"):
+        load_dataset(tmp_path, image_size=8)
+
+
+def test_patient_id_groups_the_images_and_a_blank_one_is_warned_about(tmp_path):
+    for name in ("covid", "normal"):
+        (tmp_path / name).mkdir()
+        for k in range(40):
+            _ct(tmp_path / name / f"{k}.dcm", np.full((8, 8), k * 10 - 800, np.int16),
+                patient=f"{name}-{k // 4}" if k < 36 else "")
+    with pytest.warns(UserWarning, match="8 of 80 images have no DICOM PatientID"):
+        data = load_dataset(tmp_path, image_size=8, seed=0)
+    assert "groups: DICOM PatientID" in data.source
+    splits = {}
+    for group, split in zip(data.groups, data.split):
+        splits.setdefault(group, set()).add(int(split))
+    assert all(len(s) == 1 for s in splits.values())  # no patient in two splits
+    assert len(set(data.groups)) == 2 * 9 + 8
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory, pneumonia_npz):
+    """Real PneumoniaMNIST X-rays as DICOM in three encodings (CT slices with rescale and lung
+    window, MONOCHROME1 and MONOCHROME2 16-bit X-rays with a window) plus PNGs, in class folders."""
+    arrays = np.load(pneumonia_npz)
+    root = tmp_path_factory.mktemp("mixed")
+    for label, name in enumerate(["normal", "pneumonia"]):
+        (root / name).mkdir()
+        idx = np.flatnonzero(arrays["train_labels"].ravel() == label)[:60]
+        for k, i in enumerate(idx):
+            x = arrays["train_images"][i].astype(np.int32)
+            kind = k % 4
+            if kind == 0:
+                _ct(root / name / f"ct{k}.dcm", (x * 1500 / 255 - 1350).astype(np.int16))
+            elif kind == 1:
+                _dicom(root / name / f"m1_{k}.dcm", ((255 - x) * 16).astype(np.uint16), photometric="MONOCHROME1",
+                       bits=12, window=(2040, 4080))
+            elif kind == 2:
+                _dicom(root / name / f"m2_{k}", (x * 257).astype(np.uint16), bits=16)  # no extension
+            else:
+                Image.fromarray(x.astype(np.uint8)).save(root / name / f"png{k}.png")
+    return root
+
+
+def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_pixels(mixed_folder, tmp_path):
+    from search.experiment import run_search
+    from search.options import SearchOptions
+    from search.saved_model import load_model
+    from trainables.store import decode_images
+    folder = run_search(SearchOptions(space="tiny", data=str(mixed_folder), storage=str(tmp_path), name="dicom",
+                                      num_samples=2, max_epochs=2, grace_period=1, image_size=28, folds=1, top_k=1,
+                                      warm_restart="none", cpus_per_trial=1, seed=0))
+    data = load_dataset(mixed_folder, image_size=28, cache=str(tmp_path / "data-cache"))
+    assert data.store["reused"] and len(data.labels) == 120  # every file, DICOM and PNG, used
+    formats = pd.Series([i["format"] for i in data.file_infos]).value_counts().to_dict()
+    assert formats == {"DICOM": 90, "PNG": 30}
+    # the three DICOM encodings of one X-ray decode to (nearly) the pixels of its PNG
+    by_path = dict(zip(data.paths, range(len(data.paths))))
+    png, ct = data.images[by_path["normal/png3.png"]], data.images[by_path["normal/ct0.dcm"]]
+    assert png.shape == ct.shape == (28, 28, 1)
+    final = folder / "final"
+    record = load_model(final / "ensemble").record
+    assert record["preprocessing"]["ct_window"] == "lung"
+    out = tmp_path / "predictions.csv"
+    run = subprocess.run([sys.executable, "-m", "search.predict", "--model", str(final / "ensemble"), "--images",
+                          str(mixed_folder), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    table = pd.read_csv(out)
+    assert len(table) == 120
+    files = [mixed_folder / p for p in data.paths]
+    pixels, kept = decode_images(files, image_size=28, channels=1)
+    assert kept == files and np.array_equal(pixels, data.images)  # predict decodes exactly as the search did
+    test = pd.read_csv(final / "test_predictions.csv")
+    joined = test.merge(table, on="path", suffixes=("_final", "_predict"))
+    assert len(joined) == len(test)
+    assert np.allclose(joined["p_pneumonia_final"], joined["p_pneumonia_predict"], atol=1e-5)

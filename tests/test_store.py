@@ -1,0 +1,167 @@
+"""The data paths: decoded images in memory or on disk (the cache), the cache reused by a later
+search and keyed so that edited files are new data, the fingerprint of the content, and a search
+joined to a Ray head that `ray start` started with token authentication and a small object store."""
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from search.options import SearchOptions, check_search
+from trainables import UserError
+from trainables.data import load_dataset
+import torch
+
+from trainables.store import Decoding, DiskImages, decode_files
+from trainables.train import Training, read_batches
+
+
+def test_the_disk_store_trains_on_the_same_batches_as_memory_and_ships_a_handle(png_folder, tmp_path):
+    memory = load_dataset(png_folder, image_size=32, cache=str(tmp_path), store="memory")
+    disk = load_dataset(png_folder, image_size=32, cache=str(tmp_path), store="disk")
+    assert not memory.store["reused"] and disk.store["reused"] and disk.store["store"] == "disk"
+    assert isinstance(disk.images, DiskImages) and np.array_equal(disk.images[np.arange(len(disk.labels))], memory.images)
+    assert len(pickle.dumps(disk)) < len(pickle.dumps(memory)) / 4  # Ray ships the path, not the pixels
+    config = {"backbone": "small_cnn", "weights": "random", "image_size": 32, "batch_size": 16, "max_epochs": 2,
+              "augment": "light"}
+    on_disk = Training(config, disk)
+    assert not hasattr(on_disk.train_x, "device")  # the train split stays on disk: rows read per batch
+    by_memory = [(e["train_loss"], e["val_auc"]) for e in Training(config, memory).epochs()]
+    by_disk = [(e["train_loss"], e["val_auc"]) for e in on_disk.epochs()]
+    assert by_memory == by_disk
+    # the GPU's way of reading them: DataLoader worker processes, here on the CPU
+    batches = [torch.randperm(len(on_disk.train_y))[:8] for _ in range(6)]
+    by_workers, in_process = read_batches(on_disk.train_x, batches, workers=2), read_batches(on_disk.train_x, batches)
+    assert all(torch.equal(a, b) for a, b in zip(by_workers, in_process))
+
+
+def test_decoding_prints_its_progress_and_hashes_the_bytes(png_folder, capsys):
+    files = sorted(png_folder.rglob("*.png"))
+    decoded = decode_files(files, png_folder, Decoding(image_size=16, channels=1, progress_every=0))
+    assert "decoding: " in capsys.readouterr().out and decoded.keep.all()
+    assert decoded.infos[0]["sha256"] == hashlib.sha256(files[0].read_bytes()).hexdigest()[:32]
+    assert decoded.infos[0]["format"] == "PNG" and decoded.infos[0]["mode"] == "L"
+
+
+def test_a_quiet_search_still_prints_each_running_trials_epoch(tmp_path, capsys):
+    from types import SimpleNamespace
+    from search.leaderboard import LeaderboardCallback
+    board = LeaderboardCallback(tmp_path, metric="val_auc", mode="max", num_samples=4, time_budget=None,
+                                scheduler=None, print_every=0)
+    trials = [SimpleNamespace(trial_id="a1", status="RUNNING", config={"backbone": "resnet50"},
+                              last_result={"training_iteration": 2}),
+              SimpleNamespace(trial_id="b2", status="PENDING", config={"backbone": "small_cnn"}, last_result={})]
+    board.on_trial_start(0, trials, trials[0])
+    board.on_step_end(1, trials)
+    line = capsys.readouterr().out
+    assert "0/4 done" in line and "in progress: a1 resnet50 epoch 3 for 0:00" in line and "b2" not in line
+
+
+def test_an_edited_image_of_the_same_size_is_new_data_and_is_decoded_again(png_folder, tmp_path):
+    folder = tmp_path / "bmp"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        for k in range(12):
+            Image.fromarray(np.full((20, 20), 10 * k, np.uint8)).save(folder / name / f"{k}.bmp")
+    first = load_dataset(folder, image_size=16, cache=str(tmp_path / "cache"))
+    again = load_dataset(folder, image_size=16, cache=str(tmp_path / "cache"))
+    assert again.store["reused"] and again.fingerprint == first.fingerprint
+    edited = folder / "a" / "3.bmp"
+    size = edited.stat().st_size
+    time.sleep(0.01)
+    Image.fromarray(np.full((20, 20), 255, np.uint8)).save(edited)
+    assert edited.stat().st_size == size  # same size: a fingerprint of paths and sizes would not see it
+    after = load_dataset(folder, image_size=16, cache=str(tmp_path / "cache"))
+    assert not after.store["reused"] and after.fingerprint != first.fingerprint
+    assert load_dataset(folder, image_size=16).fingerprint == after.fingerprint  # the content, with or without a cache
+    assert load_dataset(folder, image_size=20, cache=str(tmp_path / "cache")).store["reused"] is False  # other options
+
+
+def test_data_store_options_fail_with_one_clear_line(tmp_path, png_folder):
+    with pytest.raises(UserError, match="unknown data store 'ssd'; choose one of auto, memory, disk"):
+        check_search(SearchOptions(data_store="ssd"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--data-cache .*file.* is a file; give a folder"):
+        check_search(SearchOptions(data_cache=str(tmp_path / "file")))
+    with pytest.raises(UserError, match="--ct-window must be one of lung, mediastinum, file, or 'centre,width'"):
+        check_search(SearchOptions(ct_window="soft tissue"))
+    with pytest.raises(UserError, match="the disk data store needs a cache folder"):
+        load_dataset(png_folder, image_size=16, store="disk")
+    with pytest.raises(UserError, match="unknown data store 'tape'"):
+        load_dataset(png_folder, image_size=16, store="tape")
+
+
+def test_a_half_written_cache_entry_is_never_reused(png_folder, tmp_path, monkeypatch):
+    import trainables.store as store
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(store, "_copy_rows", broken)
+    (png_folder / "normal lung" / "broken.png").write_bytes(b"not a png")  # forces the copy of the kept rows
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            load_dataset(png_folder, image_size=16, cache=str(tmp_path), skip_corrupt=True)
+        assert list(tmp_path.iterdir()) == []  # the temporary folder went with the failure
+        monkeypatch.undo()
+        with pytest.warns(UserWarning, match="left out 1 unreadable image"):
+            data = load_dataset(png_folder, image_size=16, cache=str(tmp_path), skip_corrupt=True)
+        assert not data.store["reused"] and len(data.labels) == 240
+    finally:
+        (png_folder / "normal lung" / "broken.png").unlink()
+
+
+def _ray(*args, env) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def token_head(tmp_path):
+    """A Ray head started by `ray start --head` as a user starts one, with a token on this machine
+    (so Ray turns token authentication on) and an 80 MB object store; stopped afterwards."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(home)
+    assert _ray("get-auth-token", "--generate", env=env).returncode == 0
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    port = 6300 + os.getpid() % 500
+    started = _ray("start", "--head", f"--port={port}", "--num-cpus=2", "--object-store-memory=80000000",
+                   "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", env=env)
+    assert started.returncode == 0, started.stderr
+    assert "Token authentication is enabled" in started.stdout + started.stderr
+    yield f"127.0.0.1:{port}", env
+    subprocess.run(["pkill", "-9", "-f", temp])
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_search_joins_a_ray_start_head_with_tokens_and_takes_the_disk_store_when_the_store_is_small(
+        token_head, png_folder, tmp_path):
+    address, env = token_head
+    run = subprocess.run([sys.executable, "-m", "search.run", "--address", address, "--space", "tiny", "--backbones",
+                          "small_cnn", "--data", str(png_folder), "--image-size", "448", "--data-store", "auto",
+                          "--num-samples", "1", "--max-epochs", "1", "--folds", "1", "--subset", "40", "--weights",
+                          "random", "--no-finalize", "--storage", str(tmp_path), "--name", "joined"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    # 240 images x 448 x 448 = 48 MB decoded, more than half of the head's 80 MB object store
+    assert "data store: disk (--data-store auto): the decoded images take 48.2 MB" in run.stdout
+    board = pd.read_csv(tmp_path / "joined" / "leaderboard.csv")
+    assert list(board["status"]) == ["TERMINATED"] and board["val_auc"].notna().all()
+    assert (tmp_path / "data-cache").is_dir()
+
+
+def test_an_address_where_no_cluster_answers_is_one_line(tmp_path, png_folder):
+    run = subprocess.run([sys.executable, "-m", "search.run", "--address", "127.0.0.1:9", "--data", str(png_folder),
+                          "--storage", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "error: cannot join a Ray cluster at --address 127.0.0.1:9" in run.stderr
