@@ -58,6 +58,11 @@ def test_cluster_config_passes_rays_validation(name):
     install = 'python3 -m venv .venv && .venv/bin/pip install --compile -e ".[test]"'
     assert any(install in command for command in config["setup_commands"])  # the README's own install
     assert config["file_mounts"] == {"~/lung-search": "."}
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        # every node has the cluster's one token before `ray start`, so token authentication holds throughout
+        copies = [i for i, c in enumerate(commands) if "/mnt/shared/.ray_auth_token ~/.ray/auth_token" in c]
+        starts = [i for i, c in enumerate(commands) if "ray start" in c]
+        assert copies and starts and copies[0] < starts[0], commands
     broken = {**config, "setup_comands": config["setup_commands"]}  # a typo Ray's schema rejects
     with pytest.raises(Exception, match="setup_comands"):
         validate_config(prepare_config(broken))

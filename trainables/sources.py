@@ -20,7 +20,7 @@ import pandas as pd
 
 from trainables import UserError
 from trainables.images import (IMAGE_EXTENSIONS, auto_image_size, files_under, listing, native_side, resize_array,
-                               to_channels)
+                               to_channels, unread_line)
 from trainables.store import Decoding, DiskImages, cache_arrays, decode_files, raise_unreadable
 
 SPLITS = ("train", "val", "test")
@@ -103,8 +103,7 @@ def _decode(root: Path, files: list[Path], rows: list, decoding: Decoding, skip_
     raise_unreadable(decoded, skip_corrupt=skip_corrupt)
     unread = unread + Counter({f"DICOM objects without pixel data ({kind})": n for kind, n in decoded.no_image.items()})
     if unread:
-        print(f"data: left unread under {root}: "
-              + ", ".join(f"{n} {kind}" for kind, n in sorted(unread.items(), key=lambda kv: -kv[1])), flush=True)
+        print(f"data: left unread under {root}: {unread_line(unread)}", flush=True)
     kept = [row for row, k in zip(rows, decoded.keep) if k]
     return decoded, kept, decoded.infos, unread
 

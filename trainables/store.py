@@ -57,10 +57,6 @@ class DiskImages:
     def shape(self) -> tuple[int, ...]:
         return self.rows.shape
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape))
-
     def __len__(self) -> int:
         return self.shape[0]
 
