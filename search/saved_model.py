@@ -133,7 +133,7 @@ def image_files(path: Path) -> list[Path]:
                         + (f"; it holds {unread_line(unread)}" if unread else ""))
     if unread:
         print(f"left unread under {path}: {unread_line(unread)}", flush=True)
-    return files
+    return [Path(f) for f in files]
 
 
 def predict_files(model: SavedModel, files: list[Path], *, root: Path | None = None) -> pd.DataFrame:

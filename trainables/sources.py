@@ -9,6 +9,7 @@ given split, groups, paths, a fingerprint); `trainables.data` validates and spli
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,7 @@ import pandas as pd
 
 from trainables import UserError
 from trainables.images import (IMAGE_EXTENSIONS, auto_image_size, files_under, listing, native_side, resize_array,
-                               to_channels, unread_line)
+                               relative_paths, to_channels, unread_line)
 from trainables.store import Decoding, DiskImages, cache_arrays, decode_files, raise_unreadable
 
 SPLITS = ("train", "val", "test")
@@ -80,9 +81,10 @@ def _load_folder(root: Path, *, decoding: Decoding, group_column, skip_corrupt) 
                         f"folders under {root}{hint}")
     decoded, entries, infos, unread = _decode(root, [p for p, _, _ in entries], entries, decoding, skip_corrupt, unread)
     given = np.array([s for _, _, s in entries]) if split_dirs else None
-    paths = [str(p.relative_to(root)) for p, _, _ in entries]
+    paths = relative_paths([p for p, _, _ in entries], root)
     # class/<patient>/<image>: the first sub-folder is the patient; an image right in its class folder is its own
-    inside = [p.relative_to(cls).parts for p, cls, _ in entries]
+    skip = 2 if split_dirs else 1  # [split/]class/
+    inside = [rel.split("/")[skip:] for rel in paths]
     groups, how = None, ""
     if any(len(parts) > 1 for parts in inside):
         groups, how = np.array([parts[0] if len(parts) > 1 else path for parts, path in zip(inside, paths)]), \
@@ -189,8 +191,8 @@ def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt
                         f"--group-column)")
     if table.empty:
         raise UserError(f"manifest {path} has no rows")
-    files = [(path.parent / p) for p in table["path"]]
-    absent = [str(p) for p, f in zip(table["path"], files) if not f.is_file()]
+    files = [os.path.join(path.parent, p) for p in table["path"]]
+    absent = [str(p) for p, f in zip(table["path"], files) if not os.path.isfile(f)]
     if absent:
         raise UserError(f"manifest {path}: {len(absent)} listed file(s) do not exist: "
                         f"{listing(absent)} (paths are relative to the manifest's folder)")

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from trainables import UserError
-from trainables.images import decode_chunk, listing
+from trainables.images import decode_chunk, listing, relative_paths
 
 DECODER_VERSION = 2  # bump when a decoding rule changes: caches of older rules are then not reused
 CHUNK = 256  # files per decoding task: small enough for a progress line every few seconds
@@ -223,7 +223,7 @@ def _threads(fn, chunks: list, kwargs: dict) -> Iterator[tuple[int, dict]]:
 
 
 def _content_fingerprint(files: list[Path], root: Path, results: list[dict]) -> str:
-    lines = sorted(f"{_relative(p, root)}\t{r.get('sha256', 'unreadable')}" for p, r in zip(files, results))
+    lines = sorted(f"{rel}\t{r.get('sha256', 'unreadable')}" for rel, r in zip(_relative(files, root), results))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
 
 
@@ -234,9 +234,9 @@ def _listing_key(files: list[Path], root: Path, decoding: Decoding) -> str:
     modification time, the decoding options and the decoder's version. An edited file changes its
     time (and its bytes change the fingerprint the cache records)."""
     h = hashlib.sha256(json.dumps([decoding.options(), DECODER_VERSION]).encode())
-    for p in files:
+    for p, rel in zip(files, _relative(files, root)):
         st = os.stat(p)
-        h.update(f"{_relative(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -251,7 +251,7 @@ def _decode_into_cache(files: list[Path], root: Path, decoding: Decoding, folder
         else:
             _copy_rows(tmp / "all.npy", tmp / "images.npy", decoded.keep)
             (tmp / "all.npy").unlink()
-        record = {"files": [_relative(p, root) for p in files], "keep": decoded.keep.tolist(), "infos": decoded.infos,
+        record = {"files": _relative(files, root), "keep": decoded.keep.tolist(), "infos": decoded.infos,
                   "errors": decoded.errors, "no_image": dict(decoded.no_image), "fingerprint": decoded.fingerprint,
                   "options": decoding.options(), "decoder_version": DECODER_VERSION}
         (tmp / "files.json").write_text(json.dumps(record))
@@ -298,8 +298,8 @@ def _copy_rows(src: Path, dst: Path, keep: np.ndarray, block: int = 4096) -> Non
     del source
 
 
-def _relative(path: Path, root: Path | None) -> str:
-    return Path(path).relative_to(root).as_posix() if root is not None else str(path)
+def _relative(paths: list, root: Path | None) -> list[str]:
+    return relative_paths(paths, root) if root is not None else [str(p) for p in paths]
 
 
 def _clock(seconds: float) -> str:
