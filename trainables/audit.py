@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import replace
 
 import numpy as np
@@ -60,10 +60,13 @@ def _file_properties(data: Dataset) -> dict[str, list]:
 
 
 def _duplicates(data: Dataset, digests: list[str], used: np.ndarray, warnings: list[str]) -> dict:
-    by_digest: dict[str, list[int]] = {}
+    used = used.tolist()
+    repeated = {d for d, n in Counter(digests[i] for i in used).items() if n > 1}
+    by_digest: dict[str, list[int]] = defaultdict(list)
     for i in used:
-        by_digest.setdefault(digests[i], []).append(int(i))
-    groups = [members for members in by_digest.values() if len(members) > 1]
+        if digests[i] in repeated:
+            by_digest[digests[i]].append(i)
+    groups = list(by_digest.values())
     name = (lambda i: data.paths[i]) if data.paths is not None else (lambda i: f"#{i}")  # noqa: E731
     out = {"groups": [], "within_split": 0, "across_splits": 0, "conflicting_labels": 0}
     for members in groups:
@@ -96,8 +99,8 @@ def _shortcut(prop: str, values: list[str], data: Dataset, used: np.ndarray, war
     common = {v for v, n in Counter(values).items() if n >= RARE}
     pooled = [v if v in common else "other" for v in values]
     table: dict[str, Counter] = {}
-    for v, label in zip(pooled, labels):
-        table.setdefault(v, Counter())[label] += 1
+    for (v, label), n in Counter(zip(pooled, labels)).items():
+        table.setdefault(v, Counter())[label] = n
     class_totals = Counter(labels)
     accuracy = sum(max(c.values()) for c in table.values()) / len(labels)
     baseline = max(class_totals.values()) / len(labels)
@@ -116,7 +119,7 @@ def _shortcut(prop: str, values: list[str], data: Dataset, used: np.ndarray, war
                         f"predicts the label with accuracy {accuracy:.2f} against {baseline:.2f} for the "
                         f"majority class). The loader converts every image to one mode and size, but images "
                         f"that differ this way may differ in other ways a model can learn (source, scanner)")
-    by_class = {label: dict(Counter(v for v, lab in zip(pooled, labels) if lab == label).most_common(8))
+    by_class = {label: dict(Counter({v: counts[label] for v, counts in table.items() if counts[label]}).most_common(8))
                 for label in data.class_names}
     return {"by_class": by_class, "predictive_accuracy": round(accuracy, 4), "majority_baseline": round(baseline, 4),
             "pure_values": pure, "shortcut": suspicious}

@@ -21,6 +21,7 @@ from trainables.dicom import DICOM_EXTENSIONS, NoImage, is_dicom, read_dicom
 from trainables.pixels import to_uint8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
+_IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS)
 MAX_LISTED = 10
 # "auto" image size (the CPU profile): MedMNIST-sized images stay near their 28 px, larger files
 # (CT slices, full X-rays) go to 64 px, where the CT models gain 0.01-0.03 test AUC (BENCHMARKS.md)
@@ -164,17 +165,19 @@ def files_under(folder: Path) -> tuple[list[str], Counter]:
     for here, subdirs, names in os.walk(folder):  # scandir underneath: no stat per file
         inside = relative_path(here, folder)
         hidden = inside != "." and any(part.startswith(".") for part in inside.split("/"))
+        prefix = os.path.join(here, "")
         for name in names:
-            suffix = os.path.splitext(name)[1].lower()
-            path = os.path.join(here, name)
+            dot = name.rfind(".")
+            suffix = name[dot:].lower() if dot > 0 else ""  # os.path.splitext's rule, without its cost per file
             if hidden or name.startswith("."):
                 unread["hidden files"] += 1
-            elif suffix in IMAGE_EXTENSIONS or (not suffix and _has_dicom_preamble(path)):
-                images.append(path)
+            elif suffix in _IMAGE_SUFFIXES or (not suffix and _has_dicom_preamble(prefix + name)):
+                images.append(prefix + name)
             else:
                 unread[f"{suffix} files" if suffix else "files with no extension (not DICOM)"] += 1
-    keys = [rel.split("/") for rel in relative_paths(images, folder)]
-    return [p for _, p in sorted(zip(keys, images))], unread
+    # the order of their path parts: the path with its separators as the smallest character
+    images.sort(key=lambda p: p.replace(os.sep, "\0"))
+    return images, unread
 
 
 def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:

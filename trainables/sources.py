@@ -67,38 +67,42 @@ def _load_folder(root: Path, *, decoding: Decoding, group_column, skip_corrupt) 
         unread["files outside class folders"] += sum(1 for d in split_dirs for p in d.iterdir() if p.is_file())
     else:
         classes = [(cls, None) for cls in subdirs]
-    entries = []
-    for cls, split in classes:
-        files, skipped = files_under(cls)
-        entries += [(p, cls, split) for p in files]
+    files, owner = [], []  # each image file, and the index of its (class folder, split) in `classes`
+    for k, (cls, _) in enumerate(classes):
+        found, skipped = files_under(cls)
+        files += found
+        owner += [k] * len(found)
         unread += skipped
     loose = [p for p in root.iterdir() if p.is_file()]
     unread["files outside class folders"] += len(loose)
-    if not entries:
+    if not files:
         images = [p.name for p in loose if p.suffix.lower() in IMAGE_EXTENSIONS]
         hint = f"; the {len(images)} images directly in it need one sub-folder per class" if images else ""
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}, or DICOM without an extension) found in class "
                         f"folders under {root}{hint}")
-    decoded, entries, infos, unread = _decode(root, [p for p, _, _ in entries], entries, decoding, skip_corrupt, unread)
-    given = np.array([s for _, _, s in entries]) if split_dirs else None
-    paths = relative_paths([p for p, _, _ in entries], root)
+    decoded, kept, unread = _decode(root, files, decoding, skip_corrupt, unread)
+    owner = [owner[i] for i in kept]
+    given = np.array([classes[k][1] for k in owner]) if split_dirs else None
+    paths = relative_paths([files[i] for i in kept], root)
+    infos = decoded.infos
     # class/<patient>/<image>: the first sub-folder is the patient; an image right in its class folder is its own
     skip = 2 if split_dirs else 1  # [split/]class/
-    inside = [rel.split("/")[skip:] for rel in paths]
+    nested = [rel.count("/") > skip for rel in paths]
     groups, how = None, ""
-    if any(len(parts) > 1 for parts in inside):
-        groups, how = np.array([parts[0] if len(parts) > 1 else path for parts, path in zip(inside, paths)]), \
+    if any(nested):
+        groups, how = np.array([rel.split("/")[skip] if deeper else rel for rel, deeper in zip(paths, nested)]), \
             " (groups: per-patient sub-folders)"
     elif any(i.get("patient_id") for i in infos):
         groups, how = _dicom_patients(infos, paths), " (groups: DICOM PatientID)"
-    return Raw(images=decoded.images, labels=[cls.name for _, cls, _ in entries], given_split=given, groups=groups,
+    names = [cls.name for cls, _ in classes]
+    return Raw(images=decoded.images, labels=[names[k] for k in owner], given_split=given, groups=groups,
                paths=paths, fingerprint=decoded.fingerprint, root=str(root), source=f"folder:{root}{how}",
                file_infos=infos, unread=unread)
 
 
-def _decode(root: Path, files: list[Path], rows: list, decoding: Decoding, skip_corrupt: bool, unread: Counter):
-    """Decode the files of a folder or manifest (their `rows`: one entry per file); returns the
-    decoded data, the rows and infos of the images kept, and the unread files counted by kind."""
+def _decode(root: Path, files: list, decoding: Decoding, skip_corrupt: bool, unread: Counter):
+    """Decode the files of a folder or manifest; returns the decoded data, the indices of the files
+    kept (in order), and the unread files counted by kind."""
     if decoding.image_size == "auto":
         decoding = replace(decoding, image_size=auto_image_size(native_side(files)))
     decoded = decode_files(files, root, decoding)
@@ -106,8 +110,7 @@ def _decode(root: Path, files: list[Path], rows: list, decoding: Decoding, skip_
     unread = unread + Counter({f"DICOM objects without pixel data ({kind})": n for kind, n in decoded.no_image.items()})
     if unread:
         print(f"data: left unread under {root}: {unread_line(unread)}", flush=True)
-    kept = [row for row, k in zip(rows, decoded.keep) if k]
-    return decoded, kept, decoded.infos, unread
+    return decoded, np.flatnonzero(decoded.keep), unread
 
 
 def _dicom_patients(infos: list[dict], paths: list[str]) -> np.ndarray:
@@ -204,9 +207,8 @@ def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt
             raise UserError(f"manifest {path}: unknown split value(s) {bad}; use "
                             + "; ".join(f"{_names_of(split)} for {split}" for split in SPLITS) + " (any case)")
         given = given.to_numpy()
-    decoded, kept, infos, unread = _decode(path.parent, files, list(range(len(files))), decoding, skip_corrupt,
-                                           Counter())
-    table = table.iloc[kept]
+    decoded, kept, unread = _decode(path.parent, files, decoding, skip_corrupt, Counter())
+    table, infos = table.iloc[kept], decoded.infos
     paths = list(table["path"])
     groups, how = (table[group].to_numpy(), f" (groups: {group})") if group else (None, "")
     if group is None and any(i.get("patient_id") for i in infos):

@@ -233,11 +233,9 @@ def _listing_key(files: list[Path], root: Path, decoding: Decoding) -> str:
     """What identifies a decoding without reading the files: each file's path under `root`, size and
     modification time, the decoding options and the decoder's version. An edited file changes its
     time (and its bytes change the fingerprint the cache records)."""
-    h = hashlib.sha256(json.dumps([decoding.options(), DECODER_VERSION]).encode())
-    for p, rel in zip(files, _relative(files, root)):
-        st = os.stat(p)
-        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:24]
+    stats = map(os.stat, files)
+    lines = "".join(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n" for rel, st in zip(_relative(files, root), stats))
+    return hashlib.sha256((json.dumps([decoding.options(), DECODER_VERSION]) + "\n" + lines).encode()).hexdigest()[:24]
 
 
 def _decode_into_cache(files: list[Path], root: Path, decoding: Decoding, folder: Path) -> None:
