@@ -146,7 +146,8 @@ def test_model_directory_records_what_it_needs_and_holds_no_pickles(experiment):
     record = json.loads((model / "model.json").read_text())
     assert record["class_names"] == ["normal lung", "viral pneumonia"]
     assert record["threshold"] == metrics["models"][metrics["chosen"]]["val"]["threshold"]
-    assert record["preprocessing"] == {"image_size": 28, "channels": 1, "decode": "trainables.images.decode_image"}
+    assert record["preprocessing"] == {"image_size": 28, "channels": 1, "ct_window": "lung",
+                                       "decode": "trainables.images.decode_image"}
     assert record["data"]["fingerprint"] == metrics["data"]["fingerprint"] and "torch" in record["versions"]
     assert all(m["config"]["backbone"] for m in record["members"])
     assert {p.suffix for p in model.iterdir()} == {".json", ".safetensors"}

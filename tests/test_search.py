@@ -181,7 +181,9 @@ def test_cli_names_a_corrupt_image(tmp_path, png_folder):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "1 image(s) could not be read" in result.stderr and "scan 7.png" in result.stderr
     assert "--skip-corrupt" in result.stderr
-    assert not (tmp_path / "exp").exists()  # nothing written before the checks passed
+    # no experiment is written before the checks pass; only the decoded images are kept in the cache, so
+    # that the run with --skip-corrupt does not decode them again
+    assert [p.name for p in (tmp_path / "exp").iterdir()] == ["data-cache"]
 
 
 def test_cli_manifest_group_column_must_exist(tmp_path):

@@ -250,7 +250,9 @@ def _listing_key(files: list[Path], root: Path, decoding: Decoding) -> str:
 
 def _decode_into_cache(files: list[Path], root: Path, decoding: Decoding, folder: Path) -> None:
     """Decode into a fresh folder beside `folder` and rename it into place when complete: a crash
-    never leaves a cache entry that looks whole. Unreadable files' rows are dropped at the end."""
+    never leaves a cache entry that looks whole, and a failure leaves no folder it created.
+    Unreadable files' rows are dropped at the end."""
+    created = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     tmp = _fresh(folder)
     try:
         decoded = _decode(files, root, decoding, out=tmp / "all.npy")
@@ -267,6 +269,9 @@ def _decode_into_cache(files: list[Path], root: Path, decoding: Decoding, folder
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for path in created:  # innermost first
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
         raise
 
 

@@ -165,14 +165,14 @@ def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler
     batches = [order[start:start + batch_size] for start in range(0, len(order) - 1, batch_size)]
     batches = [idx for idx in batches if len(idx) >= 2]  # BatchNorm needs two samples
     total, seen = 0.0, 0
-    for idx, x_uint8 in zip(batches, read_batches(train_x, batches)):
+    for step, (idx, x_uint8) in enumerate(zip(batches, read_batches(train_x, batches))):
         idx = idx.to(device)
         x = prep(x_uint8, augment=augment, generator=generator)
         y = train_y[idx]
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             loss = loss_fn(model(x), y)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {start // batch_size}: "
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}: "
                                      f"the trial diverged (a lower lr or another optimizer may help)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
