@@ -54,7 +54,8 @@ def from_flags(args: argparse.Namespace, options_class):
 
 def handle_errors(work, *, interrupted: str = "interrupted") -> int:
     """Run `work()`; a warning prints as one `warning:` line, a UserError as one `error:` line (exit
-    2), Ctrl-C as `interrupted` (exit 130); anything else is a bug and keeps its traceback."""
+    2), Ctrl-C as its own message or `interrupted` (exit 130); anything else is a bug and keeps its
+    traceback."""
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line
@@ -62,8 +63,8 @@ def handle_errors(work, *, interrupted: str = "interrupted") -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(str(exc) or interrupted, file=sys.stderr)
         return 130
     return 0
 

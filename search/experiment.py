@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -31,7 +32,8 @@ from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions
                             resolve_batch_size, resolve_folds, with_profile)
 from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json
-from search.tuner import bind_space, fit, make_scheduler, make_searcher, make_tuner, with_data
+from search.tuner import (SchedulerState, bind_space, fit, make_scheduler, make_searcher, make_tuner, restore_tuner,
+                          with_data)
 from spaces import Space, get_space
 from trainables import UserError
 from trainables.config import validate_config
@@ -76,21 +78,33 @@ def run_search(options: SearchOptions) -> Path:
                         f"another --name")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the progress lines replace Ray's tables
     with connected(options.address):
-        search = _prepare(options, folder, saved)
-        tuner, searcher = _tuner(search)
+        try:
+            search = _prepare(options, folder, saved)
+            tuner, searcher = _tuner(search)
+        except KeyboardInterrupt:
+            if not options.resume and folder.exists() and not (folder / "tuner.pkl").exists():
+                shutil.rmtree(folder)  # made by this command, before any trial: nothing to resume
+            raise KeyboardInterrupt("interrupted before the search started; run the same command again") from None
         write_audit(folder, search.audit)
         clock["fit_started"] = time.time()
         with engine_messages(folder):
-            fit(tuner, time_budget=search.options.time_budget)
+            interrupted = fit(tuner, time_budget=search.options.time_budget)
         clock["fit_ended"] = time.time()
-        finished = _after_fit(search, searcher, fit_seconds=clock["fit_ended"] - clock["fit_started"])
+        finished = _after_fit(search, searcher, fit_seconds=clock["fit_ended"] - clock["fit_started"],
+                              interrupted=interrupted)
         clock["search_ended"] = time.time()
         o = search.options
         if finished and o.finalize:
             shared = {f.name: getattr(o, f.name) for f in fields(SharedOptions)}
-            finalize(FinalizeOptions(experiment=str(folder), **shared), data=search.data)
+            try:
+                finalize(FinalizeOptions(experiment=str(folder), **shared), data=search.data)
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"interrupted while finalizing; the search is complete: finish with "
+                                        f"python -m search.finalize --experiment {folder}") from None
     clock["data_seconds"] = search.data_seconds
     _write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)
+    if interrupted:
+        raise KeyboardInterrupt(f"interrupted: continue with {_resume_command(folder)}")
     return folder
 
 
@@ -190,10 +204,12 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
                           pretrained=o.weights == "imagenet")
     searcher = make_searcher(space_fn, metric=metric, mode=mode, sampler=o.sampler, seed=o.seed,
                              max_epochs=o.max_epochs, max_concurrent=search.slots, points=search.first, folder=folder)
-    scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period, folder=folder,
+    scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period,
                                reduction_factor=o.reduction_factor, first=search.first) if o.scheduler == "asha" else None
     callbacks = [LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=o.num_samples,
                                      time_budget=o.time_budget, scheduler=scheduler)]
+    if scheduler is not None:
+        callbacks.append(SchedulerState(scheduler))
     cores = None
     if o.share_idle_cores and not o.gpus_per_trial:
         name = f"cores-{folder.name}"
@@ -203,7 +219,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
                           cores=cores)
     _announce(search, asha=scheduler is not None)
     if o.resume:
-        return tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True), searcher
+        return restore_tuner(folder, trainable, searcher=searcher, scheduler=scheduler, callbacks=callbacks), searcher
     folder.mkdir(parents=True)
     write_json(folder / "search_config.json", {
         "options": asdict(o), "profile": search.profile, "space": search.space.name,
@@ -244,11 +260,11 @@ def _announce(search: Search, *, asha: bool) -> None:
           flush=True)
 
 
-def _after_fit(search: Search, searcher, *, fit_seconds: float) -> bool:
+def _after_fit(search: Search, searcher, *, fit_seconds: float, interrupted: bool = False) -> bool:
     """optuna_trials.csv, the progress plot and the summary; says what to do about unfinished
     trials. Returns whether the search ran every trial (or its time budget ran out)."""
     o, folder = search.options, search.folder
-    searcher.restore_from_dir(str(folder))  # the state Ray saved: a resumed search ran a restored copy
+    searcher.restore_from_dir(str(folder))  # the state Ray saved last
     searcher.searcher.write_study()
     trials = searcher.searcher.study.trials_dataframe()
     write_atomic(folder / "optuna_trials.csv", lambda p: trials.to_csv(p, index=False))
@@ -257,17 +273,21 @@ def _after_fit(search: Search, searcher, *, fit_seconds: float) -> bool:
                   name=folder.name)
     print_summary(board, folder, metric=o.metric)
     unfinished = o.num_samples - int(board["status"].isin(["TERMINATED", "ERROR"]).sum())
+    if interrupted:
+        return False
     if unfinished <= 0:
         return True
     if o.time_budget and fit_seconds >= o.time_budget:
         print(f"the time budget of {o.time_budget:.0f}s ended the search with {unfinished} trial(s) not run or "
-              f"unfinished; continue them with python -m search.run --resume --name {folder.name} --storage "
-              f"{o.storage} --time-budget <seconds>")
+              f"unfinished; continue them with {_resume_command(folder)} --time-budget <seconds>")
         return True
-    print(f"the search stopped with {unfinished} trial(s) unfinished; continue it with python -m search.run "
-          f"--resume --name {folder.name} --storage {o.storage}, or finalize what it found with "
-          f"python -m search.finalize --experiment {folder}")
+    print(f"the search stopped with {unfinished} trial(s) unfinished; continue it with {_resume_command(folder)}, "
+          f"or finalize what it found with python -m search.finalize --experiment {folder}")
     return False
+
+
+def _resume_command(folder: Path) -> str:
+    return f"python -m search.run --resume --name {folder.name} --storage {folder.parent}"
 
 
 def _write_timings(folder: Path, clock: dict, *, slots: int, cpus_per_trial: float) -> None:

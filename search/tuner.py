@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import signal
 import threading
 from pathlib import Path
@@ -24,19 +25,19 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from search.records import write_json
 from search.samplers import SAMPLERS
 
-STUDY_FILE, STUDY_NAME, ASHA_FILE = "optuna.journal", "search", "asha_state.json"
+STUDY_FILE, STUDY_NAME = "optuna.journal", "search"
 
 
 class StudySearch(OptunaSearch):
     """OptunaSearch that tells Optuna every epoch of every trial (see the module docstring), marks
-    each Optuna trial with its Ray trial id (user attribute `ray_trial_id`), and keeps a copy of
-    the study in `folder/optuna.journal`, rewritten whenever a trial ends."""
+    each Optuna trial with its Ray trial id (user attribute `ray_trial_id`), and appends each trial
+    that ends to `folder/optuna.journal`: a journal only grows, so optuna-dashboard can watch it while
+    the search runs."""
 
     def __init__(self, *args, max_epochs: int, folder: Path, **kwargs):
         super().__init__(*args, **kwargs)
@@ -79,13 +80,25 @@ class StudySearch(OptunaSearch):
         return self._ot_study
 
     def write_study(self) -> None:
-        """The study as the sampler holds it, copied to `folder/optuna.journal` (atomically)."""
-        tmp = self.folder / f".{STUDY_FILE}.tmp"
-        tmp.unlink(missing_ok=True)
-        copy = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(tmp))), study_name=STUDY_NAME,
-                                   direction=self._ot_study.direction)
-        copy.add_trials(self._ot_study.get_trials(deepcopy=False))
-        os.replace(tmp, self.folder / STUDY_FILE)
+        """Append the trials that ended since the last call to `folder/optuna.journal` (the ones it
+        holds are known by their Ray trial id, so a resumed search appends only what is new)."""
+        journal = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(self.folder / STUDY_FILE))),
+                                      study_name=STUDY_NAME, direction=self._ot_study.direction, load_if_exists=True)
+        kept = {t.user_attrs.get("ray_trial_id") for t in journal.get_trials(deepcopy=False)}
+        for trial in self._ot_study.get_trials(deepcopy=False):
+            if trial.state.is_finished() and trial.user_attrs.get("ray_trial_id") not in kept:
+                journal.add_trial(trial)
+
+    def save(self, checkpoint_path: str):
+        """The searcher's state, without its folder: a resumed copy of the experiment keeps its own."""
+        state = {k: v for k, v in self.__dict__.items() if k != "folder"}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
+
+    def restore(self, checkpoint_path: str):
+        folder = self.folder
+        super().restore(checkpoint_path)
+        self.folder = folder
 
 
 def load_study(folder: Path) -> optuna.Study:
@@ -94,9 +107,9 @@ def load_study(folder: Path) -> optuna.Study:
 
 
 class RecordingASHA(ASHAScheduler):
-    """ASHAScheduler that remembers which trials it stopped (for the leaderboard) and keeps its rungs
-    in `folder/asha_state.json`: Ray does not restore a scheduler's state, so without it a resumed
-    search would judge every trial against empty rungs.
+    """ASHAScheduler that remembers which trials it stopped (for the leaderboard), and whose rungs,
+    stops and protected trials travel with Ray's experiment state (`SchedulerState`): Ray does not
+    restore a scheduler, so without them a resumed search would judge every trial against empty rungs.
 
     The trials of `first` (each backbone's first trial, or the recipes) are not stopped before
     epoch `first_grace` (they are still recorded at every rung they pass). A deep network trained
@@ -105,13 +118,12 @@ class RecordingASHA(ASHAScheduler):
     where it was the best model (0.96 validation AUC by epoch 2 in a second run of the same config).
     """
 
-    def __init__(self, *, folder: Path, first: list[dict] = (), first_grace: int = 0, **kwargs):
+    def __init__(self, *, first: list[dict] = (), first_grace: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.folder, self.stopped, self._loaded = Path(folder), set(), False
+        self.stopped: set[str] = set()
         self.first, self.first_grace, self.protected = [dict(p) for p in first], first_grace, {}
 
     def on_trial_add(self, tune_controller, trial):
-        self._load()
         for k, point in enumerate(self.first):
             if k not in self.protected.values() and all(trial.config.get(key) == v for key, v in point.items()):
                 self.protected[trial.trial_id] = k
@@ -119,38 +131,38 @@ class RecordingASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
-        self._load()
         decision = super().on_trial_result(tune_controller, trial, result)
         epoch = result.get(self._time_attr, 0)
         if decision == self.STOP and trial.trial_id in self.protected and epoch < min(self.first_grace, self._max_t):
             decision, self._num_stopped = self.CONTINUE, self._num_stopped - 1
         if decision == self.STOP and epoch < self._max_t:
             self.stopped.add(trial.trial_id)
-        self._save()
         return decision
 
-    def on_trial_complete(self, tune_controller, trial, result):
-        self._load()
-        super().on_trial_complete(tune_controller, trial, result)
-        self._save()
+    def state(self) -> dict:
+        return {"rungs": [[[m, dict(recorded)] for m, recorded in b._rungs] for b in self._brackets],
+                "stopped": sorted(self.stopped), "protected": dict(self.protected)}
 
-    def _save(self) -> None:
-        write_json(self.folder / ASHA_FILE, {"rungs": [[[m, recorded] for m, recorded in b._rungs] for b in self._brackets],
-                                             "stopped": sorted(self.stopped), "protected": self.protected})
-
-    def _load(self) -> None:
-        """Once, on first use: the rungs, stops and protected first trials of the search this one
-        resumes, if any."""
-        if self._loaded:
-            return
-        self._loaded, path = True, self.folder / ASHA_FILE
-        if not path.is_file():
-            return
-        state = json.loads(path.read_text())
+    def load_state(self, state: dict) -> None:
         for bracket, rungs in zip(self._brackets, state["rungs"]):
             bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
-        self.stopped |= set(state["stopped"])
-        self.protected.update(state.get("protected", {}))
+        self.stopped, self.protected = set(state["stopped"]), dict(state["protected"])
+
+
+class SchedulerState(tune.Callback):
+    """Carries the scheduler's state in Ray's experiment checkpoint, which `Tuner.restore` brings
+    back before it re-adds the trials: the rungs always match the trials' own saved state. (A file of
+    our own in the experiment folder would be overwritten by Ray's copy of it from the start of a
+    resumed run: Ray syncs every .json of the folder down on restore and back up at each checkpoint.)"""
+
+    def __init__(self, scheduler: RecordingASHA):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict:
+        return {"asha": self.scheduler.state()}
+
+    def set_state(self, state: dict) -> None:
+        self.scheduler.load_state(state["asha"])
 
 
 def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, max_epochs: int,
@@ -162,12 +174,12 @@ def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, 
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
-def make_scheduler(*, metric: str, mode: str, max_epochs: int, grace_period: int, folder: Path,
+def make_scheduler(*, metric: str, mode: str, max_epochs: int, grace_period: int,
                    reduction_factor: float = 3, first: list[dict] = ()) -> RecordingASHA:
     """ASHA over epochs: trials below the top 1/reduction_factor at a rung stop there; the trials of
     `first` run at least to the second rung (grace_period x reduction_factor epochs)."""
     return RecordingASHA(time_attr="training_iteration", metric=metric, mode=mode, max_t=max_epochs,
-                         grace_period=grace_period, reduction_factor=reduction_factor, folder=folder,
+                         grace_period=grace_period, reduction_factor=reduction_factor,
                          first=first, first_grace=math.ceil(grace_period * reduction_factor))
 
 
@@ -198,28 +210,64 @@ def make_tuner(trainable, *, searcher, scheduler, num_samples: int, storage: str
     )
 
 
-def fit(tuner: tune.Tuner, *, time_budget: float | None) -> None:
-    """`tuner.fit()`, stopped after `time_budget` seconds the way Ctrl-C stops it (Ray's SIGUSR1
-    handler): the trials it cuts keep their checkpoints and stay resumable, and the searcher stays
-    open. Ray's own `time_budget_s` would mark them finished and the searcher done."""
-    if not time_budget:
-        tuner.fit()
-        return
-    done = threading.Event()
+def restore_tuner(folder: Path, trainable, *, searcher, scheduler, callbacks: list) -> tune.Tuner:
+    """The Tuner of the search in `folder`, to continue it, running `searcher`, `scheduler` and
+    `callbacks` (built for `folder`; Ray restores the searcher's and the callbacks' state into them).
 
-    def stop():
-        if done.wait(time_budget):
-            return
-        while True:  # again until fit returns: Ray installs its handler only once fit has started
+    `Tuner.restore` alone would run the ones pickled when the search started, with the folder they had
+    then: a moved or copied experiment would read and write the original's files. Ray has no public
+    way to give a restored Tuner new ones, hence the attributes below (Ray 2.60's TunerInternal)."""
+    tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+    internal = tuner._local_tuner
+    internal._tune_config.search_alg, internal._tune_config.scheduler = _Generator(searcher, folder), scheduler
+    internal._run_config.callbacks = callbacks
+    return tuner
+
+
+class _Generator(SearchGenerator):
+    """Ray's wrapper of a searcher, whose restored state names the folder the search started in:
+    the trials it creates after a resume would write their checkpoints there. It is told `folder`."""
+
+    def __init__(self, searcher, folder: Path):
+        super().__init__(searcher)
+        self.folder = Path(folder)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        storage = self._experiment.storage
+        storage.storage_fs_path, storage.experiment_dir_name = self.folder.parent.as_posix(), self.folder.name
+
+
+def fit(tuner: tune.Tuner, *, time_budget: float | None) -> bool:
+    """`tuner.fit()`, stopped after `time_budget` seconds or at the first Ctrl-C the way Ray stops on a
+    signal (its SIGUSR1 handler): the trials it cuts keep their checkpoints and stay resumable, and
+    the searcher stays open (Ray's own `time_budget_s` would mark them finished and the searcher
+    done). A second Ctrl-C raises KeyboardInterrupt at once. Returns whether Ctrl-C stopped it: Ray
+    returns normally either way."""
+    stop, interrupted, done = threading.Event(), threading.Event(), threading.Event()
+
+    def on_ctrl_c(*_):
+        interrupted.set()
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def stopper():
+        stop.wait(time_budget)
+        while not done.is_set():  # again until fit returns: Ray installs its handler only once fit has started
             os.kill(os.getpid(), signal.SIGUSR1)
-            if done.wait(2):
-                return
+            done.wait(2)
 
-    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # a signal before Ray's handler is harmless
-    timer = threading.Thread(target=stop, daemon=True)
-    timer.start()
+    previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, lambda *_: None),  # harmless before Ray's handler
+                signal.SIGINT: signal.signal(signal.SIGINT, on_ctrl_c)}
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C is ours; Ray's handler would hide it
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
     try:
         tuner.fit()
     finally:
         done.set()
-        signal.signal(signal.SIGUSR1, previous)
+        stop.set()
+        thread.join()  # no signal of its own arrives after the handlers are back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return interrupted.is_set()

@@ -3,6 +3,7 @@ nodes of a multi-node Ray cluster, a killed worker node's trials resume from the
 an interrupted driver continues with --resume, and a diverging trial fails alone."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,13 +153,40 @@ def test_the_core_budget_lives_on_the_drivers_node_and_its_loss_fails_no_trial(c
         ray.shutdown()
 
 
-def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path, pneumonia_npz):
+JOURNAL_READER = """
+import sys, time
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+path, reads, most = sys.argv[1], 0, 0
+storage = JournalStorage(JournalFileBackend(path))  # one reader for the whole search, as optuna-dashboard holds
+while sys.stdin.readline().strip() == "read":
+    for study in storage.get_all_studies():
+        most = max(most, len(storage.get_all_trials(study._study_id, deepcopy=False)))
+    reads += 1
+    print(reads, most, flush=True)
+"""
+
+
+def test_interrupted_driver_exits_130_and_resumes_without_rerunning_finished_trials(tmp_path, pneumonia_npz):
+    """Ctrl-C: exit 130 with the command that continues; --resume runs only what is left. All along,
+    one long-lived reader of optuna.journal (another process) reads it without an error."""
     args = [*SEARCH, "--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "stopped",
             "--num-samples", "6", "--max-epochs", "3"]
     process = _start(*args)
     folder = tmp_path / "stopped"
+    _wait_for(lambda: (folder / "optuna.journal").is_file(), 300, process)
+    reader = subprocess.Popen([sys.executable, "-c", JOURNAL_READER, str(folder / "optuna.journal")], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def read_journal() -> int:
+        reader.stdin.write("read\n")
+        reader.stdin.flush()
+        line = reader.stdout.readline()
+        assert line, reader.stderr.read()[-3000:]  # the reader died: the journal was not readable
+        return int(line.split()[1])
 
     def two_ended():
+        read_journal()
         path = folder / "leaderboard.csv"
         if path.is_file() and path.stat().st_size:
             board = pd.read_csv(path)
@@ -168,16 +196,24 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(tmp_path, 
     _wait_for(two_ended, 300, process)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, output[-3000:]
+    assert f"interrupted: continue with python -m search.run --resume --name stopped --storage {tmp_path}" in output
     before = pd.read_csv(folder / "leaderboard.csv")
     ended_before = before[before["status"] == "TERMINATED"].set_index("trial_id")
-    assert len(ended_before) < 6 and "--resume" in output, output[-3000:]
+    assert len(ended_before) < 6
     assert ended_before["ended_s"].notna().all()
     assert set(before["status"]) <= {"TERMINATED", "INTERRUPTED"}, before["status"]
     rows_before = {t: len(r) for t, r in _results(folder).items() if t in ended_before.index}
 
     resumed = _start(*args, "--resume")
-    output, _ = resumed.communicate(timeout=600)
+    while resumed.poll() is None:
+        read_journal()
+        time.sleep(0.2)
+    output = resumed.stdout.read()
     assert resumed.returncode == 0, output[-3000:]
+    assert read_journal() == 6
+    reader.stdin.close()
+    reader.wait(timeout=30)
     board = pd.read_csv(folder / "leaderboard.csv")
     assert len(board) == 6 and board["trial_id"].is_unique and (board["status"] == "TERMINATED").all()
     after = board.set_index("trial_id").loc[ended_before.index]
@@ -213,29 +249,37 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path
     assert (study["state"] == "FAIL").sum() == 1
 
 
-def test_a_budget_cut_search_resumes_and_asha_judges_it_as_if_uninterrupted(tmp_path, pneumonia_npz):
+def test_a_copied_search_cut_twice_resumes_into_the_copy_and_asha_judges_it_as_if_uninterrupted(tmp_path, pneumonia_npz):
     """One trial at a time (so the order of results is fixed by the seed): the same search run
-    whole, and cut by --time-budget then resumed with a new one, ends with the same trials stopped
-    at the same rungs, and the cut trials continue from their checkpoints. Without the rungs kept
-    in asha_state.json the resumed search would judge its trials against empty rungs."""
+    whole, and cut by --time-budget, copied to another storage, resumed there and cut again, then
+    resumed to the end, ends with the same trials stopped at the same rungs; the cut trials continue
+    from their checkpoints, and the original's files are not touched. ASHA's rungs must travel with
+    the experiment (Ray restores no scheduler) and be the latest ones at the second resume."""
     base = dict(space="tiny", data=str(pneumonia_npz), subset=200, image_size=28, folds=1, max_epochs=3,
-                grace_period=1, num_samples=6, max_concurrent=1, cpus_per_trial=1, seed=0, finalize=False,
-                storage=str(tmp_path))
+                grace_period=1, num_samples=6, max_concurrent=1, cpus_per_trial=1, seed=0, finalize=False)
     started = time.time()
-    whole = pd.read_csv(run_search(SearchOptions(**base, name="whole")) / "leaderboard.csv")
+    whole = pd.read_csv(run_search(SearchOptions(**base, storage=str(tmp_path / "a"), name="whole")) / "leaderboard.csv")
     wall = time.time() - started
-    cut_folder = run_search(SearchOptions(**base, name="cut", time_budget=wall * 0.45))
-    cut = pd.read_csv(cut_folder / "leaderboard.csv")
+    original = run_search(SearchOptions(**base, storage=str(tmp_path / "a"), name="cut", time_budget=wall * 0.3))
+    cut = pd.read_csv(original / "leaderboard.csv")
     assert len(cut) < 6 or (cut["status"] == "INTERRUPTED").any(), cut[["status", "epochs"]]
-    run_search(SearchOptions(**base, name="cut", resume=True, time_budget=600))
-    resumed = pd.read_csv(cut_folder / "leaderboard.csv")
+    copy = tmp_path / "b" / "cut"
+    shutil.copytree(original, copy)
+    untouched = {p: p.read_bytes() for p in original.rglob("*") if p.is_file()}
+    run_search(SearchOptions(**base, storage=str(tmp_path / "b"), name="cut", resume=True, time_budget=wall * 0.3))
+    second = pd.read_csv(copy / "leaderboard.csv")
+    assert len(second) > len(cut) or (second["epochs"].sum() > cut["epochs"].sum())
+    assert len(second) < 6 or (second["status"] != "TERMINATED").any(), second[["status", "epochs"]]
+    run_search(SearchOptions(**base, storage=str(tmp_path / "b"), name="cut", resume=True, time_budget=600))
+    resumed = pd.read_csv(copy / "leaderboard.csv")
 
     def outcome(board):
         return sorted(zip(board["backbone"], board["lr"].round(10), board["epochs"], board["stopped_early"]))
 
     assert len(resumed) == 6 and (resumed["status"] == "TERMINATED").all()
     assert outcome(resumed) == outcome(whole)
-    results = _results(cut_folder)
-    for trial_id in cut.loc[cut["status"] == "INTERRUPTED", "trial_id"]:
+    results = _results(copy)
+    for trial_id in second.loc[second["status"] == "INTERRUPTED", "trial_id"]:
         epochs = [row["epoch"] for row in results[trial_id]]
         assert epochs == sorted(set(epochs)), epochs  # continued, not started again
+    assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == untouched
