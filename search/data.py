@@ -17,7 +17,7 @@ import ray
 from search.records import write_atomic, write_json
 from trainables import UserError
 from trainables.audit import audit_dataset, dedupe as drop_duplicates, render, summary_lines
-from trainables.data import Dataset, load_dataset
+from trainables.data import Dataset, check_every_split_has_every_class, load_dataset
 
 # --data-store auto keeps the decoded images in the object store up to this share of the smallest
 # trial node's store: the rest is for checkpoints, results and the trials' own objects
@@ -114,6 +114,8 @@ def audited(data: Dataset, *, dedupe: bool) -> tuple[Dataset, dict]:
         data, dropped = drop_duplicates(data, report)
         report["deduped"] = dropped
         report["counts_after_dedupe"] = data.counts()
+        check_every_split_has_every_class(data, after=f" once the {len(dropped)} copies of images in a later split "
+                                                      f"are dropped (--no-dedupe keeps them)")
         print(f"  dropped {len(dropped)} copies found in a later split (--no-dedupe keeps them): "
               f"{'; '.join(dropped) or 'none'}", flush=True)
     return data, report

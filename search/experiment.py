@@ -20,6 +20,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import ray
+import torch
 from ray import tune
 
 from search.cluster import check_fits, connected, engine_messages, slots
@@ -37,7 +38,7 @@ from search.tuner import (SchedulerState, bind_space, fit, make_scheduler, make_
 from spaces import Space, get_space
 from trainables import UserError
 from trainables.config import validate_config
-from trainables.data import Dataset
+from trainables.data import Dataset, check_data
 from trainables.metrics import METRIC_MODES
 from trainables.models import num_stages, weights_source
 from trainables.trainable import train_classifier
@@ -76,6 +77,7 @@ def run_search(options: SearchOptions) -> Path:
     if folder.exists() and not options.resume:
         raise UserError(f"experiment {folder} already exists; pass --resume to continue it or choose "
                         f"another --name")
+    _check_before_ray(options, folder)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the progress lines replace Ray's tables
     with connected(options.address):
         try:
@@ -106,6 +108,20 @@ def run_search(options: SearchOptions) -> Path:
     if interrupted:
         raise KeyboardInterrupt(f"interrupted: continue with {_resume_command(folder)}")
     return folder
+
+
+def _check_before_ray(options: SearchOptions, folder: Path) -> None:
+    """The checks that need neither Ray nor a decoded image, so that a bad path, manifest, storage or
+    profile clash answers in seconds: the data's layout, that the experiment folder can be made, and
+    (on this machine, where the profile is known now) the options with the profile filled in."""
+    check_data(data_path(options.data), group_column=options.group_column)
+    writable = next(p for p in (folder, *folder.parents) if p.exists())
+    if not writable.is_dir() or not os.access(writable, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the experiment folder {folder}: {writable} is "
+                        f"{'not a folder' if not writable.is_dir() else 'not writable'}; choose another --storage")
+    if not options.address:
+        with_profile(options, options.profile if options.profile != "auto" else
+                     "gpu" if torch.cuda.is_available() else "cpu")
 
 
 def _resumed(options: SearchOptions) -> tuple[SearchOptions, dict | None]:

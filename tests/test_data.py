@@ -315,3 +315,54 @@ def test_a_subset_just_below_a_splits_size_keeps_exactly_the_limit(tmp_path):
     data = load_dataset(tmp_path / "d.npz", image_size=8, subset=10)
     assert len(data.indices("val")) == 10 and len(data.indices("train")) == 10 and len(data.indices("test")) == 4
     assert set(data.labels[data.indices("val")]) == {0, 1}
+
+
+def test_patient_folders_belong_to_their_class(tmp_path):
+    """Patient folders numbered per class (covid/1, normal/1) are different people: 20 patients, and
+    given splits that put covid/1 in train and normal/1 in test leak nothing."""
+    for label in ("covid", "normal"):
+        for patient in range(10):
+            _folder(tmp_path / "flat", {f"{label}/{patient}": 3})
+    data = load_dataset(tmp_path / "flat", image_size=8, seed=0)
+    assert len(set(data.groups)) == 20 and "covid/1" in set(data.groups)
+    _folder(tmp_path / "given", {"train/covid/1": 3, "train/normal/2": 3, "test/normal/1": 2, "test/covid/2": 2,
+                                 "val/covid/3": 2, "val/normal/4": 2})
+    given = load_dataset(tmp_path / "given", image_size=8, seed=0)
+    assert given.counts()["test"] == {"covid": 2, "normal": 2}
+
+
+def test_a_manifest_written_on_windows_is_read(tmp_path):
+    _folder(tmp_path, {"images/normal": 6, "images/covid": 6})
+    rows = [f"images\\{c}\\{k}.png,{c}" for c in ("normal", "covid") for k in range(6)]
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    data = load_dataset(tmp_path / "m.csv", image_size=8, seed=0)
+    assert len(data.labels) == 12 and data.paths[0] == "images/normal/0.png"
+    (tmp_path / "bad.csv").write_text("path,label\nimages\\normal\\9.png,normal\n")
+    with pytest.raises(UserError, match=r"1 listed file\(s\) do not exist: images/normal/9.png"):
+        load_dataset(tmp_path / "bad.csv")
+
+
+def test_dropping_leaked_copies_that_empties_a_class_of_a_split_is_one_clear_error(tmp_path):
+    """val's only image of class b is a copy of a test image: once the copy is dropped, val has no b;
+    that is said before any trial, not by scikit-learn inside every trial."""
+    from search.data import audited
+    rng = np.random.default_rng(0)
+    for name, n in {"train/a": 6, "train/b": 6, "val/a": 2, "test/a": 2, "test/b": 2}.items():
+        (tmp_path / name).mkdir(parents=True)
+        for k in range(n):  # every file different
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(tmp_path / name / f"{k}.png")
+    (tmp_path / "val" / "b").mkdir()
+    (tmp_path / "val" / "b" / "copy.png").write_bytes((tmp_path / "test" / "b" / "1.png").read_bytes())
+    data = load_dataset(tmp_path, image_size=8)
+    audited(data, dedupe=False)  # kept: no error
+    with pytest.raises(UserError, match=r"split 'val' has no images of class\(es\) \['b'\] once the 1 copies .*--no-dedupe"):
+        audited(data, dedupe=True)
+
+
+def test_the_audit_warns_of_a_class_with_fewer_than_10_images_in_a_split(tmp_path):
+    from trainables.audit import audit_dataset
+    _folder(tmp_path, {"train/a": 12, "train/b": 12, "val/a": 10, "val/b": 10, "test/a": 10, "test/b": 3})
+    warnings = audit_dataset(load_dataset(tmp_path, image_size=8))["warnings"]
+    assert [w for w in warnings if w.startswith("FEW")] == [
+        "FEW: fewer than 10 images of a class in a split: test b (3); a metric on so few images is mostly chance "
+        "(its interval in the report says how wide)"]

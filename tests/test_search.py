@@ -163,6 +163,44 @@ def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message, c
     assert "Traceback" not in stderr and not any(tmp_path.iterdir())
 
 
+def _bad_manifest(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "list.csv").write_text("path,label\nimages/none.png,normal\n")
+    return str(tmp_path / "m" / "list.csv")
+
+
+@pytest.mark.parametrize("args,message", [
+    (lambda t: ["--data", str(t / "nowhere")], "does not exist"),
+    (lambda t: ["--data", _bad_manifest(t)], "1 listed file(s) do not exist: images/none.png"),
+    (lambda t: ["--profile", "cpu", "--grace-period", "9"], "--grace-period 9 exceeds --max-epochs 8"),
+    (lambda t: ["--profile", "gpu", "--max-epochs", "2"], "--grace-period 3 exceeds --max-epochs 2"),
+    (lambda t: ["--storage", str(t / "a-file" / "below")], "a-file is not a folder; choose another --storage"),
+])
+def test_bad_paths_manifests_storage_and_profile_clashes_answer_before_ray_starts(tmp_path, pneumonia_npz, capsys,
+                                                                                  monkeypatch, args, message):
+    from search import cluster
+    from search.run import main
+    from trainables import store
+
+    def never(*_, **__):
+        raise AssertionError("started Ray or decoded an image before answering")
+    monkeypatch.setattr(cluster.ray, "init", never)
+    monkeypatch.setattr(store, "decode_files", never)
+    (tmp_path / "a-file").write_text("")
+    assert main(["--data", str(pneumonia_npz), "--storage", str(tmp_path / "exp"), *args(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_bad_data_path_answers_within_10_seconds_imports_included(tmp_path):
+    import time
+    started = time.time()
+    result = _cli("--data", str(tmp_path / "nowhere"), "--storage", str(tmp_path))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert time.time() - started < 10
+
+
 def test_cli_refuses_to_overwrite_an_experiment(tmp_path, pneumonia_npz):
     existing = tmp_path / "mine"
     existing.mkdir()

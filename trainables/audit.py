@@ -28,6 +28,7 @@ COVERAGE = 0.10      # ... and holding this share of that class's images is a sh
 ACCURACY_GAIN = 0.20  # or: predicting the label from the property alone beats the majority class by this
 RARE = 5             # property values with fewer images are pooled as "other"
 LEFT_OUT = 255
+FEW = 10             # fewer images than this of a class in a split: its metrics are mostly chance
 
 
 def audit_dataset(data: Dataset) -> dict:
@@ -39,6 +40,10 @@ def audit_dataset(data: Dataset) -> dict:
     report = {"source": data.source, "fingerprint": data.fingerprint, "split_kind": data.split_kind,
               "class_names": data.class_names, "images": int(len(used)), "counts": data.counts(), "warnings": [],
               "unread": dict(data.unread)}
+    few = [f"{s} {c} ({n})" for s, per in report["counts"].items() for c, n in per.items() if n < FEW]
+    if few:
+        report["warnings"].append(f"FEW: fewer than {FEW} images of a class in a split: {', '.join(few)}; a metric "
+                                  f"on so few images is mostly chance (its interval in the report says how wide)")
     if data.groups is not None:
         report["groups_per_split"] = {s: int(len(np.unique(data.groups[data.indices(s)]))) for s in SPLITS}
     report["duplicates"] = _duplicates(data, files["sha256"], used, report["warnings"])

@@ -147,9 +147,7 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
         UserError: naming the bad path, image, column, class or split.
     """
     path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"data path {str(path)!r} does not exist; pass --data with an image folder, "
-                        f"a .npz file or a .csv manifest")
+    _source(path)
     check_image_size(image_size)
     if channels not in (1, 3):
         raise UserError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
@@ -158,16 +156,34 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
         raise UserError(f"unknown data store {store!r}; choose one of {', '.join(STORES)}")
     decoding = Decoding(image_size=image_size, channels=channels, ct_window=ct_window, store=store,
                         cache=Path(cache) if cache else None, run_chunks=run_chunks)
-    for name, (matches, loader) in DATA_SOURCES.items():
-        if matches(path):
-            raw = loader(path, decoding=decoding, group_column=group_column, skip_corrupt=skip_corrupt)
-            break
-    else:
-        raise UserError(f"cannot read {str(path)!r}: expected an image folder, a .npz file or a .csv "
-                        f"manifest (sources: {', '.join(DATA_SOURCES)})")
+    loader, _ = _source(path)
+    raw = loader(path, decoding=decoding, group_column=group_column, skip_corrupt=skip_corrupt)
     data = _finish(raw, seed=seed, subset=subset)
     data.store = dict(decoding.chosen)
     return data
+
+
+def check_data(path: str | os.PathLike, *, group_column: str | None = None) -> None:
+    """What `load_dataset` checks before it decodes anything (the path, a folder's layout, a
+    manifest's columns, files and splits), in seconds: a search runs it before it starts Ray.
+
+    Raises:
+        UserError: as `load_dataset` would for the same data.
+    """
+    path = Path(path).expanduser()
+    _, check = _source(path)
+    check(path, group_column)
+
+
+def _source(path: Path):
+    if not path.exists():
+        raise UserError(f"data path {str(path)!r} does not exist; pass --data with an image folder, "
+                        f"a .npz file or a .csv manifest")
+    for matches, loader, check in DATA_SOURCES.values():
+        if matches(path):
+            return loader, check
+    raise UserError(f"cannot read {str(path)!r}: expected an image folder, a .npz file or a .csv "
+                    f"manifest (sources: {', '.join(DATA_SOURCES)})")
 
 
 # ---- validation and splitting ----------------------------------------------------------------
@@ -192,15 +208,22 @@ def _finish(raw: Raw, *, seed: int, subset: int | None) -> Dataset:
     split, kind = _make_split(labels, raw.given_split, raw.groups, seed=seed)
     if subset is not None:
         split = _subsample(split, labels, subset, seed=seed)
-    for s_code, s in enumerate(SPLITS):
-        present = set(labels[split == s_code].tolist())
-        lacking = [class_names[k] for k in range(len(class_names)) if k not in present]
-        if lacking:
-            raise UserError(f"split {s!r} has no images of class(es) {lacking} ({raw.source}); every "
-                            f"split needs every class: add images or change the split")
-    return Dataset(images=raw.images, labels=labels, class_names=class_names, split=split,
+    data = Dataset(images=raw.images, labels=labels, class_names=class_names, split=split,
                    groups=raw.groups, paths=raw.paths, fingerprint=raw.fingerprint, source=raw.source,
                    split_kind=kind, root=raw.root, file_infos=raw.file_infos, unread=raw.unread)
+    check_every_split_has_every_class(data)
+    return data
+
+
+def check_every_split_has_every_class(data: Dataset, *, after: str = "") -> None:
+    """Raises:
+        UserError: a split lacks a class (`after`: what emptied it, for the message)."""
+    for code, s in enumerate(SPLITS):
+        present = set(data.labels[data.split == code].tolist())
+        lacking = [data.class_names[k] for k in range(data.num_classes) if k not in present]
+        if lacking:
+            raise UserError(f"split {s!r} has no images of class(es) {lacking}{after} ({data.source}); every "
+                            f"split needs every class: add images or change the split")
 
 
 def _check_groups_stay_in_their_split(raw: Raw) -> None:

@@ -47,7 +47,9 @@ class Raw:
     unread: Counter = field(default_factory=Counter)  # files under the data left unread, by kind
 
 
-def _load_folder(root: Path, *, decoding: Decoding, group_column, skip_corrupt) -> Raw:
+def _list_folder(root: Path):
+    """An image folder's layout, checked without decoding an image: its (class folder, split) pairs,
+    the split folders, each image file with the index of its pair, and the files left unread."""
     subdirs = _visible_dirs(root)
     split_dirs = {d: SPLIT_FOLDER_NAMES[d.name.lower()] for d in subdirs
                   if d.name.lower() in SPLIT_FOLDER_NAMES}
@@ -80,18 +82,25 @@ def _load_folder(root: Path, *, decoding: Decoding, group_column, skip_corrupt) 
         hint = f"; the {len(images)} images directly in it need one sub-folder per class" if images else ""
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}, or DICOM without an extension) found in class "
                         f"folders under {root}{hint}")
+    return classes, split_dirs, files, owner, unread
+
+
+def _load_folder(root: Path, *, decoding: Decoding, group_column, skip_corrupt) -> Raw:
+    classes, split_dirs, files, owner, unread = _list_folder(root)
     decoded, kept, unread = _decode(root, files, decoding, skip_corrupt, unread)
     owner = [owner[i] for i in kept]
     given = np.array([classes[k][1] for k in owner]) if split_dirs else None
     paths = relative_paths([files[i] for i in kept], root)
     infos = decoded.infos
-    # class/<patient>/<image>: the first sub-folder is the patient; an image right in its class folder is its own
+    # class/<patient>/<image>: the first sub-folder is the patient, named with its class (patient folders are
+    # usually numbered per class: covid/1 and normal/1 are two people); an image right in its class folder is its own
     skip = 2 if split_dirs else 1  # [split/]class/
     nested = [rel.count("/") > skip for rel in paths]
     groups, how = None, ""
     if any(nested):
-        groups, how = np.array([rel.split("/")[skip] if deeper else rel for rel, deeper in zip(paths, nested)]), \
-            " (groups: per-patient sub-folders)"
+        groups = np.array(["/".join(rel.split("/")[skip - 1:skip + 1]) if deeper else rel
+                           for rel, deeper in zip(paths, nested)])
+        how = " (groups: per-patient sub-folders of each class)"
     elif any(i.get("patient_id") for i in infos):
         groups, how = _dicom_patients(infos, paths), " (groups: DICOM PatientID)"
     names = [cls.name for cls, _ in classes]
@@ -173,7 +182,9 @@ def _load_npz(path: Path, *, decoding: Decoding, group_column, skip_corrupt) -> 
                paths=None, fingerprint=fingerprint, source=f"npz:{path}", class_names=names)
 
 
-def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt) -> Raw:
+def _read_manifest(path: Path, group_column: str | None):
+    """The manifest's table, checked (columns, rows, listed files, split values) without decoding an
+    image; with the files it lists, its group column and the given split per row."""
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:
@@ -194,6 +205,7 @@ def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt
                         f"--group-column)")
     if table.empty:
         raise UserError(f"manifest {path} has no rows")
+    table["path"] = [_native(path.parent, p) for p in table["path"]]
     files = [os.path.join(path.parent, p) for p in table["path"]]
     absent = [str(p) for p, f in zip(table["path"], files) if not os.path.isfile(f)]
     if absent:
@@ -207,6 +219,19 @@ def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt
             raise UserError(f"manifest {path}: unknown split value(s) {bad}; use "
                             + "; ".join(f"{_names_of(split)} for {split}" for split in SPLITS) + " (any case)")
         given = given.to_numpy()
+    return table, files, group, given
+
+
+def _native(folder: Path, listed: str) -> str:
+    """A manifest's path as this machine names it: one written on Windows (`images\\normal\\1.png`)
+    with '/' when no file has the name as written."""
+    if "\\" in listed and os.sep == "/" and not os.path.isfile(os.path.join(folder, listed)):
+        return listed.replace("\\", "/")
+    return listed
+
+
+def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt) -> Raw:
+    table, files, group, given = _read_manifest(path, group_column)
     decoded, kept, unread = _decode(path.parent, files, decoding, skip_corrupt, Counter())
     table, infos = table.iloc[kept], decoded.infos
     paths = list(table["path"])
@@ -219,10 +244,18 @@ def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt
                source=f"manifest:{path}{how}", root=str(path.parent), file_infos=infos, unread=unread)
 
 
-DATA_SOURCES: dict[str, tuple[Callable[[Path], bool], Callable[..., Raw]]] = {
-    "folder": (lambda p: p.is_dir(), _load_folder),
-    "npz": (lambda p: p.suffix.lower() == ".npz", _load_npz),
-    "manifest": (lambda p: p.suffix.lower() == ".csv", _load_manifest),
+def _check_npz(path: Path, group_column) -> None:
+    try:
+        np.load(path).files
+    except Exception as exc:  # np.load raises many kinds on a bad file
+        raise UserError(f"cannot read {path} as a .npz file: {exc}") from None
+
+
+# name: (whether a path is this source, its loader, its checks that decode nothing)
+DATA_SOURCES: dict[str, tuple[Callable[[Path], bool], Callable[..., Raw], Callable[[Path, str | None], object]]] = {
+    "folder": (lambda p: p.is_dir(), _load_folder, lambda p, group_column: _list_folder(p)),
+    "npz": (lambda p: p.suffix.lower() == ".npz", _load_npz, _check_npz),
+    "manifest": (lambda p: p.suffix.lower() == ".csv", _load_manifest, _read_manifest),
 }
 
 
