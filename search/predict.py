@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="an image file, or a folder searched recursively")
     p.add_argument("--out", required=True, help="CSV to write: path, p_<class> per class, predicted")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="predict the readable images; an unreadable one gets a row with its reason in `error`")
     p.add_argument("--saliency", help="folder to write one Grad-CAM overlay per image into (<image path>.png), "
                                       "for the class each was called")
     return p
@@ -41,17 +43,19 @@ def predict(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=device_name(args.device))
     images = Path(args.images).expanduser()
     files = image_files(images)
-    table = predict_files(model, files, root=images if images.is_dir() else None)
+    table = predict_files(model, files, root=images if images.is_dir() else None, skip_corrupt=args.skip_corrupt)
     write_atomic(out, lambda f: table.to_csv(f, index=False))
+    predicted = table[table["predicted"].notna()]
     if args.saliency:
         pre, names = model.record["preprocessing"], model.class_names
-        pixels, files = decode_images(files, image_size=pre["image_size"], channels=pre["channels"],
-                                      ct_window=pre.get("ct_window", "lung"))
-        write_overlays(model, pixels, table["predicted"].map(names.index).to_numpy(),
-                       list(table["path"]) if images.is_dir() else [images.name], Path(args.saliency).expanduser())
+        pixels, _, _ = decode_images(files, image_size=pre["image_size"], channels=pre["channels"],
+                                     ct_window=pre.get("ct_window", "lung"), skip_corrupt=args.skip_corrupt)
+        write_overlays(model, pixels, predicted["predicted"].map(names.index).to_numpy(),
+                       list(predicted["path"]) if images.is_dir() else [images.name], Path(args.saliency).expanduser())
         print(f"saliency overlays: {args.saliency}")
-    print(f"{len(table)} image(s) -> {out}: {table['predicted'].value_counts().to_dict()} (threshold "
-          f"{model.record['threshold']:.3f} on p_{model.record['positive_class']})")
+    print(f"{len(predicted)} image(s) -> {out}: {predicted['predicted'].value_counts().to_dict()} (threshold "
+          f"{model.record['threshold']:.3f} on p_{model.record['positive_class']})"
+          + (f"; {len(table) - len(predicted)} unreadable (see the error column)" if len(table) > len(predicted) else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

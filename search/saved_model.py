@@ -92,8 +92,18 @@ def load_model(folder: str | Path, *, device: str = "cpu") -> SavedModel:
         record = json.loads(meta.read_text())
     except ValueError as exc:
         raise UserError(f"cannot read {meta}: {exc}") from None
-    if record.get("format") != MODEL_FORMAT:
-        raise UserError(f"{meta} has format {record.get('format')!r}; this version reads {MODEL_FORMAT!r}")
+    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else None
+        raise UserError(f"{meta} has format {found!r}; this version reads {MODEL_FORMAT!r}")
+    try:
+        return SavedModel(record, _members(folder, record, device))
+    except (KeyError, TypeError, IndexError) as exc:
+        raise UserError(f"{meta} is incomplete ({type(exc).__name__}: {exc}); it was edited or cut short: "
+                        f"write it again with python -m search.finalize") from None
+
+
+def _members(folder: Path, record: dict, device: str) -> list:
+    record["class_names"], record["positive_class"], record["threshold"]  # noqa: B018 (checked now, used later)
     pre = record["preprocessing"]
     members = []
     for member in record["members"]:
@@ -114,7 +124,7 @@ def load_model(folder: str | Path, *, device: str = "cpu") -> SavedModel:
                               memory_format=config.get("memory_format", "auto"))
             networks.append((net.to(memory_format=torch.channels_last) if prep.channels_last else net, prep))
         members.append((member["weight"], networks))
-    return SavedModel(record, members)
+    return members
 
 
 def image_files(path: Path) -> list[Path]:
@@ -136,18 +146,28 @@ def image_files(path: Path) -> list[Path]:
     return [Path(f) for f in files]
 
 
-def predict_files(model: SavedModel, files: list[Path], *, root: Path | None = None) -> pd.DataFrame:
+def predict_files(model: SavedModel, files: list[Path], *, root: Path | None = None,
+                  skip_corrupt: bool = False) -> pd.DataFrame:
     """A table with one row per image: path (relative to `root`), each class probability, the
-    predicted class. Images are decoded exactly as in training."""
+    predicted class. Images are decoded exactly as in training. With `skip_corrupt` an unreadable
+    file gets a row with no probabilities and its reason in `error`, instead of failing them all.
+
+    Raises:
+        UserError: an unreadable file (without `skip_corrupt`), naming every one.
+    """
     pre = model.record["preprocessing"]
-    images, files = decode_images(files, image_size=pre["image_size"], channels=pre["channels"],
-                                  ct_window=pre.get("ct_window", "lung"))
-    probs = model.predict_proba(images)
+    images, kept, errors = decode_images(files, image_size=pre["image_size"], channels=pre["channels"],
+                                         ct_window=pre.get("ct_window", "lung"), skip_corrupt=skip_corrupt)
+    probs = model.predict_proba(images) if len(images) else np.zeros((0, len(model.class_names)))
     names = model.class_names
-    table = pd.DataFrame({"path": [str(f.relative_to(root)) if root else str(f) for f in files]})
+    table = pd.DataFrame({"path": [str(f.relative_to(root)) if root else str(f) for f in kept]})
     for c, name in enumerate(names):
         table[f"p_{name}"] = probs[:, c]
-    table["predicted"] = [names[k] for k in model.decide(probs)]
+    table["predicted"] = [names[k] for k in model.decide(probs)] if len(images) else []
+    if errors:
+        failed = pd.DataFrame({"path": [str(Path(f).relative_to(root)) if root else str(f) for f in errors],
+                               "error": list(errors.values())})
+        table = pd.concat([table.assign(error=""), failed], ignore_index=True)
     return table
 
 

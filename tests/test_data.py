@@ -289,7 +289,7 @@ def test_every_encoding_decodes_the_same_from_files_from_npz_and_for_predict(tmp
              val_labels=np.array([0, 1, 0, 1]))
     from_files = load_dataset(tmp_path / "folder", image_size=24).images
     from_npz = load_dataset(tmp_path / "d.npz", image_size=24).images
-    for_predict, _ = decode_images(sorted((tmp_path / "folder" / "a").glob("*.tif")), image_size=24, channels=1)
+    for_predict, _, _ = decode_images(sorted((tmp_path / "folder" / "a").glob("*.tif")), image_size=24, channels=1)
     assert np.abs(from_files[0, ..., 0].astype(int) - expected).max() <= 1  # not black, not clipped
     assert np.array_equal(from_files[0], from_npz[0]) and np.array_equal(for_predict[0], from_files[0])
 

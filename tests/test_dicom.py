@@ -188,7 +188,7 @@ def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_
     table = pd.read_csv(out)
     assert len(table) == 120
     files = [mixed_folder / p for p in data.paths]
-    pixels, kept = decode_images(files, image_size=28, channels=1)
+    pixels, kept, _ = decode_images(files, image_size=28, channels=1)
     assert kept == files and np.array_equal(pixels, data.images)  # predict decodes exactly as the search did
     test = pd.read_csv(final / "test_predictions.csv")
     joined = test.merge(table, on="path", suffixes=("_final", "_predict"))

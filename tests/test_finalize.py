@@ -290,6 +290,31 @@ def test_predict_errors(experiment, tmp_path):
     _one_error(_cli("search.predict", "--model", model, "--images", str(tmp_path / "missing"), "--out", out),
                "does not exist")
     assert not (tmp_path / "p.csv").exists()
+    cut = tmp_path / "cut"
+    shutil.copytree(model, cut)
+    record = json.loads((cut / "model.json").read_text())
+    del record["preprocessing"]
+    (cut / "model.json").write_text(json.dumps(record))
+    _one_error(_cli("search.predict", "--model", str(cut), "--images", str(empty), "--out", out),
+               "model.json is incomplete (KeyError: 'preprocessing')")
+
+
+def test_predict_with_skip_corrupt_predicts_the_readable_images_and_names_the_others(experiment, keras_folder,
+                                                                                     tmp_path):
+    folder, _ = experiment
+    images = tmp_path / "new"
+    shutil.copytree(keras_folder / "validation", images)
+    (images / "broken.png").write_bytes(b"not an image at all")
+    out = tmp_path / "p.csv"
+    result = _cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
+                  "--out", str(out), "--skip-corrupt")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(out, keep_default_na=False)
+    readable = sum(1 for p in images.rglob("*.png")) - 1
+    assert len(table) == readable + 1 and (table["predicted"] != "").sum() == readable
+    broken = table.set_index("path").loc["broken.png"]
+    assert broken["predicted"] == "" and "broken.png" in broken["error"]
+    assert "1 unreadable image(s) have no prediction" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.fixture(scope="module")

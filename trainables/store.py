@@ -127,6 +127,7 @@ class Decoded:
     errors: list[str]
     no_image: Counter
     fingerprint: str
+    unreadable: np.ndarray | None = None  # per file, whether it is one of `errors` (decoded here, not from a cache)
 
 
 def decode_files(files: list[Path], root: Path | None, decoding: Decoding) -> Decoded:
@@ -217,7 +218,8 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
     return Decoded(images=memory if memory is not None else DiskImages(out), keep=keep,
                    infos=[r for r in flat if "sha256" in r], errors=[r["error"] for r in flat if "error" in r],
                    no_image=Counter(r["no_image"] for r in flat if "no_image" in r),
-                   fingerprint=_content_fingerprint(files, root, flat))
+                   fingerprint=_content_fingerprint(files, root, flat),
+                   unreadable=np.array(["error" in r for r in flat], bool))
 
 
 def chunk_size(files: int) -> int:
@@ -320,19 +322,28 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
-def decode_images(files: list[Path], *, image_size: int, channels: int, ct_window: str = "lung") -> tuple[np.ndarray, list[Path]]:
-    """Decode files in memory exactly as a search does (`search.predict`): the images, and the files
-    they are (a DICOM object without an image is left out, with a warning that counts them).
+def decode_images(files: list[Path], *, image_size: int, channels: int, ct_window: str = "lung",
+                  skip_corrupt: bool = False) -> tuple[np.ndarray, list[Path], dict[Path, str]]:
+    """Decode files in memory exactly as a search does (`search.predict`): the images, the files
+    they are (a DICOM object without an image is left out, with a warning that counts them), and
+    with `skip_corrupt` each unreadable file and why (a warning names them).
 
     Raises:
-        UserError: naming every file that is not a readable image.
+        UserError: naming every file that is not a readable image (unless `skip_corrupt`).
     """
-    decoded = decode_files(list(files), None, Decoding(image_size=image_size, channels=channels, ct_window=ct_window))
-    raise_unreadable(decoded, skip_corrupt=False, fix="fix or remove them")
+    files = list(files)
+    decoded = decode_files(files, None, Decoding(image_size=image_size, channels=channels, ct_window=ct_window))
+    if decoded.errors and not skip_corrupt:
+        raise UserError(f"{len(decoded.errors)} image(s) could not be read: {listing(decoded.errors)}; fix or "
+                        f"remove them, or pass --skip-corrupt to predict the others")
+    if decoded.errors:
+        warnings.warn(f"{len(decoded.errors)} unreadable image(s) have no prediction (their rows say why): "
+                      f"{listing(decoded.errors)}", stacklevel=2)
     if decoded.no_image:
         warnings.warn("left out " + ", ".join(f"{n} DICOM object(s) without pixel data ({kind})"
                                               for kind, n in decoded.no_image.items()), stacklevel=2)
-    return decoded.images, [f for f, k in zip(files, decoded.keep) if k]
+    failed = [f for f, bad in zip(files, decoded.unreadable) if bad]
+    return decoded.images, [f for f, k in zip(files, decoded.keep) if k], dict(zip(failed, decoded.errors))
 
 
 def raise_unreadable(decoded: Decoded, *, skip_corrupt: bool,
