@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -134,6 +135,23 @@ def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict
     final, tmp = folder / "final", folder / f".final.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_into(tmp, folder, summary=summary, models=models, members=members, board=board, data=data,
+                    selection=selection)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        kept = folder / f"final-{time.strftime('%Y%m%d-%H%M%S', time.localtime(final.stat().st_mtime))}"
+        final.rename(kept)
+        print(f"the previous final/ is kept as {kept.name}/")
+    tmp.rename(final)
+    _print_summary(final, summary)
+    return final
+
+
+def _write_into(tmp: Path, folder: Path, *, summary: dict, models: dict, members: list[dict], board: pd.DataFrame,
+                data: Dataset, selection: np.ndarray) -> None:
     chosen, names = summary["chosen"], data.class_names
     positive = names.index(summary["positive_class"])
     metric = summary["search"]["options"]["metric"]
@@ -153,13 +171,6 @@ def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict
     plot_training_curves(folder, board, members, metric, tmp / "training_curves.png")
     plot_progress(board, tmp / "search_progress.png", metric=metric, mode=METRIC_MODES[metric], name=folder.name)
     (tmp / "report.md").write_text(render_report(folder, summary, models, board, _siblings(folder, summary)))
-    if final.exists():
-        kept = folder / f"final-{time.strftime('%Y%m%d-%H%M%S', time.localtime(final.stat().st_mtime))}"
-        final.rename(kept)
-        print(f"the previous final/ is kept as {kept.name}/")
-    tmp.rename(final)
-    _print_summary(final, summary)
-    return final
 
 
 def _saliency(tmp: Path, data: Dataset, model: dict, positive: int, *, per_row: int = 4) -> dict:
@@ -237,11 +248,18 @@ def _siblings(folder: Path, summary: dict) -> list[dict]:
             theirs = json.loads(path.read_text())
         except ValueError:
             continue
-        if theirs.get("data", {}).get("fingerprint") != summary["data"]["fingerprint"]:
+        try:
+            if theirs.get("data", {}).get("fingerprint") != summary["data"]["fingerprint"]:
+                continue
+            test = theirs["models"][theirs["chosen"]]["test"]
+            row = {"experiment": other.name, "space": theirs["search"].get("space"), "model": theirs["chosen"],
+                   "test": {k: test[k] for k in ("auc", "ci", "accuracy", "sensitivity", "specificity")}}
+            row["test"]["ci"]["auc"]
+        except (AttributeError, KeyError, TypeError):  # written by another version: not comparable here
+            warnings.warn(f"left {other.name} out of the comparison with other searches: its final/metrics.json "
+                          f"lacks what this version reports", stacklevel=2)
             continue
-        chosen = theirs["models"][theirs["chosen"]]
-        rows.append({"experiment": other.name, "space": theirs["search"].get("space"), "model": theirs["chosen"],
-                     "val": chosen["val"], "test": chosen["test"]})
+        rows.append(row)
     return rows
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from search.calibration import BINS, expected_calibration_error, reliability
+from search.records import write_atomic
 
 matplotlib.use("Agg")  # files only: no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -161,7 +162,9 @@ def plot_saliency(rows: dict[str, list[tuple[np.ndarray, str]]], title: str, pat
 
 
 def save(fig, path: Path) -> None:
-    """Lay out, write and close a figure."""
+    """Lay out, write (atomically: a reader never sees half a PNG) and close a figure."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

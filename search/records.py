@@ -21,8 +21,12 @@ from trainables import UserError
 def write_atomic(path: Path, write) -> None:
     """Write through a temporary file beside `path` and rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data) -> None:

@@ -234,4 +234,5 @@ def _join_folds(outs: list[dict], folds: list | None) -> dict:
         oof[np.searchsorted(pool, held_out)] = out["val"]
     return {"history": outs[0]["history"], "val": oof, "test": np.mean([o["test"] for o in outs], 0),
             "states": [state for o in outs for state in o["states"]], "seed": outs[0]["seed"],
-            "seconds": sum(o["seconds"] for o in outs)}
+            "seconds": sum(o["seconds"] for o in outs),
+            "from_trial_epoch": min(o.get("from_trial_epoch", 0) for o in outs)}

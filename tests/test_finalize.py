@@ -355,6 +355,7 @@ def test_cross_validated_finalize_chooses_on_out_of_fold_predictions(cv_experime
     assert all(len(m["files"]) == 5 for m in model["members"])  # a member is its 5 fold models
     members = [m for m in metrics["models"].values() if m["kind"] == "member"]
     assert [m["warm_restart_epochs"] for m in members] == [2, 0]  # the best configuration trains its schedule again
+    assert [m["from_trial_epoch"] for m in members] == [2, 2]  # the fold networks its trial left, not retrained
     report = (folder / "final" / "report.md").read_text()
     assert "out-of-fold predictions of train+val (5 folds)" in report and "Selection: cross-validation" in report
     assert "| 2 + 2 (warm restart) |" in report and "the best configuration trains its schedule once more" in report
@@ -468,7 +469,13 @@ def test_a_failed_trial_is_never_a_member_and_a_failed_retraining_is_replaced(ex
     board.to_csv(copy / "leaderboard.csv", index=False)
     broken = copy / f"trial_{board['trial_id'][1]}" / "params.json"
     broken.write_text(json.dumps({**json.loads(broken.read_text()), "lr": 1e8, "optimizer": "sgd"}))
-    final = finalize(FinalizeOptions(experiment=str(copy), top_k=2, bootstrap=50))
+    older = tmp_path / "older-search" / "final"  # a sibling finalized by an older version, on the same data
+    older.mkdir(parents=True)
+    theirs = json.loads((folder / "final" / "metrics.json").read_text())
+    (older / "metrics.json").write_text(json.dumps({"data": theirs["data"], "chosen": "x", "models": {"x": {}}}))
+    with pytest.warns(UserWarning, match="left older-search out of the comparison"):
+        final = finalize(FinalizeOptions(experiment=str(copy), top_k=2, bootstrap=50))
+    assert not list(copy.glob(".final.tmp*"))
     metrics = json.loads((final / "metrics.json").read_text())
     members = [m["trial_id"] for m in metrics["models"].values() if m["kind"] == "member"]
     assert members == list(board["trial_id"][2:4])
@@ -500,3 +507,19 @@ def test_the_gpu_profile_runs_end_to_end_on_a_cpu(tmp_path, pneumonia_npz):
     from trainables.data import load_dataset
     images = load_dataset(pneumonia_npz, image_size=224, subset=16).arrays("test")[0]
     assert np.allclose(model.predict_proba(images)[:, 1], test["p_pneumonia"].to_numpy(), atol=1e-4)
+
+
+def test_a_final_folder_that_fails_half_way_leaves_no_temporary_folder_and_keeps_the_old_one(experiment, tmp_path,
+                                                                                          monkeypatch):
+    from search import final as final_module
+    folder, _ = experiment
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    before = (copy / "final" / "metrics.json").read_bytes()
+
+    def no_space(*_, **__):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(final_module, "render_report", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        finalize(FinalizeOptions(experiment=str(copy), top_k=1, seeds=1, bootstrap=20))
+    assert not list(copy.glob(".final.tmp*")) and (copy / "final" / "metrics.json").read_bytes() == before

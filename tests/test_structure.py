@@ -101,3 +101,16 @@ def test_predict_imports_without_ray(module):
     code = f"import sys; sys.modules['ray'] = None; import {module}"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    from search.records import write_atomic
+    path = tmp_path / "leaderboard.csv"
+    path.write_text("old\n")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        write_atomic(path, half_then_fail)
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["leaderboard.csv"]
