@@ -1,9 +1,10 @@
 """Calibration: whether a probability of 0.9 is right nine times in ten. Expected calibration error
 (top-label, 10 equal-width bins), Brier score and log loss; temperature scaling fitted on the
-selection images (Guo et al., 2017: one scalar T divides the logits, the ranking is unchanged).
+selection images (Guo et al., 2017: one scalar T divides the logits; each image's most probable class
+is unchanged, and with two classes the ranking, so AUC, too).
 
 Example:
-    >>> temperature = fit_temperature(val_labels, val_probs)
+    >>> temperature, fitted, gain = choose_temperature(val_labels, val_probs)
     >>> calibration(test_labels, apply_temperature(test_probs, temperature))
     {'ece': 0.021, 'brier': 0.071, 'log_loss': 0.24}
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import brier_score_loss, log_loss
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 BINS = 10
 TEMPERATURES = (0.05, 20.0)  # the range fit_temperature searches
@@ -68,3 +70,32 @@ def at_a_bound(temperature: float) -> bool:
     better on them), which says nothing about how calibrated the model is on new images."""
     low, high = TEMPERATURES
     return not low * 1.01 < temperature < high / 1.01
+
+
+def cross_fitted(labels: np.ndarray, probs: np.ndarray, *, groups: np.ndarray | None = None, folds: int = 5,
+                 seed: int = 0) -> np.ndarray:
+    """Each image's probabilities scaled by a temperature fitted on the other folds (of patients, with
+    `groups`): what temperature scaling does to images it was not fitted on. Unchanged when a class
+    has too few images (or patients) for two folds."""
+    k = min(folds, int(np.bincount(labels).min()) if groups is None else len(np.unique(groups)))
+    if k < 2:
+        return probs
+    splitter = (StratifiedKFold(k, shuffle=True, random_state=seed) if groups is None
+                else StratifiedGroupKFold(k, shuffle=True, random_state=seed))
+    out = probs.copy()
+    for fit_on, held_out in splitter.split(probs, labels, groups):
+        out[held_out] = apply_temperature(probs[held_out], fit_temperature(labels[fit_on], probs[fit_on]))
+    return out
+
+
+def choose_temperature(labels: np.ndarray, probs: np.ndarray, *, groups: np.ndarray | None = None,
+                       resamples: int = 1000) -> tuple[float, float, dict]:
+    """The temperature to apply, the one fitted on all the images, and the log-loss gain of scaling
+    measured on images the temperature was not fitted on (`cross_fitted`; a gain measured on the fit's
+    own images is never below 0). The fitted temperature is applied when that gain's 95% bootstrap
+    interval lies above 0 and the fit found a minimum inside the searched range; else 1."""
+    from search.evaluate import paired_difference
+    fitted = fit_temperature(labels, probs)
+    gain = paired_difference(labels, probs, cross_fitted(labels, probs, groups=groups), "val_loss",
+                             resamples=resamples, groups=groups)
+    return (fitted if gain["ci"][0] > 0 and not at_a_bound(fitted) else 1.0), fitted, gain

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from search.calibration import TEMPERATURES, apply_temperature, at_a_bound, calibration, fit_temperature
+from search.calibration import TEMPERATURES, apply_temperature, at_a_bound, calibration, choose_temperature
 from search.evaluate import auc, evaluate, paired_difference, score, youden_threshold
 from trainables.data import Dataset
 from trainables.metrics import METRIC_MODES
@@ -94,16 +94,13 @@ def score_model(entry: dict, val_probs: np.ndarray, test_probs: np.ndarray, data
 
 def calibrate(model: dict, data: Dataset, *, selection: np.ndarray, positive: int, resamples: int) -> dict:
     """The model with temperature scaling fitted on the selection images, applied when it lowers
-    their log loss beyond bootstrap noise (the lower end of the 95% interval of the gain is above 0)
-    and the fit found a minimum inside the searched range; otherwise T stays 1: a fit to noise, or to
+    the log loss of images it was not fitted on beyond bootstrap noise (`choose_temperature`) and the
+    fit found a minimum inside the searched range; otherwise T stays 1: a fit to noise, or to
     selection images that are all classified right, can only hurt test. The probabilities, the threshold (chosen
     on the calibrated scores) and the test figures are then the calibrated ones; the calibration on
     test before and after, the fitted and the applied temperature are kept."""
-    val_y = data.labels[selection]
-    fitted = fit_temperature(val_y, model["val_probs"])
-    gain = paired_difference(val_y, model["val_probs"], apply_temperature(model["val_probs"], fitted), "val_loss",
-                             resamples=resamples, groups=None if data.groups is None else data.groups[selection])
-    temperature = fitted if gain["ci"][0] > 0 and not at_a_bound(fitted) else 1.0
+    temperature, fitted, gain = choose_temperature(data.labels[selection], model["val_probs"], resamples=resamples,
+                                                   groups=None if data.groups is None else data.groups[selection])
     scaled = score_model({k: v for k, v in model.items() if k not in ("val", "test", "calibration")},
                          apply_temperature(model["val_probs"], temperature),
                          apply_temperature(model["test_probs"], temperature), data, selection=selection,

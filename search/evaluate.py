@@ -1,9 +1,11 @@
 """The clinical read-out of a classifier on a held-out split.
 
 The operating threshold is chosen on validation (Youden's J on the ROC curve of the positive class
-against the rest) and applied unchanged to test; every label-based figure (accuracy, per-class
-precision / recall / F1, confusion matrix, sensitivity, specificity, PPV, NPV) is of the decisions
-at that threshold.
+against the rest) and applied unchanged to test; every label-based figure (accuracy, balanced
+accuracy, per-class precision / recall / F1, confusion matrix, sensitivity, specificity, PPV, NPV) is
+of the decisions at that threshold. For imbalanced classes the read-out also gives the precision-recall
+AUC of the positive class (against its chance level, the positive share) and the accuracy of always
+calling the most common class.
 
 Example:
     >>> threshold = youden_threshold(val_labels == 1, val_probs[:, 1])
@@ -15,8 +17,8 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix, f1_score, log_loss,
-                             roc_auc_score, roc_curve)
+from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, classification_report,
+                             confusion_matrix, f1_score, log_loss, roc_auc_score, roc_curve)
 
 from trainables import UserError
 
@@ -176,12 +178,20 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, class_names: list[str], *, p
     for c, name in enumerate(class_names):
         row = report[name]
         per_class[name] = {"precision": row["precision"], "recall": row["recall"], "f1": row["f1-score"],
-                           "support": int(row["support"]), "auc": float(roc_auc_score(labels == c, probs[:, c]))}
+                           "support": int(row["support"]), "auc": float(roc_auc_score(labels == c, probs[:, c])),
+                           "pr_auc": float(average_precision_score(labels == c, probs[:, c]))}
+    majority = int(np.bincount(labels, minlength=num_classes).argmax())
     return {
         "images": int(len(labels)),
         "accuracy": float(accuracy_score(labels, pred)),
         "accuracy_argmax": float(accuracy_score(labels, probs.argmax(1))),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        # what calling every image the most common class scores: accuracy below it means little
+        "majority_baseline": {"class": class_names[majority], "accuracy": float(np.mean(labels == majority))},
         "auc": auc(labels, probs),
+        # precision-recall AUC (average precision) of the positive class; chance is its share of the images
+        "pr_auc": per_class[class_names[positive]]["pr_auc"],
+        "pr_auc_chance": float(np.mean(labels == positive)),
         "per_class": per_class,
         **{f"{kind}_avg": {"precision": report[f"{kind} avg"]["precision"], "recall": report[f"{kind} avg"]["recall"],
                            "f1": report[f"{kind} avg"]["f1-score"]} for kind in ("macro", "weighted")},

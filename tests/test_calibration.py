@@ -80,3 +80,17 @@ def test_the_final_model_is_scaled_only_when_validation_supports_it(sharpness, a
         assert c["temperature"] == pytest.approx(sharpness, rel=0.2) and c["ece"] < c["before"]["ece"]
     else:
         assert np.allclose(scaled["test_probs"], probs[test], atol=1e-6) and c["ece"] == pytest.approx(c["before"]["ece"])
+
+
+def test_the_temperatures_gain_is_measured_on_images_it_was_not_fitted_on():
+    """On calibrated probabilities a fitted temperature only fits noise: its log-loss gain on its own
+    images is never below 0, on held-out images it is a loss on average. The guard must see the latter."""
+    from search.calibration import choose_temperature
+    gains = []
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 2, 200)
+        applied, fitted, gain = choose_temperature(labels, _probs(rng, labels, 1.0), resamples=100)
+        assert applied == 1.0 and fitted != 1.0
+        gains.append(gain["difference"])
+    assert np.mean(gains) < 0, gains

@@ -120,3 +120,23 @@ def test_greedy_ensemble_weights_favour_the_member_that_helps():
     members = [np.stack([1 - p, p], 1) for p in (noise, good, noise[::-1])]
     weights = ensemble_weights(members, y, "val_auc")
     assert weights.sum() == pytest.approx(1) and weights.argmax() == 1 and weights[1] >= 0.5
+
+
+def test_an_imbalanced_read_out_gives_pr_auc_balanced_accuracy_and_the_majority_baseline():
+    """600 normal, 30 pneumonia (1:20): a model that finds most pneumonia but calls about 100 normal images
+    positive scores an accuracy below calling every image normal; the read-out says so."""
+    from sklearn.metrics import average_precision_score, balanced_accuracy_score
+
+    from search.report import _majority
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(600, int), np.ones(30, int)]
+    p = np.clip(np.r_[rng.normal(0.2, 0.15, 600), rng.normal(0.7, 0.15, 30)], 0.001, 0.999)
+    probs = np.c_[1 - p, p]
+    out = evaluate(labels, probs, ["normal", "pneumonia"], positive=1, threshold=0.35, resamples=20)
+    pred = decide(probs, 1, 0.35)
+    assert out["majority_baseline"] == {"class": "normal", "accuracy": pytest.approx(600 / 630)}
+    assert out["accuracy"] < out["majority_baseline"]["accuracy"]
+    assert out["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred)) and out["balanced_accuracy"] > 0.85
+    assert out["pr_auc"] == pytest.approx(average_precision_score(labels == 1, p)) and out["pr_auc_chance"] == pytest.approx(30 / 630)
+    assert out["per_class"]["normal"]["pr_auc"] == pytest.approx(average_precision_score(labels == 0, 1 - p))
+    assert "Accuracy is no better than calling every image normal (0.952)" in _majority(out)
