@@ -68,6 +68,9 @@ class SharedOptions:
                                        "train-only models)")
     positive_class: str | None = option(None, "class the threshold, sensitivity and specificity are for "
                                               "(default: the COVID class, or the abnormal one of two)")
+    keep_checkpoints: str = option("used", "after finalize, the trial checkpoints kept: used (the members' trials "
+                                           "and unfinished ones --resume continues; the rest are removed) or all",
+                                   choices=("used", "all"))
 
 
 @dataclass(kw_only=True)

@@ -65,6 +65,16 @@ def test_finalize_writes_every_output(experiment):
     assert metrics["data"]["fingerprint"] and {"torch", "timm"} <= set(metrics["versions"])
 
 
+def test_after_finalize_only_the_members_trials_keep_their_checkpoints(experiment):
+    folder, metrics = experiment
+    members = {m["trial_id"] for m in metrics["models"].values() if m["kind"] == "member"}
+    board = pd.read_csv(folder / "leaderboard.csv")
+    with_checkpoints = {t.name[len("trial_"):] for t in folder.glob("trial_*") if list(t.glob("checkpoint_*"))}
+    assert len(board) == 4 and with_checkpoints == members
+    assert len(list((folder / "final" / "members").rglob("*.safetensors"))) == 2 * 2  # 2 members x 2 seeds
+    assert len(list((folder / "final" / "ensemble").glob("*.safetensors"))) >= 2
+
+
 def test_metrics_agree_with_sklearn_on_the_predictions_file(experiment):
     folder, metrics = experiment
     table = pd.read_csv(folder / "final" / "test_predictions.csv")
@@ -473,8 +483,10 @@ def test_a_failed_trial_is_never_a_member_and_a_failed_retraining_is_replaced(ex
     older.mkdir(parents=True)
     theirs = json.loads((folder / "final" / "metrics.json").read_text())
     (older / "metrics.json").write_text(json.dumps({"data": theirs["data"], "chosen": "x", "models": {"x": {}}}))
+    checkpoints = sorted(copy.glob("trial_*/checkpoint_*"))
     with pytest.warns(UserWarning, match="left older-search out of the comparison"):
-        final = finalize(FinalizeOptions(experiment=str(copy), top_k=2, bootstrap=50))
+        final = finalize(FinalizeOptions(experiment=str(copy), top_k=2, bootstrap=50, keep_checkpoints="all"))
+    assert sorted(copy.glob("trial_*/checkpoint_*")) == checkpoints
     assert not list(copy.glob(".final.tmp*"))
     metrics = json.loads((final / "metrics.json").read_text())
     members = [m["trial_id"] for m in metrics["models"].values() if m["kind"] == "member"]
