@@ -6,11 +6,13 @@ restarts a trial to resize it and cannot reuse actors, which on a CPU costs ever
 worker's imports; see BENCHMARKS.md, issue 18.)
 
 Example:
-    >>> budget = core_budget("cores-run1")
+    >>> name, budget = core_budget("cores-run1")
     >>> trainable = tune.with_parameters(train_classifier, data=data, cores=budget)
-    >>> callbacks = [ShareIdleCores("cores-run1", num_samples=24, cpus_per_trial=1)]
+    >>> callbacks = [ShareIdleCores(name, num_samples=24, cpus_per_trial=1)]
 """
 from __future__ import annotations
+
+import uuid
 
 import ray
 from ray import tune
@@ -39,12 +41,13 @@ class CoreBudget:
         return dict(self.nodes)
 
 
-def core_budget(name: str | None = None):
-    """A `CoreBudget` (named `name`, reused if it exists) on the driver's node, the head of a `ray up`
-    cluster: left to Ray, it may land on a worker, and losing that worker would take it along."""
+def core_budget(prefix: str | None = None) -> tuple[str | None, object]:
+    """A new `CoreBudget` on the driver's node, the head of a `ray up` cluster (left to Ray, it may land
+    on a worker, and losing that worker would take it along), and its name: `prefix` and a random
+    suffix, so that two searches of the same name on one cluster never share one."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    named = {"name": name, "get_if_exists": True} if name else {}
-    return CoreBudget.options(scheduling_strategy=here, **named).remote()
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}" if prefix else None
+    return name, CoreBudget.options(scheduling_strategy=here, **({"name": name} if name else {})).remote()
 
 
 def shares(running: dict[str, str], node_cpus: dict[str, float], cpus_per_trial: float) -> dict[str, int]:

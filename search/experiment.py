@@ -228,8 +228,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
         callbacks.append(SchedulerState(scheduler))
     cores = None
     if o.share_idle_cores and not o.gpus_per_trial:
-        name = f"cores-{folder.name}"
-        cores = core_budget(name)
+        name, cores = core_budget(f"cores-{folder.name}")
         callbacks.append(ShareIdleCores(name, num_samples=o.num_samples, cpus_per_trial=o.cpus_per_trial))
     trainable = with_data(train_classifier, search.data, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial},
                           cores=cores)

@@ -118,7 +118,8 @@ def retrain(config: dict, data: Dataset, *, epochs: int, warm_restart: int = 0, 
 
 def _epochs(run: Training, epochs: int, warm_restart: int, cores, key: str):
     """The run's epochs to `epochs`, then its warm-restart cycle; before each, the threads `cores` allows."""
-    own = torch.get_num_threads()
+    # the CPUs this Ray task holds (not torch's default, which a set OMP_NUM_THREADS would decide)
+    own = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)) or torch.get_num_threads()
     for cycle in (run.epochs(until=epochs), *([_restarted(run, warm_restart)] if warm_restart else [])):
         while True:
             threads = allowed_threads(cores, key, own)
@@ -162,7 +163,7 @@ def retrain_all(members: list[dict], data: Dataset, *, seeds: int, folds: list |
     train+val (in index order) and the fold mean on test. With `share_idle_cores` (CPU tasks only),
     once no task waits for a slot, the cores of finished tasks go to those still running."""
     task = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=2)
-    cores = core_budget() if share_idle_cores and not gpus else None
+    cores = core_budget()[1] if share_idle_cores and not gpus else None
     data_ref = ray.put(data.for_training())
     parts = folds or [(None, None)]
     pending = {}

@@ -1,6 +1,7 @@
 """The engine underneath: what the sampler is told for each trial (on the real OptunaSearch and a
 real Optuna study), and the Ray internals this project leans on, named so that a Ray release that
 renames them fails here with a clear message instead of deep inside a search."""
+import json
 from types import SimpleNamespace
 
 import optuna
@@ -32,7 +33,7 @@ def test_ray_internals_the_searcher_and_scheduler_use_still_exist(tmp_path):
         assert hasattr(searcher, name), (f"ray {ray.__version__}: OptunaSearch has no attribute {name!r}; "
                                          f"search/tuner.py StudySearch was written for {SUPPORTED}")
     assert isinstance(searcher._ot_study, optuna.Study), f"ray {ray.__version__}: OptunaSearch._ot_study changed"
-    scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=4, grace_period=1, folder=tmp_path)
+    scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=4, grace_period=1)
     for name in ("_time_attr", "_max_t", "_num_stopped", "_brackets", "STOP", "CONTINUE"):
         assert hasattr(scheduler, name), (f"ray {ray.__version__}: ASHAScheduler has no attribute {name!r}; "
                                           f"search/tuner.py RecordingASHA was written for {SUPPORTED}")
@@ -41,6 +42,16 @@ def test_ray_internals_the_searcher_and_scheduler_use_still_exist(tmp_path):
         f"ray {ray.__version__}: an ASHA bracket's _rungs is no longer [(milestone, {{trial: score}})]; "
         f"RecordingASHA saves and restores it ({SUPPORTED})")
     assert isinstance(scheduler, ASHAScheduler)
+    # restore_tuner hands a restored Tuner this search's searcher, scheduler and callbacks, and _Generator
+    # points the trials it creates after a resume at the experiment's folder now
+    from ray.tune.impl.tuner_internal import TunerInternal
+    from ray.tune.search import SearchGenerator
+    internal = TunerInternal(trainable=lambda config: None, _tuner_kwargs={},
+                             run_config=ray.tune.RunConfig(storage_path=str(tmp_path), name="probe"))
+    assert {"search_alg", "scheduler"} <= set(vars(internal._tune_config)) and hasattr(internal._run_config, "callbacks"), (
+        f"ray {ray.__version__}: TunerInternal no longer keeps _tune_config / _run_config ({SUPPORTED})")
+    assert {"experiment"} <= set(SearchGenerator(searcher).get_state()), (
+        f"ray {ray.__version__}: SearchGenerator's state no longer holds its experiment ({SUPPORTED})")
 
 
 def test_a_stopped_trial_reaches_optuna_with_its_stopping_epoch_and_a_finished_one_with_its_best(tmp_path):
@@ -86,7 +97,7 @@ def test_a_backbones_first_trial_is_not_stopped_before_the_second_rung(tmp_path)
     first = [{"backbone": "densenet121", "lr": 1e-3}]
     trials = {name: SimpleNamespace(trial_id=name, config={"backbone": backbone, "lr": 1e-3, "dropout": 0.2})
               for name, backbone in (("cnn", "small_cnn"), ("dense", "densenet121"), ("dense2", "densenet121"))}
-    scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=9, grace_period=1, folder=tmp_path, first=first)
+    scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=9, grace_period=1, first=first)
     for trial in trials.values():
         scheduler.on_trial_add(None, trial)
     assert scheduler.on_trial_result(None, trials["cnn"], _result(1, 0.90)) == TrialScheduler.CONTINUE
@@ -97,7 +108,8 @@ def test_a_backbones_first_trial_is_not_stopped_before_the_second_rung(tmp_path)
     assert scheduler.on_trial_result(None, trials["dense"], _result(3, 0.85)) == TrialScheduler.STOP  # judged at rung 2
     assert scheduler.stopped == {"dense", "dense2"}
 
-    resumed = make_scheduler(metric="val_auc", mode="max", max_epochs=9, grace_period=1, folder=tmp_path, first=first)
+    resumed = make_scheduler(metric="val_auc", mode="max", max_epochs=9, grace_period=1, first=first)
+    resumed.load_state(json.loads(json.dumps(scheduler.state())))  # as Ray's experiment state carries it
     later = SimpleNamespace(trial_id="dense3", config={"backbone": "densenet121", "lr": 1e-3})
     resumed.on_trial_add(None, later)
     assert resumed.protected == {"dense": 0}  # the point was used before the resume

@@ -89,6 +89,7 @@ def cluster():
     c.shutdown()
 
 
+@pytest.mark.own_ray
 def test_trials_spread_over_nodes_and_survive_a_killed_worker(cluster, tmp_path, pneumonia_npz):
     c, workers = cluster
     worker_ids = {w.node_id: w for w in workers}
@@ -122,6 +123,7 @@ def test_trials_spread_over_nodes_and_survive_a_killed_worker(cluster, tmp_path,
     assert "Traceback" in (folder / "engine.log").read_text()
 
 
+@pytest.mark.own_ray
 def test_the_core_budget_lives_on_the_drivers_node_and_its_loss_fails_no_trial(cluster):
     """The actor that shares idle cores sits on the driver's node even when that node's CPUs are
     taken (left to Ray, it went to a worker, and killing that worker failed every trial); should it
@@ -137,11 +139,13 @@ def test_the_core_budget_lives_on_the_drivers_node_and_its_loss_fails_no_trial(c
         trial = ray.remote(num_cpus=1)(lambda: time.sleep(60))  # holds the driver's node's one CPU, as a trial does
         busy = trial.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
         time.sleep(1)
-        budgets = [core_budget() for _ in range(4)] + [core_budget("cores-run")]
+        budgets = [core_budget()[1] for _ in range(4)] + [core_budget("cores-run")[1]]
         nodes = ray.get([b.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()) for b in budgets])
         assert set(nodes) == {here}
         budgets[-1].set.remote({"a": 2})
         assert allowed_threads(budgets[-1], "a", 1) == 2 and allowed_threads(budgets[-1], "b", 1) == 1
+        _, same_name = core_budget("cores-run")  # another search of the same --name on this cluster
+        assert allowed_threads(same_name, "a", 1) == 1
         ray.kill(budgets[-1])  # takes effect a moment later
         deadline = time.time() + 30
         while allowed_threads(budgets[-1], "a", 1) == 2 and time.time() < deadline:
@@ -171,7 +175,7 @@ def test_interrupted_driver_exits_130_and_resumes_without_rerunning_finished_tri
     """Ctrl-C: exit 130 with the command that continues; --resume runs only what is left. All along,
     one long-lived reader of optuna.journal (another process) reads it without an error."""
     args = [*SEARCH, "--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "stopped",
-            "--num-samples", "6", "--max-epochs", "3"]
+            "--num-samples", "6", "--max-epochs", "3", "--max-concurrent", "2"]  # trials left to interrupt, any cores
     process = _start(*args)
     folder = tmp_path / "stopped"
     _wait_for(lambda: (folder / "optuna.journal").is_file(), 300, process)

@@ -230,13 +230,10 @@ def test_finalize_gives_the_cores_of_finished_retrainings_to_those_still_running
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32}
     members = [{"name": "short", "config": config, "epochs": 1, "warm_restart_epochs": 0},
                {"name": "long", "config": config, "epochs": 2, "warm_restart_epochs": 10}]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        (short, _), (long, _) = retrain_all(members, data, seeds=1, folds=None, refit_on_val=False, cpus=1, gpus=0)
-        (alone, _), = retrain_all(members[1:], data, seeds=1, folds=None, refit_on_val=False, cpus=1, gpus=0,
-                                  share_idle_cores=False)
-    finally:
-        ray.shutdown()
+    assert ray.cluster_resources()["CPU"] == 2  # the tests' shared Ray (conftest)
+    (short, _), (long, _) = retrain_all(members, data, seeds=1, folds=None, refit_on_val=False, cpus=1, gpus=0)
+    (alone, _), = retrain_all(members[1:], data, seeds=1, folds=None, refit_on_val=False, cpus=1, gpus=0,
+                              share_idle_cores=False)
     threads = [h["threads"] for h in long[0]["history"]]
     assert len(threads) == 12 and threads[0] == 1 and threads[-1] == 2, threads
     assert {h["threads"] for h in alone[0]["history"]} == {1}  # --no-share-idle-cores: the CPUs it asked for

@@ -178,13 +178,13 @@ def _bad_manifest(tmp_path):
 ])
 def test_bad_paths_manifests_storage_and_profile_clashes_answer_before_ray_starts(tmp_path, pneumonia_npz, capsys,
                                                                                   monkeypatch, args, message):
-    from search import cluster
+    from search import experiment
     from search.run import main
     from trainables import store
 
     def never(*_, **__):
-        raise AssertionError("started Ray or decoded an image before answering")
-    monkeypatch.setattr(cluster.ray, "init", never)
+        raise AssertionError("joined Ray or decoded an image before answering")
+    monkeypatch.setattr(experiment, "connected", never)
     monkeypatch.setattr(store, "decode_files", never)
     (tmp_path / "a-file").write_text("")
     assert main(["--data", str(pneumonia_npz), "--storage", str(tmp_path / "exp"), *args(tmp_path)]) == 2

@@ -38,7 +38,10 @@ def train_classifier(config: dict, data: Dataset, *, cores=None) -> None:
         for run, state in zip(runs, saved["folds"]):
             run.load_state_dict(state)
     node_id = ray.get_runtime_context().get_node_id()  # which node ran each epoch (retries may move it)
-    own, trial_id = torch.get_num_threads(), tune.get_context().get_trial_id()
+    # the CPUs the trial holds, not torch's default: a set OMP_NUM_THREADS (which Ray then leaves alone) would
+    # have every trial run that many threads on its share of the cores
+    own = max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
+    trial_id = tune.get_context().get_trial_id()
     epochs = zip(*(run.epochs() for run in runs))
     while True:
         threads = allowed_threads(cores, trial_id, own)
