@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import ray
 
 from trainables import UserError
+
+# a node that can run a trial may take this long to join a cluster (an autoscaler launching a GPU instance)
+NODE_WAIT = 1200
 
 
 @contextmanager
@@ -32,7 +36,7 @@ def connected(address: str | None):
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
                  logging_level="ERROR")
     except ConnectionError as exc:
-        raise UserError(f"cannot join a Ray cluster at --address {address}: {str(exc).strip().splitlines()[0][:200]}. "
+        raise UserError(f"cannot join a Ray cluster at --address {address}: {str(exc).strip().splitlines()[0][:200].rstrip('.')}. "
                         f"Start one first (ray start --head, or ray up cluster.yaml) and give its head's host:6379; if "
                         f"it uses token authentication, this machine needs its token (~/.ray/auth_token, or "
                         f"RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)") from None
@@ -103,23 +107,52 @@ class _FirstLine(logging.Formatter):
         return f"engine: {record.getMessage().strip().splitlines()[0][:300]}{self.suffix}"
 
 
-def check_fits(cpus: float, gpus: float, *, task: str, flags: str, cluster: bool) -> None:
-    """Fail when no live node has `cpus` and `gpus` for one `task`; on a cluster (`cluster`), only
-    warn, since the autoscaler adds nodes for work that waits.
+def check_fits(cpus: float, gpus: float, *, task: str, flags: str, cluster: bool, wait: float = NODE_WAIT) -> None:
+    """Fail when no live node has `cpus` and `gpus` for one `task`. On a cluster (`cluster`) ask the
+    autoscaler for such a node and wait up to `wait` seconds for it to join (a line each minute): a
+    cluster without an autoscaler never gets one, and its trials would wait in PENDING for ever.
 
     Raises:
         UserError: naming what was asked, what the nodes have, and the `flags` that change it.
     """
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+    if _fits(cpus, gpus):
         return
-    have = "; ".join(f"CPU {r.get('CPU', 0):g}, GPU {r.get('GPU', 0):g}" for r in nodes)
     need = f"{cpus:g} CPU and {gpus:g} GPU"
-    if cluster:
-        print(f"warning: no node can {task} with {need} yet (nodes: {have}); it waits until the autoscaler "
-              f"adds one", flush=True)
-        return
-    raise UserError(f"no node can {task} with {need} (nodes: {have}); lower {flags} or add nodes")
+    if not cluster:
+        raise UserError(f"no node can {task} with {need} (nodes: {_nodes_line()}); lower {flags} or add nodes")
+    from ray.autoscaler.sdk import request_resources
+    request_resources(bundles=[{"CPU": cpus, "GPU": gpus}])
+    print(f"no node can {task} with {need} yet (nodes: {_nodes_line()}); asked the autoscaler for one, waiting up "
+          f"to {_duration(wait)}", flush=True)
+    started = last = time.time()
+    try:
+        while time.time() - started < wait:
+            time.sleep(min(5.0, wait / 4))
+            if _fits(cpus, gpus):
+                print(f"a node that can {task} joined after {time.time() - started:.0f} s", flush=True)
+                return
+            if time.time() - last >= 60:
+                last = time.time()
+                print(f"  still waiting for a node with {need} ({last - started:.0f} s)", flush=True)
+    finally:
+        request_resources(bundles=[])  # the trials' own demand keeps such a node from now on
+    raise UserError(f"no node that can {task} with {need} joined in {_duration(wait)} (nodes: {_nodes_line()}); "
+                    f"a cluster without an autoscaler gets none: start one there (ray start --address <head>) or "
+                    f"lower {flags}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def _fits(cpus: float, gpus: float) -> bool:
+    return any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus
+               for r in (n["Resources"] for n in ray.nodes() if n.get("Alive")))
+
+
+def _nodes_line() -> str:
+    return "; ".join(f"CPU {r.get('CPU', 0):g}, GPU {r.get('GPU', 0):g}"
+                     for r in (n["Resources"] for n in ray.nodes() if n.get("Alive")))
 
 
 def slots(cpus: float, gpus: float) -> int:

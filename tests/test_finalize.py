@@ -441,7 +441,6 @@ def test_importances_are_optunas_fanova_on_the_kept_study(cv_experiment):
     folder, metrics = cv_experiment
     again = get_param_importances(load_study(folder), evaluator=FanovaImportanceEvaluator(seed=0))
     assert metrics["importance"] == pytest.approx(dict(again))
-    assert sum(metrics["importance"].values()) == pytest.approx(1)
     assert (folder / "final" / "importance.png").stat().st_size > 5000
     assert "What mattered in the search" in (folder / "final" / "report.md").read_text()
 

@@ -253,16 +253,21 @@ def test_bad_image_size_in_options_is_a_user_error(tmp_path, pneumonia_npz, size
     assert not any(tmp_path.iterdir())
 
 
-def test_fifo_runs_every_trial_to_max_epochs_and_timings_add_up(tmp_path, pneumonia_npz):
+def test_fifo_runs_every_trial_to_max_epochs_and_timings_match_the_wall_clock(tmp_path, pneumonia_npz):
+    import time
+    started = time.time()
     folder = _run(tmp_path, space="tiny", data=str(pneumonia_npz), num_samples=3, subset=200, scheduler="fifo",
                   name="fifo")
+    wall = time.time() - started
     board = pd.read_csv(folder / "leaderboard.csv")
     assert len(board) == 3 and (board["epochs"] == 3).all() and not board["stopped_early"].any()
     timings = json.loads((folder / "timings.json").read_text())
-    assert timings["trial_slots"] >= 1
-    parts = timings["before_fit_seconds"] + timings["fit_seconds"] + timings["after_fit_seconds"]
-    assert timings["search_seconds"] == pytest.approx(parts, abs=1e-6)
-    assert timings["fit_seconds"] > 0 and timings["finalize_seconds"] >= 0
+    assert timings["trial_slots"] == 2  # the tests' shared Ray has 2 CPUs
+    assert board["wall_seconds"].max() <= timings["fit_seconds"] <= timings["search_seconds"] <= wall
+    assert 0 < timings["data_seconds"] <= timings["before_fit_seconds"]
+    # the three trials' epochs ran inside fit on its 2 slots
+    steps = timings["slot_use"]["step_seconds"]
+    assert timings["slot_use"]["trial_epochs"] == 9 and 0 < steps <= 2 * timings["fit_seconds"]
 
 
 def test_folds_auto_cross_validates_small_pools_only():
