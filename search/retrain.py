@@ -118,8 +118,7 @@ def retrain(config: dict, data: Dataset, *, epochs: int, warm_restart: int = 0, 
 
 def _epochs(run: Training, epochs: int, warm_restart: int, cores, key: str):
     """The run's epochs to `epochs`, then its warm-restart cycle; before each, the threads `cores` allows."""
-    # the CPUs this Ray task holds (not torch's default, which a set OMP_NUM_THREADS would decide)
-    own = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)) or torch.get_num_threads()
+    own = _held_cpus() or torch.get_num_threads()
     for cycle in (run.epochs(until=epochs), *([_restarted(run, warm_restart)] if warm_restart else [])):
         while True:
             threads = allowed_threads(cores, key, own)
@@ -223,6 +222,15 @@ def outcome(run: dict) -> str:
     if not run["history"]:
         return f"kept as its trial left it (epoch {run['from_trial_epoch']})"
     return f"val_auc {run['history'][-1]['val_auc']:.4f}"
+
+
+def _held_cpus() -> int:
+    """The CPUs this Ray task holds (not torch's default, which a set OMP_NUM_THREADS would decide); 0
+    when called outside a task."""
+    try:
+        return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    except AssertionError:  # Ray's answer in the driver
+        return 0
 
 
 def _join_folds(outs: list[dict], folds: list | None) -> dict:
