@@ -35,6 +35,7 @@ from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json
 from search.tuner import (SchedulerState, bind_space, fit, make_scheduler, make_searcher, make_tuner, restore_tuner,
                           with_data)
+from search.warm_start import Earlier, read_studies, translate, tried_backbones
 from spaces import Space, get_space
 from trainables import UserError
 from trainables.config import validate_config
@@ -55,12 +56,14 @@ class Search:
     space: Space
     backbones: tuple[str, ...]
     stages: dict[str, int]  # feature stages per backbone: the range of freeze_depth
-    first: list[dict]  # trials enqueued before the sampler draws: recipes, or one per backbone
+    first: list[dict]  # trials enqueued before the sampler draws: recipes, or one per backbone not warm-started
     data: Dataset
     audit: dict
     slots: int
     cluster: dict
     data_seconds: float  # decoding (or reading the cache) and the audit
+    earlier: list[Earlier]  # the searches it starts from (--warm-start; none when resumed: its study has them)
+    skipped: list[str]  # backbones not swept because the earlier searches tried them
 
 
 def run_search(options: SearchOptions) -> Path:
@@ -115,6 +118,8 @@ def _check_before_ray(options: SearchOptions, folder: Path) -> None:
     profile clash answers in seconds: the data's layout, that the experiment folder can be made, and
     (on this machine, where the profile is known now) the options with the profile filled in."""
     check_data(data_path(options.data), group_column=options.group_column)
+    if not options.resume:
+        read_studies(options.warm_start or [], space=options.space, metric=options.metric, fingerprint="")
     writable = next(p for p in (folder, *folder.parents) if p.exists())
     if not writable.is_dir() or not os.access(writable, os.W_OK | os.X_OK):
         raise UserError(f"cannot write the experiment folder {folder}: {writable} is "
@@ -169,8 +174,13 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
     for config in _first_configs(space, o, backbones, stages, first, data.num_classes):
         if config["weights"] == "imagenet":
             weights_source(config["backbone"], "imagenet", o.weights_dir)  # fails now, not in every trial
+    earlier = [] if saved else read_studies(o.warm_start or [], space=o.space, metric=o.metric,
+                                            fingerprint=data.fingerprint)
+    skipped = saved.get("warm_start", {}).get("skipped_backbones", []) if saved else \
+        sorted(tried_backbones([t for e in earlier for t in e.trials]) & set(backbones))
     return Search(options=o, profile=profile, folder=folder, space=space, backbones=backbones, stages=stages,
-                  first=first, data=data, audit=audit, cluster=cluster, data_seconds=data_seconds,
+                  first=[p for p in first if p.get("backbone") not in skipped], data=data, audit=audit,
+                  cluster=cluster, data_seconds=data_seconds, earlier=earlier, skipped=skipped,
                   slots=o.max_concurrent or slots(o.cpus_per_trial, o.gpus_per_trial))
 
 
@@ -220,6 +230,8 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
                           pretrained=o.weights == "imagenet")
     searcher = make_searcher(space_fn, metric=metric, mode=mode, sampler=o.sampler, seed=o.seed,
                              max_epochs=o.max_epochs, max_concurrent=search.slots, points=search.first, folder=folder)
+    given = translate(search.earlier, space_fn, seed=o.seed)
+    searcher.searcher.study.add_trials(given)  # before the first proposal: the sampler starts informed
     scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period,
                                reduction_factor=o.reduction_factor, first=search.first) if o.scheduler == "asha" else None
     callbacks = [LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=o.num_samples,
@@ -232,14 +244,16 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
         callbacks.append(ShareIdleCores(name, num_samples=o.num_samples, cpus_per_trial=o.cpus_per_trial))
     trainable = with_data(train_classifier, search.data, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial},
                           cores=cores)
-    _announce(search, asha=scheduler is not None)
+    _announce(search, asha=scheduler is not None, given=len(given))
     if o.resume:
         return restore_tuner(folder, trainable, searcher=searcher, scheduler=scheduler, callbacks=callbacks), searcher
     folder.mkdir(parents=True)
     write_json(folder / "search_config.json", {
         "options": asdict(o), "profile": search.profile, "space": search.space.name,
         "backbones": list(search.backbones), "data": search.data.summary(), "versions": versions(),
-        "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cluster": search.cluster})
+        "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cluster": search.cluster,
+        "warm_start": {"from": [e.record(sum(t.user_attrs["warm_start_from"] == e.experiment for t in given))
+                                for e in search.earlier], "skipped_backbones": search.skipped}})
     base_config = {"image_size": o.image_size, "batch_size": o.batch_size, "max_epochs": o.max_epochs,
                    "seed": o.seed, "folds": o.folds, "precision": o.precision, "memory_format": o.memory_format,
                    "weights": o.weights, "weights_dir": o.weights_dir}
@@ -249,8 +263,13 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     return tuner, searcher
 
 
-def _announce(search: Search, *, asha: bool) -> None:
+def _announce(search: Search, *, asha: bool, given: int) -> None:
     o, data, space = search.options, search.data, search.space
+    for e in search.earlier:
+        print(f"warm start: {len(e.trials)} trials of {e.experiment} ({'the same data' if e.same_data else 'other data: another fingerprint'})")
+    if search.earlier:
+        print(f"warm start: {given} trials given to the sampler before its first proposal; not swept again: "
+              f"{', '.join(search.skipped) or 'no backbone'}")
     resources = {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial}
     print(f"experiment: {search.folder}")
     print(f"data: {data.source} | classes {data.class_names} | "

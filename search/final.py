@@ -82,6 +82,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
     models[chosen] = calibrate(models[chosen], data, selection=selection, positive=positive, resamples=options.bootstrap)
     summary = {"experiment": folder.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "finalize_options": asdict(options), "search": {k: record.get(k) for k in ("space", "profile", "options")},
+               "warm_start": record.get("warm_start"),
                "data": data.summary(), "versions": versions(), "positive_class": data.class_names[positive],
                "selection": {"mode": "cross-validation" if folds else "validation split", "folds": n_folds,
                              "images": int(len(selection)), "where": where},
@@ -180,8 +181,8 @@ def _write_into(tmp: Path, folder: Path, *, summary: dict, models: dict, members
     _save_models(tmp, folder, summary, models, members, data)
     summary["saliency"] = _saliency(tmp, data, models[chosen], positive)
     summary["importance"] = importances(load_study(folder)) if (folder / STUDY_FILE).is_file() else None
-    if summary["importance"]:
-        plot_importance(summary["importance"], board, metric, tmp / "importance.png")
+    if summary["importance"] and summary["importance"]["values"]:
+        plot_importance(summary["importance"]["values"], board, metric, tmp / "importance.png")
     write_json(tmp / "metrics.json", summary)
     for split, idx in (("val", selection), ("test", data.indices("test"))):
         _predictions(data, split, idx, models[chosen]).to_csv(tmp / f"{split}_predictions.csv", index=False)

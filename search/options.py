@@ -43,7 +43,7 @@ AUTO_BATCH_SIZES, MIN_STEPS_PER_EPOCH = (64, 32, 16, 8), 12
 
 def option(default, help: str, **check):
     """A field with its help text; `check` may hold `type` (also the flag's parser), `choices`,
-    `above` (strictly) or `at_least`."""
+    `above` (strictly), `at_least`, or `repeat` (a flag given any number of times: a list)."""
     return field(default=default, metadata={"help": help, **check})
 
 
@@ -136,6 +136,10 @@ class SearchOptions(SharedOptions):
                                           "still running there)")
     finalize: bool = option(True, "stop after the search: no retraining, ensemble or report (python -m "
                                   "search.finalize does it later)")
+    warm_start: list[str] | None = option(None, "an earlier search of the same space and metric to start from "
+                                                "(repeatable): its trials go to the sampler before its first "
+                                                "proposal, and the backbones it tried are not swept again",
+                                          repeat=True)
 
 
 @dataclass(kw_only=True)
@@ -246,6 +250,10 @@ def check_search(o: SearchOptions) -> None:
         raise UserError("--resume needs --name: the experiment to continue")
     if o.weights_dir and not Path(o.weights_dir).expanduser().is_dir():
         raise UserError(f"--weights-dir {o.weights_dir!r} is not a folder")
+    if o.warm_start is not None and (isinstance(o.warm_start, str) or not all(isinstance(w, str) for w in o.warm_start)):
+        raise UserError(f"--warm-start must be a list of experiment folders, got {o.warm_start!r}")
+    if o.warm_start and get_space(o.space).fixed:
+        raise UserError(f"--warm-start applies to a space the sampler searches, not the fixed space {o.space!r}")
     if o.backbones:
         unknown = [b for b in o.backbones.split(",") if b.strip() and not timm.is_model(b.strip())]
         if unknown:

@@ -189,19 +189,34 @@ def _search(summary: dict, board: pd.DataFrame, metric: str) -> list[str]:
     failed = int((board["status"] == "ERROR").sum())
     return ["## The search", "",
             f"Space `{summary['search']['space']}`, {len(board)} trials ({stopped} stopped early by ASHA, {failed} "
-            f"failed), optimising validation {metric}; the leaderboard is `../leaderboard.csv`.", "",
+            f"failed), optimising validation {metric}; the leaderboard is `../leaderboard.csv`."
+            + _warm_start(summary.get("warm_start")), "",
             "![search progress](search_progress.png)", "", "![training curves](training_curves.png)"]
+
+
+def _warm_start(warm: dict | None) -> str:
+    if not warm or not warm.get("from"):
+        return ""
+    sources = "; ".join(f"`{w['experiment']}` ({w['given']} of its {w['trials']} trials, "
+                        f"{'the same data' if w['same_data'] else 'other data'})" for w in warm["from"])
+    return (f" It started from earlier searches (`--warm-start`): {sources}; backbones not swept again: "
+            f"{', '.join(warm['skipped_backbones']) or 'none'}.")
 
 
 def _importance(found: dict | None) -> list[str]:
     if not found:
-        return ["What mattered: too few trials ran to the end (or shared fewer than two hyperparameters) for "
-                "hyperparameter importances."]
+        return ["What mattered: no study was kept, so no hyperparameter importances."]
+    if not found["values"]:
+        return [f"What mattered: too few trials to tell. {found['trials']} trial(s) with parameters the sampler "
+                f"chose ran to the end (the {found['fixed']} first trials at fixed values are left out); "
+                f"hyperparameter importances need at least {found['minimum']}, with two or more parameters in "
+                f"common. A longer budget, or `--warm-start` from earlier searches, gives the sampler more."]
     lines = ["### What mattered in the search", "",
-             "Each hyperparameter's share of the variance of the finished trials' scores (fANOVA, over the "
-             "parameters every finished trial has; `optuna.importance`):", "",
+             f"Each hyperparameter's share of the variance of the scores of the {found['trials']} trials whose "
+             f"parameters the sampler chose and that ran to the end (fANOVA, over the parameters all of them "
+             f"have; `optuna.importance`; the {found['fixed']} first trials at fixed values are left out):", "",
              "| hyperparameter | importance |", "| --- | --- |"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in found.items()]
+    lines += [f"| {name} | {value:.3f} |" for name, value in found["values"].items()]
     return lines + ["", "![importance](importance.png)"]
 
 

@@ -66,24 +66,30 @@ def translate(earlier: list[Earlier], space_fn, *, seed: int = 0) -> list[optuna
     """The earlier trials as trials of the current space: each keeps the parameters the space still
     draws (at the value it had, where the current space allows it) with the current distributions,
     its value (a finished trial) or its per-epoch scores (a stopped one), and where it came from. A
-    trial that keeps no parameter is left out."""
+    trial with a choice the space no longer offers (a backbone not searched now), or that keeps no
+    parameter, is left out."""
     scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     out = []
     for source in earlier:
         for old in source.trials:
             scratch.enqueue_trial(old.params, skip_if_exists=False)
             trial = scratch.ask()
-            space_fn(trial)
+            try:
+                space_fn(trial)
+            except ValueError:  # a choice the current space no longer offers (a backbone not searched now)
+                scratch.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            scratch.tell(trial, state=optuna.trial.TrialState.FAIL)
             kept = {name: value for name, value in trial.params.items()
                     if name in old.params and old.params[name] == value}
-            scratch.tell(trial, state=optuna.trial.TrialState.FAIL)
             if not kept:
                 continue
             out.append(optuna.trial.create_trial(
                 params=kept, distributions={name: trial.distributions[name] for name in kept}, state=old.state,
                 value=old.value if old.state == optuna.trial.TrialState.COMPLETE else None,
                 intermediate_values=dict(old.intermediate_values),
-                user_attrs={"warm_start_from": source.experiment, "ray_trial_id": old.user_attrs.get("ray_trial_id")}))
+                user_attrs={"warm_start_from": source.experiment, "ray_trial_id": old.user_attrs.get("ray_trial_id")},
+                system_attrs={k: v for k, v in old.system_attrs.items() if k == "fixed_params"}))
     return out
 
 

@@ -435,15 +435,42 @@ def test_calibration_figures_agree_with_the_predictions_file(cv_experiment):
     assert (folder / "final" / "calibration.png").stat().st_size > 5000
 
 
-def test_importances_are_optunas_fanova_on_the_kept_study(cv_experiment):
+def test_three_first_trials_are_too_few_for_importances(cv_experiment):
+    folder, metrics = cv_experiment
+    assert metrics["importance"] == {"values": None, "trials": 0, "fixed": 3, "minimum": 10}
+    assert not (folder / "final" / "importance.png").exists()
+    assert "What mattered: too few trials to tell. 0 trial(s) with parameters the sampler chose" in \
+        (folder / "final" / "report.md").read_text()
+
+
+def test_importances_are_fanova_over_the_sampled_trials_only():
+    """Nine first trials at fixed values and one backbone each, whose scores differ by backbone alone,
+    then sampled trials whose score follows the learning rate: the importances come from the latter."""
+    import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
-    from search.tuner import load_study
-    folder, metrics = cv_experiment
-    again = get_param_importances(load_study(folder), evaluator=FanovaImportanceEvaluator(seed=0))
-    assert metrics["importance"] == pytest.approx(dict(again))
-    assert (folder / "final" / "importance.png").stat().st_size > 5000
-    assert "What mattered in the search" in (folder / "final" / "report.md").read_text()
+    from search.importance import importances
+    rng = np.random.default_rng(0)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def run(trial):
+        backbone = trial.suggest_categorical("backbone", ["a", "b", "c"])
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_float("dropout", 0.0, 0.5)
+        first = trial.number < 9  # the enqueued ones
+        return ({"a": 0.6, "b": 0.7, "c": 0.8}[backbone] if first else 0.9 - 0.1 * abs(np.log10(lr) + 2.5)
+                + rng.normal(0, 0.005))
+
+    for k in range(9):
+        study.enqueue_trial({"backbone": "abc"[k % 3], "lr": 1e-3, "dropout": 0.2})
+    study.optimize(run, n_trials=9 + 6)
+    assert importances(study) == {"values": None, "trials": 6, "fixed": 9, "minimum": 10}
+    study.optimize(run, n_trials=14)
+    found = importances(study)
+    assert found["trials"] == 20 and found["fixed"] == 9 and max(found["values"], key=found["values"].get) == "lr"
+    sampled = optuna.create_study(direction="maximize")
+    sampled.add_trials([t for t in study.trials if "fixed_params" not in t.system_attrs])
+    assert found["values"] == pytest.approx(get_param_importances(sampled, evaluator=FanovaImportanceEvaluator(seed=0)))
 
 
 def test_saliency_figures_show_each_class_most_confident_right_and_wrong(cv_experiment):

@@ -93,6 +93,44 @@ def test_outputs_record_config_versions_and_data_fingerprint(tiny_search, pneumo
     assert (folder / "search_progress.png").stat().st_size > 1000
 
 
+def test_a_warm_started_search_on_other_data_starts_from_the_earlier_trials(tiny_search, tmp_path, png_folder):
+    """Warm-started from the tiny search on the .npz: every earlier trial goes to the sampler first,
+    no backbone is swept again (so the sampler proposes every trial), and the records say where the
+    trials came from and that the data differed."""
+    from search.tuner import load_study
+    earlier, board = tiny_search
+    folder = _run(tmp_path, space="tiny", data=str(png_folder), num_samples=3, max_epochs=2, subset=60, name="warm",
+                  warm_start=[str(earlier)])
+    record = json.loads((folder / "search_config.json").read_text())["warm_start"]
+    assert record["from"] == [{"experiment": str(earlier), "trials": 8, "given": 8, "same_data": False}]
+    assert record["skipped_backbones"] == sorted(set(board["backbone"]))
+    study = load_study(folder).trials
+    given = [t for t in study if t.user_attrs.get("warm_start_from") == str(earlier)]
+    assert len(given) == 8 and {t.user_attrs["ray_trial_id"] for t in given} == set(board["trial_id"])
+    new = pd.read_csv(folder / "leaderboard.csv")
+    assert len(new) == 3 and not set(new["trial_id"]) & set(board["trial_id"])
+    first = board[board["lr"] == 1e-3]["dropout"].iloc[0]
+    assert not ((new["lr"] == 1e-3) & (new["dropout"] == first)).any()  # no first trial enqueued again
+    assert not any("fixed_params" in t.system_attrs for t in study if "warm_start_from" not in t.user_attrs)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--space", "backbones"], "that search ran the space 'tiny', this one 'backbones'"),
+    (["--space", "tiny", "--metric", "val_loss"], "that search optimised 'val_auc', this one 'val_loss'"),
+    (["--space", "recipes"], "--warm-start applies to a space the sampler searches, not the fixed space 'recipes'"),
+])
+def test_a_warm_start_from_another_space_or_metric_is_refused_with_one_line(tiny_search, tmp_path, pneumonia_npz,
+                                                                            capsys, args, message):
+    from search.run import main
+    earlier, _ = tiny_search
+    assert main(["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--warm-start", str(earlier), *args]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert main(["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--space", "tiny",
+                 "--warm-start", str(tmp_path)]) == 2
+    assert "is not an experiment folder" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
 def test_backbones_space_with_real_pretrained_weights(tmp_path, pneumonia_npz):
     """The `backbones` space on real ImageNet weights (installed EfficientNet-Lite0 package): the
     conditional freezing depth is drawn and the frozen share shows in the leaderboard."""
