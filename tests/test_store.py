@@ -165,3 +165,15 @@ def test_an_address_where_no_cluster_answers_is_one_line(tmp_path, png_folder):
                           "--storage", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "error: cannot join a Ray cluster at --address 127.0.0.1:9" in run.stderr
+
+
+@pytest.mark.own_ray  # "auto" finds any Ray running on this machine, the tests' own too
+def test_address_auto_with_no_cluster_running_is_one_line(tmp_path, png_folder):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-m", "search.run", "--address", "auto", "--data", str(png_folder),
+                          "--storage", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: cannot join a Ray cluster at --address auto: Could not "
+                                                     "find any running Ray instance"), run.stderr[-2000:]
+    assert ".." not in errors[0]
