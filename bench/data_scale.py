@@ -3,8 +3,8 @@ decoded images in memory (the Ray object store) and on disk (the cache, read bat
 
     python bench/data_scale.py --sizes 20000,200000 --benchmarks
 
-Per N and path: decode wall and images/s with 1 and 2 Ray workers (a fresh Ray of that many CPUs,
-no cache for memory, a fresh cache for disk); a real one-trial search (`--space tiny --backbones
+Per N and path: decode wall and images/s with 1 and 2 Ray workers (a fresh Ray of that many CPUs and
+a fresh cache, which a search decodes into on both paths; the memory path then reads it back whole); a real one-trial search (`--space tiny --backbones
 small_cnn`, one epoch on `--subset 2000` images per split after decoding all N, cold cache) with
 the driver's peak RSS and the time from the command's start to the trial's first epoch; the same
 search again with the cache warm and its data set-up (`timings.json` `data_seconds`: listing,
@@ -136,7 +136,7 @@ def measure(n: int, work: Path, steps: int) -> list[dict]:
             cache = work / f"cache-decode-{n}"
             shutil.rmtree(cache, ignore_errors=True)
             _, _, output = run_measured([PYTHON, __file__, "--decode-only", str(folder), "--workers", str(workers),
-                                         "--store", store] + (["--cache", str(cache)] if store == "disk" else []))
+                                         "--store", store, "--cache", str(cache)])
             seconds = json.loads(output.strip().splitlines()[-1])["decode_seconds"]
             row[f"decode_{workers}w_s"], row[f"decode_{workers}w_img_s"] = round(seconds, 1), round(n / seconds)
             shutil.rmtree(cache, ignore_errors=True)

@@ -119,6 +119,55 @@ def test_a_half_written_cache_entry_is_never_reused(png_folder, tmp_path, monkey
         (png_folder / "normal lung" / "broken.png").unlink()
 
 
+def test_tasks_write_their_rows_into_the_cache_and_a_task_elsewhere_sends_them_back(png_folder, tmp_path):
+    from trainables.images import decode_chunk
+    from trainables.store import _npy_for_rows, decode_chunk_into
+    files = sorted(str(p) for p in png_folder.rglob("*.png"))[:6]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    chunk = files[:3] + [str(broken)] + files[3:]
+    expected = decode_chunk(chunk, image_size=16, channels=1)
+    out = tmp_path / "all.npy"
+    handle, offset = _npy_for_rows(out, (10, 16, 16, 1))
+    handle.close()
+    (tmp_path / "all.npy.token").write_text("this-decoding")
+    elsewhere = decode_chunk_into((2, chunk), out=str(out), offset=offset, token="another", image_size=16, channels=1)
+    assert np.array_equal(elsewhere["pixels"], expected["pixels"]) and not np.load(out).any()  # sent back, not written
+    here = decode_chunk_into((2, chunk), out=str(out), offset=offset, token="this-decoding", image_size=16, channels=1)
+    assert here["pixels"] is None and here["results"] == expected["results"]
+    rows = np.load(out)
+    assert np.array_equal(rows[[2, 3, 4, 6, 7, 8]], expected["pixels"])  # each file's row, in file order
+    assert not rows[[0, 1, 5, 9]].any()  # the unreadable file's row and rows of other chunks: untouched
+
+    # a whole decoding whose tasks all ran where the file is not seen: the driver writes every row
+    def elsewhere_only(fn, chunks, kwargs):
+        return ((k, fn(c, **{**kwargs, "token": "another"})) for k, c in enumerate(chunks))
+    (png_folder / "normal lung" / "broken.png").write_bytes(b"x")
+    try:
+        with pytest.warns(UserWarning, match="left out 1 unreadable"):
+            by_driver = load_dataset(png_folder, image_size=16, cache=str(tmp_path / "a"), store="disk",
+                                     skip_corrupt=True, run_chunks=elsewhere_only)
+        with pytest.warns(UserWarning, match="left out 1 unreadable"):
+            by_tasks = load_dataset(png_folder, image_size=16, cache=str(tmp_path / "b"), store="disk",
+                                    skip_corrupt=True)
+    finally:
+        (png_folder / "normal lung" / "broken.png").unlink()
+    assert len(by_tasks.labels) == 240 and np.array_equal(by_driver.images[np.arange(240)], by_tasks.images[np.arange(240)])
+    assert not list((tmp_path / "b").rglob("*.token"))
+
+
+def test_read_npy_reads_what_np_load_reads_and_names_a_truncated_file(tmp_path):
+    from trainables.store import read_npy
+    for shape, dtype in (((1000, 7, 3), np.uint8), ((0, 4), np.uint8), ((333,), np.float32)):
+        array = np.random.default_rng(0).integers(0, 255, shape).astype(dtype)
+        np.save(tmp_path / "a.npy", array)
+        read = read_npy(tmp_path / "a.npy", block=1000)  # many blocks, the last one short
+        assert read.dtype == array.dtype and np.array_equal(read, array)
+    (tmp_path / "a.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-10])
+    with pytest.raises(UserError, match="a.npy is shorter than its header says"):
+        read_npy(tmp_path / "a.npy", block=1000)
+
+
 def _ray(*args, env) -> subprocess.CompletedProcess:
     return subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), *args], env=env, capture_output=True,
                           text=True, timeout=120)

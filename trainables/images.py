@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from trainables import UserError
 from trainables.dicom import DICOM_EXTENSIONS, NoImage, is_dicom, read_dicom
@@ -61,7 +62,10 @@ def decode_bytes(data: bytes, *, image_size: int, channels: int, ct_window: str 
                     size=f"{pixels.shape[1]}x{pixels.shape[0]}", patient_id=meta["patient_id"])
         im = Image.fromarray(pixels)
     else:
-        im = Image.open(io.BytesIO(data))
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise UserError(f"not an image file (expected {', '.join(IMAGE_EXTENSIONS)})") from None
         if getattr(im, "n_frames", 1) > 1:
             raise UserError(f"it holds {im.n_frames} frames (a stack); save one image per file")
         im.load()
@@ -106,9 +110,11 @@ def decode_chunk(files: list, *, image_size: int, channels: int, ct_window: str 
     out), and per file a `results` entry: its `decode_bytes` info, or {"error": "<file> (<why>)"},
     or {"no_image": kind} for a DICOM object that holds no image. Runs anywhere (a thread, a Ray task)."""
     pixels, results = [], []
-    for p in files:
+    for p, data in _read_ahead(files):
         try:
-            image, info = decode_bytes(Path(p).read_bytes(), image_size=image_size, channels=channels,
+            if isinstance(data, OSError):
+                raise data
+            image, info = decode_bytes(data, image_size=image_size, channels=channels,
                                        ct_window=ct_window, dicom=Path(p).suffix.lower() in DICOM_EXTENSIONS)
         except NoImage as exc:
             results.append({"no_image": exc.kind})
@@ -123,6 +129,28 @@ def decode_chunk(files: list, *, image_size: int, channels: int, ct_window: str 
         results.append(info)
     empty = np.zeros((0, image_size, image_size, channels), np.uint8)
     return {"pixels": np.stack(pixels) if pixels else empty, "results": results}
+
+
+def _read_ahead(files: list, batch: int = 32):
+    """`(file, its bytes or the OSError reading it)` in order, the next `batch` files read by a
+    thread while these decode, so that the decoding does not wait on the disk (or a network file
+    system) file by file."""
+    def read(paths):
+        out = []
+        for p in paths:
+            try:
+                out.append(Path(p).read_bytes())
+            except OSError as exc:
+                out.append(exc)
+        return out
+
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(read, files[:batch])
+        for start in range(0, len(files), batch):
+            contents = ahead.result()
+            if start + batch < len(files):
+                ahead = pool.submit(read, files[start + batch:start + 2 * batch])
+            yield from zip(files[start:start + batch], contents)
 
 
 def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
