@@ -72,6 +72,10 @@ def measure(folder: Path, arm: str, seed: int) -> dict:
     metrics = json.loads((folder / "final" / "metrics.json").read_text())
     test = metrics["models"][metrics["chosen"]]["test"]
     timings = json.loads((folder / "timings.json").read_text())
+    started_from = json.loads((folder / "search_config.json").read_text()).get("warm_start", {}).get("from", [])
+    if started_from:
+        arm += " (from " + ", ".join(Path(e["experiment"]).name.replace("default-", "").replace("seed", "seed ")
+                                     for e in started_from) + ")"
     return {"arm": arm, "seed": seed, "trials": len(board),
             "proposed": sum("fixed_params" not in t.system_attrs for t in own),
             "best_val_auc": round(float(board["val_auc"].max()), 4), "test_auc": round(test["auc"], 4),
@@ -82,7 +86,7 @@ def measure(folder: Path, arm: str, seed: int) -> dict:
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for arm, group in table.groupby("arm", sort=False):
+    for arm, group in table.groupby(table["arm"].str.split(" ").str[0], sort=False):
         row = {"arm": arm, "seed": "mean (sd)", "trials": f"{group['trials'].mean():.1f}",
                "proposed": f"{group['proposed'].mean():.1f}", "test_auc_ci": "",
                "final_backbone": ", ".join(sorted(set(group["final_backbone"])))}

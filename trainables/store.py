@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
@@ -341,7 +342,12 @@ def read_npy(path: Path, *, threads: int = 4, block: int = 16 << 20) -> np.ndarr
         offset = f.tell()
     if fortran_order or dtype.hasobject:
         return np.load(path)
-    array = np.empty(shape, dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if not nbytes:
+        return np.empty(shape, dtype)
+    # anonymous memory of our own rather than np.empty: numpy asks the kernel for huge pages, and on a machine
+    # whose memory is fragmented the first touch of them stalls in compaction (819 MB: up to 2.1 s, 0.3 s without)
+    array = np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
     buffer = memoryview(array.reshape(-1).view(np.uint8))
     fd = os.open(path, os.O_RDONLY)
 
