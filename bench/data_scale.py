@@ -4,8 +4,8 @@ decoded images in memory (the Ray object store) and on disk (the cache, read bat
     python bench/data_scale.py --sizes 20000,200000 --benchmarks
 
 Per N and path: decode wall and images/s with 1 and 2 Ray workers (the fastest of `--repeats` runs,
-each on a fresh Ray of that many CPUs and
-a fresh cache, which a search decodes into on both paths; the memory path then reads it back whole); a real one-trial search (`--space tiny --backbones
+each on a fresh Ray of that many CPUs and a fresh cache, which a search decodes into on both paths;
+the memory path then reads it back whole); a real one-trial search (`--space tiny --backbones
 small_cnn`, one epoch on `--subset 2000` images per split after decoding all N, cold cache) with
 the driver's peak RSS and the time from the command's start to the trial's first epoch; the same
 search again with the cache warm and its data set-up (`timings.json` `data_seconds`: listing,
@@ -133,6 +133,7 @@ def measure(n: int, work: Path, steps: int, repeats: int) -> list[dict]:
     read_all(folder)
     rows = {store: {"images": n, "path": store} for store in ("memory", "disk")}
     for store, row in rows.items():
+        fastest = {}
         for workers in (1, 2):
             runs = []
             for _ in range(repeats):
@@ -142,9 +143,9 @@ def measure(n: int, work: Path, steps: int, repeats: int) -> list[dict]:
                                              "--store", store, "--cache", str(cache)])
                 runs.append(json.loads(output.strip().splitlines()[-1])["decode_seconds"])
                 shutil.rmtree(cache, ignore_errors=True)
-            seconds = min(runs)
-            row[f"decode_{workers}w_s"], row[f"decode_{workers}w_img_s"] = round(seconds, 1), round(n / seconds)
-        row["speedup_2w"] = round(row["decode_1w_s"] / row["decode_2w_s"], 2)
+            fastest[workers] = min(runs)
+            row[f"decode_{workers}w_s"], row[f"decode_{workers}w_img_s"] = round(fastest[workers], 1), round(n / fastest[workers])
+        row["speedup_2w"] = round(fastest[1] / fastest[2], 3)
         cache, storage = work / f"cache-search-{n}-{store}", work / f"experiments-{n}"
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(storage, ignore_errors=True)
