@@ -105,7 +105,7 @@ def test_a_half_written_cache_entry_is_never_reused(png_folder, tmp_path, monkey
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(store, "_copy_rows", broken)
+    monkeypatch.setattr(store, "copy_rows", broken)
     (png_folder / "normal lung" / "broken.png").write_bytes(b"not a png")  # forces the copy of the kept rows
     try:
         with pytest.raises(OSError, match="disk full"):
@@ -121,14 +121,15 @@ def test_a_half_written_cache_entry_is_never_reused(png_folder, tmp_path, monkey
 
 def test_tasks_write_their_rows_into_the_cache_and_a_task_elsewhere_sends_them_back(png_folder, tmp_path):
     from trainables.images import decode_chunk
-    from trainables.store import _npy_for_rows, decode_chunk_into
+    from trainables.npy import npy_for_rows
+    from trainables.store import decode_chunk_into
     files = sorted(str(p) for p in png_folder.rglob("*.png"))[:6]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     chunk = files[:3] + [str(broken)] + files[3:]
     expected = decode_chunk(chunk, image_size=16, channels=1)
     out = tmp_path / "all.npy"
-    handle, offset = _npy_for_rows(out, (10, 16, 16, 1))
+    handle, offset = npy_for_rows(out, (10, 16, 16, 1))
     handle.close()
     (tmp_path / "all.npy.token").write_text("this-decoding")
     elsewhere = decode_chunk_into((2, chunk), out=str(out), offset=offset, token="another", image_size=16, channels=1)
@@ -157,7 +158,7 @@ def test_tasks_write_their_rows_into_the_cache_and_a_task_elsewhere_sends_them_b
 
 
 def test_read_npy_reads_what_np_load_reads_and_names_a_truncated_file(tmp_path):
-    from trainables.store import read_npy
+    from trainables.npy import read_npy
     for shape, dtype in (((1000, 7, 3), np.uint8), ((0, 4), np.uint8), ((333,), np.float32)):
         array = np.random.default_rng(0).integers(0, 255, shape).astype(dtype)
         np.save(tmp_path / "a.npy", array)

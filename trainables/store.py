@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import time
@@ -36,6 +35,7 @@ import numpy as np
 
 from trainables import UserError
 from trainables.images import decode_chunk, listing, relative_paths
+from trainables.npy import copy_rows, npy_for_rows, read_npy, write_rows
 
 DECODER_VERSION = 2  # bump when a decoding rule changes: caches of older rules are then not reused
 # files per decoding task: large enough that Ray's cost per task is small (200,000 files on 2 cores: 25 s in
@@ -183,7 +183,7 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
     memory = np.empty((len(files), *shape), np.uint8) if out is None else None
     fn, kwargs = decode_chunk, decoding.options()
     if out is not None:
-        handle, offset = _npy_for_rows(out, (len(files), *shape))
+        handle, offset = npy_for_rows(out, (len(files), *shape))
         token = uuid.uuid4().hex
         Path(f"{out}.token").write_text(token)
         fn, kwargs = decode_chunk_into, {**kwargs, "out": str(out), "offset": offset, "token": token}
@@ -206,7 +206,7 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
                 rows_of = slice(first, first + len(ok)) if len(ok) == len(chunk["results"]) else [first + i for i in ok]
                 memory[rows_of] = chunk["pixels"]
             elif chunk["pixels"] is not None:  # a task on a node that does not see the file
-                _write_rows(handle.fileno(), offset + first * row, chunk["pixels"], chunk["results"])
+                write_rows(handle.fileno(), offset + first * row, chunk["pixels"], chunk["results"])
             results[k] = chunk["results"]
             done += len(chunk["results"])
     finally:
@@ -243,29 +243,10 @@ def decode_chunk_into(chunk: tuple[int, list[str]], *, out: str, offset: int, to
     row = options["image_size"] ** 2 * options["channels"]
     fd = os.open(out, os.O_WRONLY)
     try:
-        _write_rows(fd, offset + first * row, decoded["pixels"], decoded["results"])
+        write_rows(fd, offset + first * row, decoded["pixels"], decoded["results"])
     finally:
         os.close(fd)
     return {"pixels": None, "results": decoded["results"]}
-
-
-def _write_rows(fd: int, start: int, pixels: np.ndarray, results: list[dict]) -> None:
-    """A chunk's decoded rows into the file `fd` from byte `start`, in file order: the row of its
-    i-th file at `start + i * row`; rows of unreadable files stay zero (dropped later)."""
-    ok = [i for i, r in enumerate(results) if "sha256" in r]
-    row = pixels[0].nbytes if len(pixels) else 0
-    if len(ok) == len(results):  # the whole chunk: one write
-        _pwrite_all(fd, pixels.tobytes(), start)
-        return
-    for i, image in zip(ok, pixels):
-        _pwrite_all(fd, image.tobytes(), start + i * row)
-
-
-def _pwrite_all(fd: int, data: bytes, at: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, at)
-        view, at = view[n:], at + n
 
 
 def chunk_size(files: int) -> int:
@@ -307,7 +288,7 @@ def _decode_into_cache(files: list[Path], root: Path, decoding: Decoding, folder
         if decoded.keep.all():
             os.replace(tmp / "all.npy", tmp / "images.npy")
         else:
-            _copy_rows(tmp / "all.npy", tmp / "images.npy", decoded.keep)
+            copy_rows(tmp / "all.npy", tmp / "images.npy", decoded.keep)
             (tmp / "all.npy").unlink()
         record = {"files": _relative(files, root), "keep": decoded.keep.tolist(), "infos": decoded.infos,
                   "errors": decoded.errors, "no_image": dict(decoded.no_image), "fingerprint": decoded.fingerprint,
@@ -331,68 +312,12 @@ def _from_cache(folder: Path, store: str) -> Decoded:
                    no_image=Counter(record["no_image"]), fingerprint=record["fingerprint"])
 
 
-def read_npy(path: Path, *, threads: int = 4, block: int = 16 << 20) -> np.ndarray:
-    """A `.npy` file of a plain array read whole into memory by a few threads at once: a virtual
-    disk serves parallel reads several times faster than one sequential stream (819 MB not in the
-    page cache: 2.9 s in one stream, 0.5 s in four, on the 2-core machine of BENCHMARKS.md)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
-        offset = f.tell()
-    if fortran_order or dtype.hasobject:
-        return np.load(path)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if not nbytes:
-        return np.empty(shape, dtype)
-    # anonymous memory of our own rather than np.empty: numpy asks the kernel for huge pages, and on a machine
-    # whose memory is fragmented the first touch of them stalls in compaction (819 MB: up to 2.1 s, 0.3 s without)
-    array = np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
-    buffer = memoryview(array.reshape(-1).view(np.uint8))
-    fd = os.open(path, os.O_RDONLY)
-
-    def read(start: int) -> None:
-        view, at = buffer[start:start + block], offset + start
-        while view:
-            n = os.preadv(fd, [view], at)
-            if n == 0:
-                raise UserError(f"{path} is shorter than its header says (truncated); remove it and run again")
-            view, at = view[n:], at + n
-
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(read, range(0, len(buffer), block)))
-    finally:
-        os.close(fd)
-    return array
-
-
 def _fresh(folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
-
-
-def _npy_for_rows(path: Path, shape: tuple[int, ...]):
-    """An open `.npy` file of uint8 `shape` (zeros) and the byte offset of its first row."""
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-        offset = f.tell()
-        f.truncate(offset + int(np.prod(shape)))
-    return open(path, "r+b"), offset
-
-
-def _copy_rows(src: Path, dst: Path, keep: np.ndarray, block: int = 4096) -> None:
-    """The rows of `src` where `keep`, into `dst`, a block at a time (never the whole array in memory)."""
-    source = np.load(src, mmap_mode="r")
-    handle, offset = _npy_for_rows(dst, (int(keep.sum()), *source.shape[1:]))
-    with handle:
-        handle.seek(offset)
-        for start in range(0, len(keep), block):
-            handle.write(np.ascontiguousarray(source[start:start + block][keep[start:start + block]]).tobytes())
-    del source
 
 
 def _relative(paths: list, root: Path | None) -> list[str]:
