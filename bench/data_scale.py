@@ -189,6 +189,8 @@ def main() -> None:
     p.add_argument("--store", default="memory", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats must be 1 or more, got {args.repeats}")
     if args.decode_only:
         decode_only(args.decode_only, args.workers, args.store, args.cache)
         return
