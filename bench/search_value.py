@@ -12,7 +12,8 @@ only in their search.
   `default` search (seed 1 from seed 0, ..., seed 0 from the last).
 
 Each arm is one `python -m search.run` command, run one at a time: the arms are budget-bound, and a
-second job on the cores would change what they can do. An arm whose `final/metrics.json` exists under
+second job on the cores would change what they can do. Every trial's checkpoint is kept (for
+`bench/selection_rules.py`, which scores each trial on test). An arm whose `final/metrics.json` exists under
 `--work` is read, not run again, so a measurement cut short goes on where it stopped. Per arm and seed:
 the trials, those the sampler proposed (not enqueued at fixed values), the best validation AUC, the
 final model's test AUC (with its bootstrap interval) and accuracy, and the wall time; then the mean
@@ -56,7 +57,7 @@ def run_arm(arm: str, seed: int, flags: list[str], args, work: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)  # an arm cut short is run again whole: its budget is its measure
     command = [sys.executable, "-m", "search.run", "--space", args.space, "--data", args.data, "--weights", "random",
                "--seed", str(seed), "--top-k", "1", "--warm-restart", "none", "--storage", str(work),
-               "--name", folder.name, *flags, *args.extra]
+               "--name", folder.name, "--keep-checkpoints", "all", *flags, *args.extra]
     print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: {' '.join(command[1:])}", flush=True)
     with open(work / f"{folder.name}.log", "w") as log:
         done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

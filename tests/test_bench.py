@@ -55,3 +55,24 @@ def test_throughput_script_prints_and_writes_its_table(tmp_path):
     table = pd.read_csv(csv)
     assert list(table["loop"]) == ["trial loop", "bare timm (fp32)"] and (table["images/s (median)"] > 0).all()
     assert "| resnet18 | trial loop |" in result.stdout
+
+
+
+def test_selection_rules_train_each_trial_again_to_the_network_it_reported(fifo_search):
+    from bench.selection_rules import epochs_of, model_at, pick
+    from search.final import _search_data
+    from search.records import read_search_record
+    trials = epochs_of(fifo_search).set_index("trial_id", drop=False)
+    board = pd.read_csv(fifo_search / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
+    assert sorted(trials.index) == sorted(board.index)
+    assert trials["peak_auc"].to_dict() == pytest.approx(board["val_auc"].to_dict())  # what the leaderboard ranks by
+    assert trials["best_epoch"].to_dict() == board["best_epoch"].to_dict()
+    data = _search_data(read_search_record(fifo_search), None)
+    trial = trials.iloc[0]
+    for epoch in (1, 2):  # epoch 2: its last checkpoint; epoch 1: trained again from scratch
+        assert model_at(fifo_search, trial["trial_id"], epoch, data)["val_auc"] == pytest.approx(
+            trial["by_epoch"][epoch], abs=1e-6)
+    chosen, epoch = pick(trials, "peak_best")
+    assert chosen["trial_id"] == board.index[0] and epoch == board["best_epoch"].iloc[0]
+    assert pick(trials, "peak_last")[1] == 2 and pick(trials, "last")[0]["last_auc"] == trials["last_auc"].max()
+
