@@ -120,8 +120,9 @@ def main() -> None:
         raise SystemExit(f"no finalized search under {work}; run bench/search_value.py first")
     table = pd.DataFrame(rows)
     numbers = [c for c in ("median_trial", "best_trial", *RULES) if c in table]
-    table = pd.concat([table, pd.DataFrame([{"search": "mean", **{c: round(table[c].mean(), 4) for c in numbers}}])],
-                      ignore_index=True)
+    means = {"search": "mean", "trials": "", **{c: round(table[c].mean(), 4) for c in numbers}}
+    table = pd.concat([table, pd.DataFrame([means])], ignore_index=True)
+    table = table.astype(object).where(table.notna(), "")
     common.finish("selection_rules", table, started=started, benchmarks=args.benchmarks,
                   section="What the search adds over a backbone sweep (issue 30)",
                   settings=f"the finalized searches under {work}")
