@@ -2,7 +2,7 @@
 machine, each finalized the same cheap way (`--top-k 1 --warm-restart none`) so that they differ
 only in their search.
 
-    python bench/search_value.py --seeds 0,1,2 --benchmarks        # ~7 hours on 2 cores
+    python bench/search_value.py --seeds 0,1,2 --benchmarks        # ~5 hours on 2 cores, ~45 GB of checkpoints
 
 - `sweep`: the first trials alone (one per backbone at the plain recipe), at the default budget;
 - `default`: the default search at the default budget (the cpu profile's 900 s);
