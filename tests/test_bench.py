@@ -57,7 +57,6 @@ def test_throughput_script_prints_and_writes_its_table(tmp_path):
     assert "| resnet18 | trial loop |" in result.stdout
 
 
-
 def test_selection_rules_train_each_trial_again_to_the_network_it_reported(fifo_search):
     from bench.selection_rules import epochs_of, model_at, pick
     from search.final import _search_data
@@ -75,4 +74,3 @@ def test_selection_rules_train_each_trial_again_to_the_network_it_reported(fifo_
     chosen, epoch = pick(trials, "peak_best")
     assert chosen["trial_id"] == board.index[0] and epoch == board["best_epoch"].iloc[0]
     assert pick(trials, "peak_last")[1] == 2 and pick(trials, "last")[0]["last_auc"] == trials["last_auc"].max()
-
