@@ -11,9 +11,10 @@ Rules (each sees validation only):
 - `last`: rank by the validation AUC of each trial's last epoch, ship at its max epochs.
 
 A model is the trial's last checkpoint when that is the epoch asked for; else it is trained again
-from its checkpoint or from scratch to that epoch. Training is deterministic per seed and epoch, so
-that is the trial's own network: `val_check` is the largest gap between a model's validation AUC here
-and the one its trial reported for that epoch. Where every finished trial kept its checkpoint
+from its checkpoint or from scratch to that epoch, each epoch on the threads the trial had then.
+Training is deterministic per seed, epoch and thread count, so that is the trial's own network:
+`val_check` is the largest gap between a model's validation AUC here and the one its trial reported
+for that epoch. Where every finished trial kept its checkpoint
 (`--keep-checkpoints all`), `median_trial` and `best_trial` give the spread of the finished trials'
 test AUC (the best looks at test: an oracle). Scores are cached in `<work>/selection-scores.json`.
 """
@@ -63,8 +64,11 @@ def model_at(folder: Path, trial_id: str, epoch: int, data) -> dict:
     state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["folds"][0] if checkpoints else None
     if state and state["epoch"] <= epoch:
         run.load_state_dict(state)
-    for _ in run.epochs(until=epoch):
-        pass
+    # each epoch on the thread count the trial had then: float sums differ between thread counts
+    threads = pd.read_csv(trial / "progress.csv").set_index("training_iteration")["threads"].to_dict()
+    for _ in range(run.epoch, epoch):
+        torch.set_num_threads(int(threads.get(run.epoch + 1, torch.get_num_threads())))
+        next(run.epochs(until=run.epoch + 1))
     (test_x, test_y), val_y = data.arrays("test"), data.arrays("val")[1]
     return {"val_auc": score(val_y, run.predict(run.val_x), "val_auc"),
             "test_auc": score(test_y, run.predict(test_x), "val_auc")}

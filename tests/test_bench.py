@@ -7,6 +7,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from bench.asha_vs_fifo import epochs_in_order, reach
 from bench.overhead import breakdown
@@ -68,9 +69,14 @@ def test_selection_rules_train_each_trial_again_to_the_network_it_reported(fifo_
     assert trials["best_epoch"].to_dict() == board["best_epoch"].to_dict()
     data = _search_data(read_search_record(fifo_search), None)
     trial = trials.iloc[0]
-    for epoch in (1, 2):  # epoch 2: its last checkpoint; epoch 1: trained again from scratch
-        assert model_at(fifo_search, trial["trial_id"], epoch, data)["val_auc"] == pytest.approx(
-            trial["by_epoch"][epoch], abs=1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # none of the trials ran on 3: each epoch must run on the trial's own threads
+        for epoch in (1, 2):  # epoch 2: its last checkpoint; epoch 1: trained again from scratch
+            assert model_at(fifo_search, trial["trial_id"], epoch, data)["val_auc"] == pytest.approx(
+                trial["by_epoch"][epoch], abs=1e-6)
+    finally:
+        torch.set_num_threads(threads)
     chosen, epoch = pick(trials, "peak_best")
     assert chosen["trial_id"] == board.index[0] and epoch == board["best_epoch"].iloc[0]
     assert pick(trials, "peak_last")[1] == 2 and pick(trials, "last")[0]["last_auc"] == trials["last_auc"].max()
