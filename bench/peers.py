@@ -33,11 +33,9 @@ def test_auc(run, data) -> float:
 
 def tune_arm(label: str, options, data) -> dict:
     """Run a search (no finalize) and evaluate its best trial's last checkpoint on test."""
-    import torch
-
+    from search.checkpoints import newest_readable
     from search.experiment import run_search
     from trainables.train import Training
-    from trainables.trainable import CHECKPOINT_FILE
     started = time.time()
     folder = run_search(options)
     wall = time.time() - started
@@ -47,8 +45,10 @@ def tune_arm(label: str, options, data) -> dict:
     best = board.iloc[0]
     trial = folder / f"trial_{best['trial_id']}"
     run = Training(json.loads((trial / "params.json").read_text()), data)
-    checkpoint = sorted(trial.glob("checkpoint_*"))[-1] / CHECKPOINT_FILE
-    run.load_state_dict(torch.load(checkpoint, map_location=run.device, weights_only=True)["folds"][0])
+    saved, _ = newest_readable(trial)
+    if saved is None:
+        raise SystemExit(f"error: the best trial {best['trial_id']} of {label} has no readable checkpoint")
+    run.load_state_dict(saved["folds"][0])
     return {"arm": label, "trials": len(board), "trial-epochs": int(board["epochs"].sum()),
             "best val AUC": round(float(best["val_auc"]), 4), "its test AUC": round(test_auc(run, data), 4),
             "best trial": f"{best.get('recipe') if isinstance(best.get('recipe'), str) else best['backbone']}",

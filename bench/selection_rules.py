@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import common  # noqa: E402
+from search.checkpoints import newest_readable, registered  # noqa: E402
 
 RULES = ("peak_last", "peak_best", "last")
 
@@ -60,8 +61,8 @@ def model_at(folder: Path, trial_id: str, epoch: int, data) -> dict:
     from trainables.train import Training
     trial = folder / f"trial_{trial_id}"
     run = Training(json.loads((trial / "params.json").read_text()), data)
-    checkpoints = sorted(trial.glob("checkpoint_*/checkpoint.pt"))
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["folds"][0] if checkpoints else None
+    saved, _ = newest_readable(trial)
+    state = saved["folds"][0] if saved else None
     if state and state["epoch"] <= epoch:
         run.load_state_dict(state)
     # each epoch on the thread count the trial had then: float sums differ between thread counts
@@ -114,7 +115,7 @@ def main() -> None:
             row[rule] = round(result["test_auc"], 4)
             row[f"{rule}_pick"] = f"{chosen['backbone']} {chosen['trial_id']} @{epoch}"
         finished = trials[trials["epochs"] == trials["max_epochs"]]
-        if all(any((folder / f"trial_{t}").glob("checkpoint_*")) for t in finished["trial_id"]):
+        if all(registered(folder / f"trial_{t}") for t in finished["trial_id"]):
             tests = pd.Series([scored(t, int(e))["test_auc"] for t, e in zip(finished["trial_id"], finished["epochs"])])
             row.update(median_trial=round(tests.median(), 4), best_trial=round(tests.max(), 4))
         row["val_check"] = f"{max(gaps):.1e}"

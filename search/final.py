@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from search.checkpoints import unregistered
 from search.cluster import check_fits, connected
 from search.data import audited, load_search_data
 from search.ensemble import calibrate, choose, score_models
@@ -98,21 +99,24 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
 
 def remove_unused_checkpoints(folder: Path, board: pd.DataFrame, *, keep: set[str]) -> None:
     """Remove the checkpoints of the trials that ended (finished, stopped or failed) and are not in
-    `keep`: neither a member nor --resume needs them. A search's checkpoints hold the optimizer's state
-    too (ResNet50: 270 MB a trial, one per fold when cross-validated)."""
+    `keep`: neither a member nor --resume needs them; and in every trial the folders Ray never
+    registered (`search.checkpoints.unregistered`), which nothing reads. A search's checkpoints hold
+    the optimizer's state too (ResNet50: 270 MB a trial, one per fold when cross-validated)."""
     ended = set(board.loc[board["status"].isin(["TERMINATED", "ERROR"]), "trial_id"].astype(str)) - keep
-    freed, trials = 0, 0
+    freed, trials, torn = 0, 0, 0
     for trial in sorted(folder.glob("trial_*")):
-        if trial.name[len("trial_"):] not in ended:
-            continue
-        checkpoints = [c for c in trial.glob("checkpoint_*") if c.is_dir()]
-        freed += sum(f.stat().st_size for c in checkpoints for f in c.rglob("*") if f.is_file())
-        trials += bool(checkpoints)
-        for c in checkpoints:
+        unused = unregistered(trial)
+        torn += len(unused)
+        if trial.name[len("trial_"):] in ended:
+            unused = [c for c in trial.glob("checkpoint_*") if c.is_dir()]
+            trials += bool(unused)
+        freed += sum(f.stat().st_size for c in unused for f in c.rglob("*") if f.is_file())
+        for c in unused:
             shutil.rmtree(c)
-    if trials:
-        print(f"removed the checkpoints of {trials} trial(s) no member came from ({freed / 1e6:,.0f} MB); "
-              f"--keep-checkpoints all keeps them", flush=True)
+    if trials or torn:
+        print(f"removed the checkpoints of {trials} trial(s) no member came from"
+              + (f" and {torn} checkpoint folder(s) Ray never registered" if torn else "")
+              + f" ({freed / 1e6:,.0f} MB); --keep-checkpoints all keeps them", flush=True)
 
 
 def read_leaderboard(folder: Path, metric: str) -> pd.DataFrame:

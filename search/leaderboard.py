@@ -129,6 +129,8 @@ class LeaderboardCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.epoch_started[trial.trial_id] = time.time()
+        if result.get("checkpoint_unreadable"):
+            print(f"  warning: trial {trial.trial_id}: checkpoint {result['checkpoint_unreadable']}", flush=True)
         kept = self.best.get(trial.trial_id)
         if kept is None or self.better(result.get(self.metric), kept.get(self.metric)):
             self.best[trial.trial_id] = {k: result[k] for k in (*KEPT, "training_iteration") if k in result}

@@ -20,6 +20,7 @@ import pandas as pd
 import ray
 import torch
 
+from search.checkpoints import newest_readable, results
 from search.cores import core_budget, share_among_tasks
 from search.leaderboard import VAL_METRICS, clock
 from trainables import UserError
@@ -135,17 +136,18 @@ def _restarted(run: Training, epochs: int):
 
 
 def trial_states(member: dict, folds: list | None) -> list[dict] | None:
-    """The member's networks (one per fold) as its trial left them, from the trial's last checkpoint,
-    when going on from there is the same run as retraining: the same config (params.json not edited
-    since), the same folds, not past the member's epochs. Else None."""
+    """The member's networks (one per fold) as its trial left them, from the newest checkpoint Ray
+    registered for it that loads (`search.checkpoints`), when going on from there is the same run as
+    retraining: the same config (params.json not edited since), the same folds, not past the
+    member's epochs. Else None (retrained from scratch)."""
     trial = Path(member.get("trial_dir", ""))
-    checkpoints = sorted(trial.glob("checkpoint_*/checkpoint.pt"))
-    if not checkpoints or not (trial / "result.json").is_file():
+    recorded = results(trial)
+    if not recorded or recorded[-1].get("config") != member["config"]:
         return None
-    last = json.loads((trial / "result.json").read_text().splitlines()[-1])
-    if last.get("config") != member["config"]:
+    saved, _ = newest_readable(trial)
+    if saved is None:
         return None
-    states = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["folds"]
+    states = saved["folds"]
     if len(states) != len(folds or [None]) or any(state["epoch"] > member["epochs"] for state in states):
         return None
     return states

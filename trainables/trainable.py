@@ -6,6 +6,11 @@ Each epoch it reports validation `val_auc`, `val_acc`, `val_f1`, `val_loss` (plu
 learning rate, timings and model size) with a checkpoint that ASHA, resume and retries use. With
 `config["folds"]` K > 1 it trains the K folds of train+val side by side and reports their mean
 (and `val_*_std`, the spread over folds) each epoch, so ASHA judges the cross-validated score.
+
+A checkpoint that cannot be read on resume or retry (torn by a crash, a full disk) is not trusted:
+the trial trains again from epoch 0, silently, to that checkpoint's epoch, and reports on from there,
+so the epochs Ray has seen stay unique and increasing; the next report names the file
+(`checkpoint_unreadable`), which the driver prints.
 """
 from __future__ import annotations
 
@@ -31,12 +36,7 @@ def train_classifier(config: dict, data: Dataset, *, cores=None) -> None:
     folds = int(config.get("folds", 1))
     runs = ([Training(config, data, train=train, val=held_out) for train, held_out in data.cv_folds(folds, config["seed"])]
             if folds > 1 else [Training(config, data)])
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=runs[0].device, weights_only=True)
-        for run, state in zip(runs, saved["folds"]):
-            run.load_state_dict(state)
+    unreadable = _resume(runs, tune.get_checkpoint())
     node_id = ray.get_runtime_context().get_node_id()  # which node ran each epoch (retries may move it)
     # the CPUs the trial holds, not torch's default: a set OMP_NUM_THREADS (which Ray then leaves alone) would
     # have every trial run that many threads on its share of the cores
@@ -50,9 +50,50 @@ def train_classifier(config: dict, data: Dataset, *, cores=None) -> None:
         if per_fold is None:
             break
         metrics = {**fold_mean(per_fold), "node_id": node_id, "threads": threads}
+        if unreadable:
+            metrics["checkpoint_unreadable"], unreadable = unreadable, None
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"folds": [run.state_dict() for run in runs], "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def read_checkpoint(path: Path, *, map_location="cpu") -> tuple[dict | None, str]:
+    """A trial checkpoint file as saved above and "", or None and why it cannot be read (missing, torn,
+    not this format): any failure means the checkpoint is absent, nothing read from it is trusted."""
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(saved, dict) or not isinstance(saved.get("folds"), list) or not saved["folds"]:
+            return None, "not a trial checkpoint"
+        return saved, ""
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, OSError... for a torn file
+        return None, _first_sentence(exc)
+
+
+def _resume(runs: list[Training], checkpoint) -> str | None:
+    """Load Ray's checkpoint into `runs`; when it cannot be read, train them again silently to its
+    epoch (checkpoint_0000NN holds epoch NN + 1: a trial saves one every epoch) and return a line
+    naming the file."""
+    if not checkpoint:
+        return None
+    path = Path(checkpoint.path) / CHECKPOINT_FILE
+    try:
+        with checkpoint.as_directory() as folder:
+            saved, why = read_checkpoint(Path(folder) / CHECKPOINT_FILE, map_location=runs[0].device)
+    except Exception as exc:  # the folder itself is gone or cannot be fetched
+        saved, why = None, _first_sentence(exc)
+    if saved is not None:
+        for run, state in zip(runs, saved["folds"]):
+            run.load_state_dict(state)
+        return None
+    epoch = int(path.parent.name.rsplit("_", 1)[-1]) + 1
+    for _ in zip(*(run.epochs(until=epoch) for run in runs)):
+        pass
+    return f"{path} cannot be read ({why}): trained again from epoch 0 to its epoch {epoch}"
+
+
+def _first_sentence(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(exc).__name__
 
 
 def allowed_threads(cores, key: str, own: int) -> int:
