@@ -133,7 +133,13 @@ def test_a_warm_start_from_another_space_or_metric_is_refused_with_one_line(tiny
 
 def test_backbones_space_with_real_pretrained_weights(tmp_path, pneumonia_npz):
     """The `backbones` space on real ImageNet weights (installed EfficientNet-Lite0 package): the
-    conditional freezing depth is drawn and the frozen share shows in the leaderboard."""
+    conditional freezing depth and the head's learning-rate ratio are drawn and act. After an epoch a
+    trial's frozen parameters are still the ImageNet ones and the others moved; its head trains at
+    lr x head_lr_ratio."""
+    import torch
+
+    from search.checkpoints import newest_readable
+    from trainables.models import build_model
     folder = _run(tmp_path, space="backbones", data=str(pneumonia_npz), backbones="efficientnet_lite0",
                   num_samples=3, max_epochs=1, subset=300, weights="imagenet", name="lite0")
     board = pd.read_csv(folder / "leaderboard.csv")
@@ -141,6 +147,20 @@ def test_backbones_space_with_real_pretrained_weights(tmp_path, pneumonia_npz):
     assert board["freeze_depth"].between(0, 5).all() and board["weights"].eq("imagenet").all()
     frozen_share = 1 - board["trainable_params_m"] / board["params_m"]
     assert ((frozen_share > 0) == (board["freeze_depth"] > 0)).all()
+    assert (board["freeze_depth"] > 0).any() and board["head_lr_ratio"].nunique() == 3  # drawn, not the plain 10x
+    for trial in folder.glob("trial_*"):
+        config = json.loads((trial / "params.json").read_text())
+        saved, _ = newest_readable(trial)
+        trained = saved["folds"][0]
+        imagenet = build_model(config, num_classes=2, in_chans=1).backbone
+        frozen = {n for n, p in imagenet.named_parameters() if not p.requires_grad}
+        assert bool(frozen) == (config["freeze_depth"] > 0)
+        moved = {n for n, p in imagenet.named_parameters()
+                 if not torch.equal(p.detach(), trained["model"][f"backbone.{n}"])}
+        assert moved and not moved & frozen, (config["freeze_depth"], sorted(moved & frozen)[:3])
+        rates = [g["initial_lr"] for g in trained["optimizer"]["param_groups"]]
+        assert max(rates) == pytest.approx(config["lr"] * config["head_lr_ratio"])
+        assert min(rates) == pytest.approx(config["lr"])
 
 
 def test_search_on_a_folder_of_pngs(tmp_path, png_folder):
