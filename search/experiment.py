@@ -36,7 +36,7 @@ from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json
 from search.tuner import (SchedulerState, bind_space, fit, make_scheduler, make_searcher, make_tuner, restore_tuner,
                           with_data)
-from search.warm_start import Earlier, read_studies, translate, tried_backbones
+from search.warm_start import SCORED_BY, Earlier, read_studies, translate, tried_backbones
 from spaces import Space, get_space
 from trainables import UserError
 from trainables.config import validate_config
@@ -176,7 +176,8 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
         if config["weights"] == "imagenet":
             weights_source(config["backbone"], "imagenet", o.weights_dir)  # fails now, not in every trial
     earlier = [] if saved else read_studies(o.warm_start or [], space=o.space, metric=o.metric,
-                                            fingerprint=data.fingerprint)
+                                            fingerprint=data.fingerprint,
+                                            scored={key: getattr(o, key) for key in SCORED_BY})
     skipped = saved.get("warm_start", {}).get("skipped_backbones", []) if saved else \
         sorted(tried_backbones([t for e in earlier for t in e.trials]) & set(backbones))
     return Search(options=o, profile=profile, folder=folder, space=space, backbones=backbones, stages=stages,
@@ -231,7 +232,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
                           pretrained=o.weights == "imagenet")
     searcher = make_searcher(space_fn, metric=metric, mode=mode, sampler=o.sampler, seed=o.seed,
                              max_epochs=o.max_epochs, max_concurrent=search.slots, points=search.first, folder=folder)
-    given = translate(search.earlier, space_fn, seed=o.seed)
+    given, dropped = translate(search.earlier, space_fn, seed=o.seed)
     searcher.searcher.study.add_trials(given)  # before the first proposal: the sampler starts informed
     scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period,
                                reduction_factor=o.reduction_factor, first=search.first) if o.scheduler == "asha" else None
@@ -245,7 +246,7 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
         callbacks.append(ShareIdleCores(name, num_samples=o.num_samples, cpus_per_trial=o.cpus_per_trial))
     trainable = with_data(train_classifier, search.data, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial},
                           cores=cores)
-    _announce(search, asha=scheduler is not None, given=len(given))
+    _announce(search, asha=scheduler is not None, given=len(given), dropped=dropped)
     if o.resume:
         return restore_tuner(folder, trainable, searcher=searcher, scheduler=scheduler, callbacks=callbacks), searcher
     folder.mkdir(parents=True)
@@ -264,13 +265,14 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     return tuner, searcher
 
 
-def _announce(search: Search, *, asha: bool, given: int) -> None:
+def _announce(search: Search, *, asha: bool, given: int, dropped: int) -> None:
     o, data, space = search.options, search.data, search.space
     for e in search.earlier:
         print(f"warm start: {len(e.trials)} trials of {e.experiment} ({'the same data' if e.same_data else 'other data: another fingerprint'})")
     if search.earlier:
-        print(f"warm start: {given} trials given to the sampler before its first proposal; not swept again: "
-              f"{', '.join(search.skipped) or 'no backbone'}")
+        print(f"warm start: {given} trials given to the sampler before its first proposal"
+              + (f" ({dropped} value(s) outside this space's ranges left out)" if dropped else "")
+              + f"; not swept again: {', '.join(search.skipped) or 'no backbone'}")
     resources = {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial}
     print(f"experiment: {search.folder}")
     print(f"data: {data.source} | classes {data.class_names} | "
@@ -282,7 +284,8 @@ def _announce(search: Search, *, asha: bool, given: int) -> None:
     pool = len(data.indices("train")) + len(data.indices("val"))
     print(f"search: space {space.name} ("
           + (f"{len(space.points)} fixed point(s)" if space.fixed else f"{len(search.backbones)} backbones"
-             + (", each tried once before the sampler takes over" if search.first else "")
+             + (f", each tried first at fixed values ({len(search.first)} trials) before the sampler takes over"
+                if search.first else "")
              + (f" and not stopped before epoch {min(math.ceil(o.grace_period * o.reduction_factor), o.max_epochs)}"
                 if search.first and asha else ""))
           + f"), {o.num_samples} trials, "

@@ -98,11 +98,12 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
 
 
 def remove_unused_checkpoints(folder: Path, board: pd.DataFrame, *, keep: set[str]) -> None:
-    """Remove the checkpoints of the trials that ended (finished, stopped or failed) and are not in
-    `keep`: neither a member nor --resume needs them; and in every trial the folders Ray never
-    registered (`search.checkpoints.unregistered`), which nothing reads. A search's checkpoints hold
-    the optimizer's state too (ResNet50: 270 MB a trial, one per fold when cross-validated)."""
-    ended = set(board.loc[board["status"].isin(["TERMINATED", "ERROR"]), "trial_id"].astype(str)) - keep
+    """Remove the checkpoints of the trials that ended (finished or stopped) and are not in `keep`:
+    neither a member nor --resume needs them (a failed trial keeps its own: --resume retries it from
+    there); and in every trial the folders Ray never registered (`search.checkpoints.unregistered`),
+    which nothing reads. A search's checkpoints hold the optimizer's state too (ResNet50: 270 MB a
+    trial, one per fold when cross-validated)."""
+    ended = set(board.loc[board["status"] == "TERMINATED", "trial_id"].astype(str)) - keep
     freed, trials, torn = 0, 0, 0
     for trial in sorted(folder.glob("trial_*")):
         unused = unregistered(trial)

@@ -27,11 +27,15 @@ def importances(study: optuna.Study, *, seed: int = 0) -> dict:
     """`values`: each hyperparameter's share of the variance of the scores of the sampled trials that
     ran to the end (normalised to sum to 1), over the parameters all of them have; None below
     `MIN_TRIALS` such trials or with fewer than 2 such parameters. `trials`: how many were used;
-    `fixed`: the finished first trials left out (enqueued at fixed values); `minimum`: MIN_TRIALS."""
+    `fixed`: the finished first trials left out (enqueued at fixed values); `warm`: the finished
+    trials of a warm start left out; `minimum`: MIN_TRIALS."""
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    sampled = [t for t in finished if "fixed_params" not in t.system_attrs]
+    # not the first trials at fixed values, nor a warm start's trials (another search's, maybe other data)
+    sampled = [t for t in finished if "fixed_params" not in t.system_attrs and "warm_start_from" not in t.user_attrs]
     shared = set.intersection(*(set(t.params) for t in sampled)) if sampled else set()
-    out = {"values": None, "trials": len(sampled), "fixed": len(finished) - len(sampled), "minimum": MIN_TRIALS}
+    warm = sum("warm_start_from" in t.user_attrs for t in finished)
+    out = {"values": None, "trials": len(sampled), "fixed": len(finished) - len(sampled) - warm, "warm": warm,
+           "minimum": MIN_TRIALS}
     if len(sampled) < MIN_TRIALS or len(shared) < 2:
         return out
     varied = optuna.create_study(direction=study.direction)

@@ -203,18 +203,23 @@ def _warm_start(warm: dict | None) -> str:
             f"{', '.join(warm['skipped_backbones']) or 'none'}.")
 
 
+def _warm(found: dict) -> str:
+    return f" and the {found['warm']} of a warm start" if found.get("warm") else ""
+
+
 def _importance(found: dict | None) -> list[str]:
     if not found:
         return ["What mattered: no study was kept, so no hyperparameter importances."]
     if not found["values"]:
         return [f"What mattered: too few trials to tell. {found['trials']} trial(s) with parameters the sampler "
-                f"chose ran to the end (the {found['fixed']} first trials at fixed values are left out); "
-                f"hyperparameter importances need at least {found['minimum']}, with two or more parameters in "
+                f"chose ran to the end (the {found['fixed']} first trials at fixed values{_warm(found)} are left "
+                f"out); hyperparameter importances need at least {found['minimum']}, with two or more parameters in "
                 f"common. A longer budget, or `--warm-start` from earlier searches, gives the sampler more."]
     lines = ["### What mattered in the search", "",
              f"Each hyperparameter's share of the variance of the scores of the {found['trials']} trials whose "
              f"parameters the sampler chose and that ran to the end (fANOVA, over the parameters all of them "
-             f"have; `optuna.importance`; the {found['fixed']} first trials at fixed values are left out):", "",
+             f"have; `optuna.importance`; the {found['fixed']} first trials at fixed values{_warm(found)} are left "
+             f"out):", "",
              "| hyperparameter | importance |", "| --- | --- |"]
     lines += [f"| {name} | {value:.3f} |" for name, value in found["values"].items()]
     return lines + ["", "![importance](importance.png)"]

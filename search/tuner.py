@@ -18,6 +18,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -81,13 +82,27 @@ class StudySearch(OptunaSearch):
 
     def write_study(self) -> None:
         """Append the trials that ended since the last call to `folder/optuna.journal` (the ones it
-        holds are known by their Ray trial id, so a resumed search appends only what is new)."""
-        journal = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(self.folder / STUDY_FILE))),
-                                      study_name=STUDY_NAME, direction=self._ot_study.direction, load_if_exists=True)
-        kept = {t.user_attrs.get("ray_trial_id") for t in journal.get_trials(deepcopy=False)}
+        holds are known by their Ray trial id, so a resumed search appends only what is new). A line
+        cut short by a crash is cut off first; a journal Optuna cannot read at all is set aside and
+        written again from this searcher's own study, which holds every trial."""
+        path = self.folder / STUDY_FILE
+        cut_torn_tail(path)
+        try:
+            journal = self._journal(path)
+            kept = {t.user_attrs.get("ray_trial_id") for t in journal.get_trials(deepcopy=False)}
+        except Exception as exc:  # Optuna raises JSONDecodeError, KeyError... for a damaged journal
+            damaged = path.with_name(f"{STUDY_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            path.rename(damaged)
+            print(f"warning: {path} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); kept as {damaged.name}, "
+                  f"and written again from the search's own copy of the study", flush=True)
+            journal, kept = self._journal(path), set()
         for trial in self._ot_study.get_trials(deepcopy=False):
             if trial.state.is_finished() and trial.user_attrs.get("ray_trial_id") not in kept:
                 journal.add_trial(trial)
+
+    def _journal(self, path: Path) -> optuna.Study:
+        return optuna.create_study(storage=JournalStorage(JournalFileBackend(str(path))), study_name=STUDY_NAME,
+                                   direction=self._ot_study.direction, load_if_exists=True)
 
     def save(self, checkpoint_path: str):
         """The searcher's state, without its folder: a resumed copy of the experiment keeps its own."""
@@ -99,6 +114,27 @@ class StudySearch(OptunaSearch):
         folder = self.folder
         super().restore(checkpoint_path)
         self.folder = folder
+
+
+def cut_torn_tail(path: Path) -> None:
+    """Cut a last line that a crash (or a full disk) left without its end from the journal, keeping
+    the cut bytes in `<journal>.torn`: Optuna skips such a line when it is last, but the next append
+    would land on it and make the whole journal unreadable."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        path.with_name(path.name + ".torn").write_bytes(data[keep:])
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    print(f"warning: {path} ended in a line cut short ({len(data) - keep} bytes, kept in {path.name}.torn); "
+          f"cut off before appending", flush=True)
 
 
 def load_study(folder: Path) -> optuna.Study:

@@ -6,7 +6,7 @@ swept again.
 Example:
     >>> earlier = read_studies(["experiments/backbones-seed0"], space="backbones", metric="val_auc",
     ...                        fingerprint=data.fingerprint)
-    >>> trials = translate(earlier, space_fn)          # then study.add_trials(trials)
+    >>> trials, dropped = translate(earlier, space_fn)  # then study.add_trials(trials)
 """
 from __future__ import annotations
 
@@ -36,15 +36,25 @@ class Earlier:
                 "same_data": self.same_data}
 
 
-def read_studies(experiments: list[str], *, space: str, metric: str, fingerprint: str) -> list[Earlier]:
-    """The studies of `experiments`, checked against the new search.
+# the options that decide what a trial's score means: scores made under others cannot be compared
+SCORED_BY = {"image_size": "image size", "max_epochs": "epochs", "folds": "folds", "weights": "weights",
+             "ct_window": "CT window"}
+
+
+def read_studies(experiments: list[str], *, space: str, metric: str, fingerprint: str,
+                 scored: dict | None = None) -> list[Earlier]:
+    """The studies of `experiments` (each once), checked against the new search: the same space and
+    metric, and with `scored` (the new search's values of SCORED_BY) the same way of scoring a trial.
 
     Raises:
-        UserError: a path that is not an experiment with a study, or one of another space or metric.
+        UserError: a path that is not an experiment with a study, or one of another space, metric or
+            way of scoring.
     """
     out = []
-    for given in experiments:
+    for given in dict.fromkeys(experiments):
         folder = Path(given).expanduser().resolve()
+        if any(e.experiment == str(folder) for e in out):
+            continue
         record = read_search_record(folder)
         theirs = record.get("options", {})
         if record.get("space") != space:
@@ -53,6 +63,11 @@ def read_studies(experiments: list[str], *, space: str, metric: str, fingerprint
         if theirs.get("metric") != metric:
             raise UserError(f"--warm-start {given}: that search optimised {theirs.get('metric')!r}, this one "
                             f"{metric!r}; their values cannot be compared (pass the same --metric)")
+        differ = [f"{label} {theirs.get(key)!r} there, {scored[key]!r} here" for key, label in SCORED_BY.items()
+                  if scored is not None and theirs.get(key) != scored[key]]
+        if differ:
+            raise UserError(f"--warm-start {given}: that search scored its trials differently ({'; '.join(differ)}); "
+                            f"their values cannot be compared: warm-start from a search with the same settings")
         if not (folder / STUDY_FILE).is_file():
             raise UserError(f"--warm-start {given}: no {STUDY_FILE} in it (no trial ended there)")
         trials = [t for t in load_study(folder).get_trials(deepcopy=False, states=USED)
@@ -62,14 +77,14 @@ def read_studies(experiments: list[str], *, space: str, metric: str, fingerprint
     return out
 
 
-def translate(earlier: list[Earlier], space_fn, *, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
-    """The earlier trials as trials of the current space: each keeps the parameters the space still
-    draws (at the value it had, where the current space allows it) with the current distributions,
-    its value (a finished trial) or its per-epoch scores (a stopped one), and where it came from. A
-    trial with a choice the space no longer offers (a backbone not searched now), or that keeps no
-    parameter, is left out."""
+def translate(earlier: list[Earlier], space_fn, *, seed: int = 0) -> tuple[list[optuna.trial.FrozenTrial], int]:
+    """The earlier trials as trials of the current space, and how many values were dropped: each
+    trial keeps the parameters the space still draws, at the value it had where the current space's
+    range holds it, with the current distributions, its value (a finished trial) or its per-epoch
+    scores (a stopped one), and where it came from. A trial with a choice the space no longer offers
+    (a backbone not searched now), or that keeps no parameter, is left out."""
     scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    out = []
+    out, dropped = [], 0
     for source in earlier:
         for old in source.trials:
             scratch.enqueue_trial(old.params, skip_if_exists=False)
@@ -80,8 +95,10 @@ def translate(earlier: list[Earlier], space_fn, *, seed: int = 0) -> list[optuna
                 scratch.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
             scratch.tell(trial, state=optuna.trial.TrialState.FAIL)
-            kept = {name: value for name, value in trial.params.items()
-                    if name in old.params and old.params[name] == value}
+            drawn = {name: value for name, value in trial.params.items() if name in old.params}
+            kept = {name: value for name, value in drawn.items() if old.params[name] == value
+                    and trial.distributions[name]._contains(trial.distributions[name].to_internal_repr(value))}
+            dropped += len(drawn) - len(kept)
             if not kept:
                 continue
             out.append(optuna.trial.create_trial(
@@ -90,7 +107,7 @@ def translate(earlier: list[Earlier], space_fn, *, seed: int = 0) -> list[optuna
                 intermediate_values=dict(old.intermediate_values),
                 user_attrs={"warm_start_from": source.experiment, "ray_trial_id": old.user_attrs.get("ray_trial_id")},
                 system_attrs={k: v for k, v in old.system_attrs.items() if k == "fixed_params"}))
-    return out
+    return out, dropped
 
 
 def tried_backbones(trials: list[optuna.trial.FrozenTrial]) -> set[str]:

@@ -6,7 +6,7 @@ Adding a space is adding one function decorated with `register_space` to a modul
 
 Example:
     >>> list_spaces()
-    ['backbones', 'recipes', 'tiny']
+    ['backbones', 'grid', 'lite', 'recipes', 'tiny']
     >>> space = get_space("backbones")
     >>> study = optuna.create_study(direction="maximize")
     >>> config = space.sample(study.ask(), backbones=space.backbones, stages=stages, pretrained=True)

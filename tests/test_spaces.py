@@ -26,7 +26,7 @@ def _draw(space, n, *, pretrained=True, seed=0):
 def test_registry_lists_and_finds_spaces():
     assert {"backbones", "recipes", "tiny"} <= set(list_spaces())
     assert list_spaces("rec*") == ["recipes"]
-    with pytest.raises(UnknownSpace, match="unknown space 'nope'; known spaces: backbones, recipes, tiny"):
+    with pytest.raises(UnknownSpace, match="unknown space 'nope'; known spaces: backbones, grid, lite, recipes, tiny"):
         get_space("nope")
 
 
@@ -84,3 +84,15 @@ def test_small_cnn_in_backbones_is_always_trained_from_scratch():
     config = space.sample(study.ask(), backbones=space.backbones, stages=stages, pretrained=True)
     assert config["backbone"] == "small_cnn" and config["weights"] == "random"
     assert validate_config(config, num_classes=2)["freeze_depth"] == 0
+
+
+def test_the_grid_space_tries_each_backbone_at_three_learning_rates_first():
+    from spaces.backbones import GRID_LRS, LITE, first_trial
+    grid, lite = get_space("grid"), get_space("lite")
+    first = grid.first_trials(LITE, pretrained=True)
+    assert [(p["backbone"], p["lr"]) for p in first] == [(b, lr) for b in LITE for lr in GRID_LRS]
+    for point in first:  # the plain recipe otherwise, fine-tuned end to end
+        assert {k: v for k, v in point.items() if k not in ("backbone", "lr")} == {
+            k: v for k, v in first_trial(point["backbone"], pretrained=True).items() if k != "lr"}
+    assert all(p.get("freeze_depth", 0) == 0 for p in first)
+    assert [p["backbone"] for p in lite.first_trials(LITE, pretrained=True)] == list(LITE)

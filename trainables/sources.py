@@ -186,7 +186,10 @@ def _read_manifest(path: Path, group_column: str | None):
     """The manifest's table, checked (columns, rows, listed files, split values) without decoding an
     image; with the files it lists, its group column and the given split per row."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # a spreadsheet saved in a European locale separates fields with ';' and may begin with a BOM
+        header = path.read_text(encoding="utf-8-sig", errors="replace").split("\n", 1)[0]
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                            sep=";" if header.count(";") > header.count(",") else ",")
     except Exception as exc:
         raise UserError(f"cannot read manifest {path}: {exc}") from None
     columns = list(table.columns)
