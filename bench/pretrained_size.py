@@ -24,34 +24,40 @@ from bench import common  # noqa: E402
 from bench.pretrained_value import SETS  # noqa: E402
 
 
-def probe(data, backbone: str, *, size: int, epochs: int, seed: int) -> dict:
-    from search.options import resolve_batch_size
+def probe(data, backbone: str, *, size: int, epochs: int, seed: int, batch_size: str, precision: str,
+          lr: float | None) -> dict:
     from spaces.backbones import SCRATCH, first_trial
     from trainables.config import validate_config
     from trainables.train import Training
+    if batch_size == "auto":
+        from search.options import resolve_batch_size  # (imports Optuna: give --batch-size where it is missing)
+        batch_size = resolve_batch_size("auto", len(data.indices("train")))
     pretrained = backbone not in SCRATCH
     config = validate_config({"backbone": backbone, "weights": "imagenet" if pretrained else "random",
-                              "image_size": size, "max_epochs": epochs, "seed": seed,
-                              "batch_size": resolve_batch_size("auto", len(data.indices("train"))),
-                              **first_trial(backbone, pretrained=pretrained)}, num_classes=data.num_classes)
+                              "image_size": size, "max_epochs": epochs, "seed": seed, "batch_size": int(batch_size),
+                              "precision": precision, **first_trial(backbone, pretrained=pretrained),
+                              **({"lr": lr} if lr else {})}, num_classes=data.num_classes)
     run = Training(config, data)
     aucs, seconds = [], []
     for metrics in run.epochs():
         aucs.append(metrics["val_auc"])
         seconds.append(metrics["train_seconds"] + metrics["eval_seconds"])
-    return {"backbone": backbone, "weights": config["weights"], "val_auc_by_epoch": " ".join(f"{a:.3f}" for a in aucs),
+    return {"backbone": backbone, "weights": config["weights"], "lr": config["lr"], "precision": precision, "val_auc_by_epoch": " ".join(f"{a:.3f}" for a in aucs),
             "best_val_auc": round(max(aucs), 4), "last_val_auc": round(aucs[-1], 4),
             "s_per_epoch": round(sum(seconds) / len(seconds), 1), "train_images": len(data.indices("train"))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sets", default=",".join(SETS))
+    p.add_argument("--sets", default=",".join(SETS), help=f"of {', '.join(SETS)}, or paths to data")
     p.add_argument("--sizes", default="64,96,128")
     p.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,small_cnn")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", default="auto")
+    p.add_argument("--lr", type=float, default=None, help="instead of the plain recipe's (1e-4 fine-tuned, 1e-3 from scratch)")
+    p.add_argument("--precision", default="auto", help="auto: bf16 on GPUs that have it, fp32 on a CPU")
     p.add_argument("--cache", default=str(Path("~/.cache/lung-search-bench/decoded").expanduser()))
     p.add_argument("--benchmarks", action="store_true")
     args = p.parse_args()
@@ -60,10 +66,12 @@ def main() -> None:
     started, rows = time.time(), []
     for name in args.sets.split(","):
         for size in [int(s) for s in args.sizes.split(",")]:
-            data = load_dataset(common.SHARED / SETS[name], image_size=size, seed=args.seed, cache=args.cache)
+            data = load_dataset(common.SHARED / SETS[name] if name in SETS else Path(name), image_size=size,
+                                seed=args.seed, cache=args.cache)
             for backbone in args.backbones.split(","):
-                rows.append({"data": name, "image_size": size, **probe(data, backbone, size=size, epochs=args.epochs,
-                                                                       seed=args.seed)})
+                rows.append({"data": Path(name).name, "image_size": size, "machine": common.machine(),
+                             **probe(data, backbone, size=size, epochs=args.epochs, seed=args.seed,
+                                     batch_size=args.batch_size, precision=args.precision, lr=args.lr)})
                 print(rows[-1], flush=True)
     common.finish("pretrained_size", pd.DataFrame(rows), started=started, benchmarks=args.benchmarks,
                   section="Image size for fine-tuning ImageNet weights on a CPU (issue 43)",

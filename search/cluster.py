@@ -79,7 +79,7 @@ def engine_messages(folder: Path):
     failing callback) is one `engine:` line on the console, its full text and trace in
     `folder/engine.log` (Ray's own output would repeat every trace on the console)."""
     logger = logging.getLogger("ray.tune.execution.tune_controller")
-    to_file = logging.FileHandler(folder / "engine.log", delay=True)
+    to_file = _QuietFileHandler(folder / "engine.log", delay=True)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     to_console = logging.StreamHandler(sys.stderr)
     to_console.setFormatter(_FirstLine(f" (details: {folder / 'engine.log'})"))
@@ -96,6 +96,20 @@ def engine_messages(folder: Path):
             handler.close()
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """engine.log that never raises nor prints a "Logging error" trace: on a full or read-only disk
+    the console's `engine:` line is what remains."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except OSError:  # opening the file (delay=True) is outside logging's own guard
+            pass
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class _FirstLine(logging.Formatter):

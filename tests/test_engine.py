@@ -148,3 +148,15 @@ def test_a_journal_cut_short_by_a_crash_is_repaired_before_the_next_append(tmp_p
     assert "cannot be read" in capsys.readouterr().out
     assert [t.user_attrs["ray_trial_id"] for t in load_study(tmp_path).trials] == ["a", "b", "c", "d"]
     assert len(list(tmp_path.glob(f"{STUDY_FILE}.damaged-*"))) == 1
+
+
+def test_engine_messages_go_on_when_engine_log_cannot_be_written(tmp_path, capfd):
+    """A full or read-only disk: the console keeps its one engine: line, and logging prints no trace."""
+    import logging
+
+    from search.cluster import engine_messages
+    (tmp_path / "engine.log").mkdir()  # cannot be opened as a file, as on a full disk
+    with engine_messages(tmp_path):
+        logging.getLogger("ray.tune.execution.tune_controller").error("Trial a failed\nTraceback ...")
+    err = capfd.readouterr().err
+    assert err.splitlines() == [f"engine: Trial a failed (details: {tmp_path / 'engine.log'})"], err
