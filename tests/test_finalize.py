@@ -437,7 +437,7 @@ def test_calibration_figures_agree_with_the_predictions_file(cv_experiment):
 
 def test_three_first_trials_are_too_few_for_importances(cv_experiment):
     folder, metrics = cv_experiment
-    assert metrics["importance"] == {"values": None, "trials": 0, "fixed": 3, "minimum": 10}
+    assert metrics["importance"] == {"values": None, "trials": 0, "fixed": 3, "warm": 0, "minimum": 10}
     assert not (folder / "final" / "importance.png").exists()
     assert "What mattered: too few trials to tell. 0 trial(s) with parameters the sampler chose" in \
         (folder / "final" / "report.md").read_text()
@@ -464,12 +464,20 @@ def test_importances_are_fanova_over_the_sampled_trials_only():
     for k in range(9):
         study.enqueue_trial({"backbone": "abc"[k % 3], "lr": 1e-3, "dropout": 0.2})
     study.optimize(run, n_trials=9 + 6)
-    assert importances(study) == {"values": None, "trials": 6, "fixed": 9, "minimum": 10}
+    assert importances(study) == {"values": None, "trials": 6, "fixed": 9, "warm": 0, "minimum": 10}
     study.optimize(run, n_trials=14)
+    distributions = study.trials[-1].distributions
+    for k in range(8):  # a warm start's trials, whose scores follow dropout alone: left out
+        dropout = 0.05 * k
+        study.add_trial(optuna.trial.create_trial(
+            params={"backbone": "a", "lr": 1e-3, "dropout": dropout}, distributions=distributions, value=0.5 + dropout,
+            user_attrs={"warm_start_from": "experiments/earlier"}))
     found = importances(study)
-    assert found["trials"] == 20 and found["fixed"] == 9 and max(found["values"], key=found["values"].get) == "lr"
+    assert found["trials"] == 20 and found["fixed"] == 9 and found["warm"] == 8
+    assert max(found["values"], key=found["values"].get) == "lr"
     sampled = optuna.create_study(direction="maximize")
-    sampled.add_trials([t for t in study.trials if "fixed_params" not in t.system_attrs])
+    sampled.add_trials([t for t in study.trials if "fixed_params" not in t.system_attrs
+                        and "warm_start_from" not in t.user_attrs])
     assert found["values"] == pytest.approx(get_param_importances(sampled, evaluator=FanovaImportanceEvaluator(seed=0)))
 
 
