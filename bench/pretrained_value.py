@@ -70,7 +70,7 @@ def main() -> None:
         raise SystemExit(f"unknown set(s) or arm(s) {unknown}; sets: {', '.join(SETS)}; arms: {', '.join(ARMS)}")
     work, out, started = Path(args.work), Path(args.out), time.time()
     work.mkdir(parents=True, exist_ok=True)
-    done = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=["data", "arm", "seed"])
+    done = pd.read_csv(out) if out.is_file() else pd.DataFrame({"data": [], "arm": [], "seed": []})
     for seed in seeds:
         for name in sets:
             for arm in arms:
@@ -79,7 +79,7 @@ def main() -> None:
                 folder = run_arm(name, str(common.SHARED / SETS[name]), arm, seed, args, work)
                 row = {"data": name, **measure(folder, arm, seed), "image_size": args.image_size,
                        "budget_s": int(args.budget), "machine": common.machine(), "commit": common.commit()}
-                done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
+                done = pd.concat([done, pd.DataFrame([row])], ignore_index=True) if len(done) else pd.DataFrame([row])
                 done.to_csv(out, index=False)
                 print(row, flush=True)
     table = done[done["data"].isin(sets) & done["arm"].isin(arms) & done["seed"].isin(seeds)]

@@ -4,7 +4,8 @@ Ray copies a trial's checkpoint into `trial_<id>/checkpoint_0000NN/` before it r
 keeps only the newest registered one; a copy cut short (a stop in mid-save, a lost node, a full
 disk) leaves a folder Ray never names. A trial's `result.json` holds one line per result Ray
 processed, each naming the checkpoint that came with it (`checkpoint_dir_name`): only those folders
-are read, newest first, and one that will not load is named on the console and skipped.
+are read, newest first, and one that will not load is named on the console and skipped; an
+unregistered one that will not load (`torn`) is what a copy cut short leaves.
 
 Example:
     >>> saved, path = newest_readable(Path("experiments/run1/trial_a2c44093"))
@@ -45,6 +46,13 @@ def unregistered(trial: Path) -> list[Path]:
     whose result never reached the driver. Nothing reads them."""
     named = set(registered(trial))
     return sorted(c for c in trial.glob("checkpoint_*") if c.is_dir() and c not in named)
+
+
+def torn(trial: Path) -> list[Path]:
+    """The trial's unregistered checkpoint folders whose file does not load: copies cut short. (A
+    whole unregistered one stays: after a driver was killed, `result.json`, which Ray syncs into
+    storage every few seconds, can lag behind a checkpoint Ray did register.)"""
+    return [c for c in unregistered(trial) if read_checkpoint(c / CHECKPOINT_FILE)[0] is None]
 
 
 def newest_readable(trial: Path) -> tuple[dict | None, Path | None]:

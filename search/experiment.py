@@ -23,7 +23,7 @@ import ray
 import torch
 from ray import tune
 
-from search.checkpoints import unregistered
+from search.checkpoints import torn
 from search.cluster import check_fits, connected, engine_messages, slots
 from search.cores import ShareIdleCores, core_budget
 from search.data import audited, data_path, load_search_data, write_audit
@@ -302,7 +302,7 @@ def _after_fit(search: Search, searcher, *, fit_seconds: float, interrupted: boo
     """optuna_trials.csv, the progress plot and the summary; says what to do about unfinished
     trials. Returns whether the search ran every trial (or its time budget ran out)."""
     o, folder = search.options, search.folder
-    remove_unregistered(folder)
+    remove_torn(folder)
     searcher.restore_from_dir(str(folder))  # the state Ray saved last
     searcher.searcher.write_study()
     trials = searcher.searcher.study.trials_dataframe()
@@ -325,18 +325,17 @@ def _after_fit(search: Search, searcher, *, fit_seconds: float, interrupted: boo
     return False
 
 
-def remove_unregistered(folder: Path) -> None:
-    """Remove the checkpoint folders Ray never registered. Ray kills a trial that does not stop within
-    10 s of being told, mid-epoch or mid-copy of its checkpoint into storage (issue 42): once the
-    Tuner has returned no trial writes, and such a folder is a torn copy, or a whole one Ray never
-    recorded; nothing reads either, and a torn file beside the real checkpoint misleads any reader that
-    takes the newest folder."""
-    removed = [c for trial in sorted(folder.glob("trial_*")) for c in unregistered(trial)]
+def remove_torn(folder: Path) -> None:
+    """Remove the checkpoint folders a stop cut short. Ray kills a trial that does not stop within
+    10 s of being told, mid-epoch or mid-copy of its checkpoint into storage (issue 42); once the
+    Tuner has returned no trial writes, and a torn file beside the real checkpoint misleads any reader
+    that takes the newest folder."""
+    removed = [c for trial in sorted(folder.glob("trial_*")) for c in torn(trial)]
     for c in removed:
         shutil.rmtree(c)
     if removed:
-        print(f"removed {len(removed)} checkpoint folder(s) Ray never registered (a copy the stop cut short, or one "
-              f"it never recorded): {', '.join(f'{c.parent.name}/{c.name}' for c in removed)}", flush=True)
+        print(f"removed {len(removed)} checkpoint folder(s) the stop cut short (Ray never registered them): "
+              f"{', '.join(f'{c.parent.name}/{c.name}' for c in removed)}", flush=True)
 
 
 def _resume_command(folder: Path) -> str:

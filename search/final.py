@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from search.checkpoints import unregistered
+from search.checkpoints import torn
 from search.cluster import check_fits, connected
 from search.data import audited, load_search_data
 from search.ensemble import calibrate, choose, score_models
@@ -100,23 +100,23 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
 def remove_unused_checkpoints(folder: Path, board: pd.DataFrame, *, keep: set[str]) -> None:
     """Remove the checkpoints of the trials that ended (finished or stopped) and are not in `keep`:
     neither a member nor --resume needs them (a failed trial keeps its own: --resume retries it from
-    there); and in every trial the folders Ray never registered (`search.checkpoints.unregistered`),
+    there); and in every trial the torn folders Ray never registered (`search.checkpoints.torn`),
     which nothing reads. A search's checkpoints hold the optimizer's state too (ResNet50: 270 MB a
     trial, one per fold when cross-validated)."""
     ended = set(board.loc[board["status"] == "TERMINATED", "trial_id"].astype(str)) - keep
-    freed, trials, torn = 0, 0, 0
+    freed, trials, cut = 0, 0, 0
     for trial in sorted(folder.glob("trial_*")):
-        unused = unregistered(trial)
-        torn += len(unused)
+        unused = torn(trial)
+        cut += len(unused)
         if trial.name[len("trial_"):] in ended:
             unused = [c for c in trial.glob("checkpoint_*") if c.is_dir()]
             trials += bool(unused)
         freed += sum(f.stat().st_size for c in unused for f in c.rglob("*") if f.is_file())
         for c in unused:
             shutil.rmtree(c)
-    if trials or torn:
+    if trials or cut:
         print(f"removed the checkpoints of {trials} trial(s) no member came from"
-              + (f" and {torn} checkpoint folder(s) Ray never registered" if torn else "")
+              + (f" and {cut} torn checkpoint folder(s) Ray never registered" if cut else "")
               + f" ({freed / 1e6:,.0f} MB); --keep-checkpoints all keeps them", flush=True)
 
 

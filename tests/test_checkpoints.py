@@ -15,7 +15,7 @@ import slow_save
 from conftest import RAY_CPUS
 from search.checkpoints import registered, results, unregistered
 from search.experiment import run_search
-from search.final import finalize
+from search.final import finalize, remove_unused_checkpoints
 from search.options import FinalizeOptions, SearchOptions
 from trainables.trainable import CHECKPOINT_FILE
 
@@ -56,7 +56,7 @@ def test_a_stop_in_the_middle_of_a_save_leaves_no_torn_checkpoint(stopped_while_
     halves = sorted(e["checkpoint"] for e in saves if e["event"] == "half")
     assert halves == sorted(str(t / "checkpoint_000001") for t in _trials(folder)), saves  # each trial was in mid-copy
     assert not [e for e in saves if e["event"] == "done"]  # and was killed there
-    assert "removed 2 checkpoint folder(s) Ray never registered" in console, console
+    assert "removed 2 checkpoint folder(s) the stop cut short" in console, console
     for trial in _trials(folder):
         assert [c.name for c in trial.glob("checkpoint_*")] == ["checkpoint_000000"]
         assert [c.name for c in registered(trial)] == ["checkpoint_000000"]
@@ -87,8 +87,12 @@ def test_finalize_reads_registered_checkpoints_and_names_one_that_will_not_load(
     metrics = json.loads((final / "metrics.json").read_text())
     members = {m["trial_id"]: m for m in metrics["models"].values() if m["kind"] == "member"}
     assert set(members) == {best, other}
-    # every folder Ray never registered is gone after finalize; the members' registered ones stay
+    # the torn folder Ray never registered is gone after finalize; a whole unregistered one stays
     assert all(not unregistered(trial) for trial in _trials(folder))
+    whole = folder / f"trial_{other}" / "checkpoint_000002"
+    shutil.copytree(folder / f"trial_{other}" / "checkpoint_000000", whole)
+    remove_unused_checkpoints(folder, pd.read_csv(folder / "leaderboard.csv"), keep={best, other})
+    assert whole.is_dir()
 
 
 def test_resume_trains_a_trial_whose_checkpoint_is_torn_again_and_every_trial_ends_once(stopped_while_saving, tmp_path,

@@ -230,6 +230,8 @@ def test_interrupted_driver_exits_130_and_resumes_without_rerunning_finished_tri
     assert ended_before["ended_s"].notna().all()
     assert set(before["status"]) <= {"TERMINATED", "INTERRUPTED"}, before["status"]
     rows_before = {t: len(r) for t, r in _results(folder).items() if t in ended_before.index}
+    with open(folder / "optuna.journal", "a") as f:  # an append a crash cut short (issue 38)
+        f.write('{"op_code": 6, "worker_id": "0-1", "trial_id": 2, "par')
 
     resumed = _start(*args, "--resume")
     while resumed.poll() is None:
@@ -237,6 +239,7 @@ def test_interrupted_driver_exits_130_and_resumes_without_rerunning_finished_tri
         time.sleep(0.2)
     output = resumed.stdout.read()
     assert resumed.returncode == 0, output[-3000:]
+    assert "ended in a line cut short" in output and (folder / "optuna.journal.torn").is_file()
     assert read_journal() == 6
     reader.stdin.close()
     reader.wait(timeout=30)
