@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from search.cli import add_flags, from_flags, handle_errors
-from search.data import audited, data_path, load_search_data, write_audit
+from search.data import PREVIEW, audited, data_path, load_search_data, write_audit
 from search.options import SearchOptions
 
 FLAGS = ("data", "image_size", "channels", "group_column", "seed", "skip_corrupt", "ct_window")
@@ -32,8 +32,8 @@ def audit(o: SearchOptions, out: str | None) -> None:
     if out:
         folder = Path(out).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        write_audit(folder, report)
-        print(f"written: {folder / 'data_report.md'}, {folder / 'data_report.json'}")
+        write_audit(folder, report, data)
+        print(f"written: {folder / 'data_report.md'}, {folder / 'data_report.json'}, {folder / PREVIEW}")
 
 
 def main(argv: list[str] | None = None) -> int:

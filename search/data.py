@@ -5,15 +5,17 @@ leak across splits). `trainables.data` does the loading itself.
 Example:
     >>> data = load_search_data(data_path(None), image_size=32, channels=1, seed=0)
     >>> data, report = audited(data, dedupe=True)
-    >>> write_audit(folder, report)                 # data_report.json and data_report.md
+    >>> write_audit(folder, report, data)           # data_report.json, data_report.md, data_preview.png
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import ray
 
+from search.plots import plot_saliency
 from search.records import write_atomic, write_json
 from trainables import UserError
 from trainables.audit import audit_dataset, dedupe as drop_duplicates, render, summary_lines
@@ -105,6 +107,8 @@ def _size(nbytes: float) -> str:
         nbytes /= 1000
     return ""
 
+PREVIEW = "data_preview.png"
+
 
 def audited(data: Dataset, *, dedupe: bool) -> tuple[Dataset, dict]:
     """The data audit, printed; with `dedupe` the leaking copies dropped (and named)."""
@@ -121,7 +125,22 @@ def audited(data: Dataset, *, dedupe: bool) -> tuple[Dataset, dict]:
     return data, report
 
 
-def write_audit(folder: Path, report: dict) -> None:
-    """`data_report.json` and `data_report.md` in `folder`."""
+def write_audit(folder: Path, report: dict, data: Dataset) -> None:
+    """`data_report.json`, `data_report.md`, and `data_preview.png` (which the report names): a few
+    training images per class as the trials receive them (decoded, windowed, inverted where the file
+    says, resized; before augmentation), so that a wrong window or an inverted class shows at a glance."""
+    plot_preview(data, folder / PREVIEW)
+    report = {**report, "preview": PREVIEW}
     write_json(folder / "data_report.json", report)
     write_atomic(folder / "data_report.md", lambda p: p.write_text(render(report)))
+
+
+def plot_preview(data: Dataset, path: Path, per_class: int = 6) -> None:
+    train, rows = data.indices("train"), {}
+    for k, name in enumerate(data.class_names):
+        chosen = train[data.labels[train] == k][:per_class]
+        images = data.images[chosen] if len(chosen) else []
+        rows[name] = [(np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image,
+                       Path(data.paths[i]).name[-24:] if data.paths else f"#{i}") for image, i in zip(images, chosen)]
+    side = data.images.shape[1]
+    plot_saliency(rows, f"What the trials see: training images per class ({side} px, before augmentation)", path)

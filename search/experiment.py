@@ -31,9 +31,10 @@ from search.evaluate import positive_class
 from search.final import finalize
 from search.leaderboard import LeaderboardCallback, print_summary
 from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions, SharedOptions, check_search,
-                            resolve_batch_size, resolve_folds, with_profile)
+                            resolve_batch_size, resolve_folds, resolve_stop_patience, with_profile)
 from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json
+from search.stop_rule import stop_record
 from search.tuner import (SchedulerState, bind_space, fit, make_scheduler, make_searcher, make_tuner, restore_tuner,
                           with_data)
 from search.warm_start import SCORED_BY, Earlier, read_studies, translate, tried_backbones
@@ -91,14 +92,15 @@ def run_search(options: SearchOptions) -> Path:
             if not options.resume and folder.exists() and not (folder / "tuner.pkl").exists():
                 shutil.rmtree(folder)  # made by this command, before any trial: nothing to resume
             raise KeyboardInterrupt("interrupted before the search started; run the same command again") from None
-        write_audit(folder, search.audit)
+        write_audit(folder, search.audit, search.data)
         clock["fit_started"] = time.time()
         with engine_messages(folder):
             interrupted = fit(tuner, time_budget=search.options.time_budget)
         clock["fit_ended"] = time.time()
-        finished = _after_fit(search, searcher, fit_seconds=clock["fit_ended"] - clock["fit_started"],
-                              interrupted=interrupted)
-        clock["search_ended"] = time.time()
+        finished, clock["stop_rule"] = _after_fit(search, searcher, fit_seconds=clock["fit_ended"] - clock["fit_started"],
+                                                  interrupted=interrupted)
+        clock["search_ended"], clock["data_seconds"] = time.time(), search.data_seconds
+        _write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)  # finalize reads it
         o = search.options
         if finished and o.finalize:
             shared = {f.name: getattr(o, f.name) for f in fields(SharedOptions)}
@@ -107,7 +109,6 @@ def run_search(options: SearchOptions) -> Path:
             except KeyboardInterrupt:
                 raise KeyboardInterrupt(f"interrupted while finalizing; the search is complete: finish with "
                                         f"python -m search.finalize --experiment {folder}") from None
-    clock["data_seconds"] = search.data_seconds
     _write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)
     if interrupted:
         raise KeyboardInterrupt(f"interrupted: continue with {_resume_command(folder)}")
@@ -231,7 +232,9 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     space_fn = bind_space(search.space, backbones=search.backbones, stages=search.stages,
                           pretrained=o.weights == "imagenet")
     searcher = make_searcher(space_fn, metric=metric, mode=mode, sampler=o.sampler, seed=o.seed,
-                             max_epochs=o.max_epochs, max_concurrent=search.slots, points=search.first, folder=folder)
+                             max_epochs=o.max_epochs, max_concurrent=search.slots, points=search.first, folder=folder,
+                             stop_patience=_stop_patience(search),
+                             val_counts=list(search.data.counts()["val"].values()))
     given, dropped = translate(search.earlier, space_fn, seed=o.seed)
     searcher.searcher.study.add_trials(given)  # before the first proposal: the sampler starts informed
     scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period,
@@ -265,6 +268,15 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     return tuner, searcher
 
 
+def _stop_patience(search: Search) -> int | None:
+    """The stop rule's patience, or None where it does not run: turned off, a fixed space (its points
+    run once each), or a loss measured on one validation split (no standard error to judge by)."""
+    o = search.options
+    if not o.stop_rule or search.space.fixed or (o.folds == 1 and o.metric == "val_loss"):
+        return None
+    return resolve_stop_patience(o.stop_patience, o.num_samples)
+
+
 def _announce(search: Search, *, asha: bool, given: int, dropped: int) -> None:
     o, data, space = search.options, search.data, search.space
     for e in search.earlier:
@@ -294,13 +306,18 @@ def _announce(search: Search, *, asha: bool, given: int, dropped: int) -> None:
           + f"profile {search.profile}, {o.image_size}px, max {o.max_epochs} epochs, "
           + (f"ASHA grace {o.grace_period}, " if asha else "FIFO (no early stopping), ")
           + f"{search.slots} at once, {resources} per trial, "
-          f"sampler {o.sampler}, metric {o.metric}" + (f", time budget {o.time_budget:.0f}s" if o.time_budget else ""),
+          f"sampler {o.sampler}, metric {o.metric}" + (f", time budget {o.time_budget:.0f}s" if o.time_budget else "")
+          + (f", stop rule after {patience} proposed trials in a row that do not beat the best by more than its "
+             f"validation error" if (patience := _stop_patience(search)) else
+             ", no stop rule" + (" (the loss of one validation split has no standard error: use --folds or another "
+                                 "--metric)" if o.stop_rule and not space.fixed else "")),
           flush=True)
 
 
-def _after_fit(search: Search, searcher, *, fit_seconds: float, interrupted: bool = False) -> bool:
+def _after_fit(search: Search, searcher, *, fit_seconds: float, interrupted: bool = False) -> tuple[bool, dict]:
     """optuna_trials.csv, the progress plot and the summary; says what to do about unfinished
-    trials. Returns whether the search ran every trial (or its time budget ran out)."""
+    trials. Returns whether the search ended (every trial run, its time budget or the stop rule ended
+    it), and the stop rule's record."""
     o, folder = search.options, search.folder
     remove_torn(folder)
     searcher.restore_from_dir(str(folder))  # the state Ray saved last
@@ -311,18 +328,25 @@ def _after_fit(search: Search, searcher, *, fit_seconds: float, interrupted: boo
     plot_progress(board, folder / "search_progress.png", metric=o.metric, mode=METRIC_MODES[o.metric],
                   name=folder.name)
     print_summary(board, folder, metric=o.metric)
+    stop = stop_record(searcher.searcher.stop_rule, metric=o.metric, num_samples=o.num_samples, trials=len(board),
+                       fit_seconds=fit_seconds, time_budget=o.time_budget)
     unfinished = o.num_samples - int(board["status"].isin(["TERMINATED", "ERROR"]).sum())
     if interrupted:
-        return False
+        return False, stop
+    if stop.get("stopped"):
+        print(f"stop rule: the search ended after {stop['trials_run']} of {o.num_samples} trials, in {fit_seconds:.0f}s"
+              + (f" of its {o.time_budget:.0f}s budget ({stop['budget_unspent_seconds']:.0f}s unspent)"
+                 if o.time_budget else "") + f": {stop['reason']}", flush=True)
+        return True, stop
     if unfinished <= 0:
-        return True
+        return True, stop
     if o.time_budget and fit_seconds >= o.time_budget:
         print(f"the time budget of {o.time_budget:.0f}s ended the search with {unfinished} trial(s) not run or "
               f"unfinished; continue them with {_resume_command(folder)} --time-budget <seconds>")
-        return True
+        return True, stop
     print(f"the search stopped with {unfinished} trial(s) unfinished; continue it with {_resume_command(folder)}, "
           f"or finalize what it found with python -m search.finalize --experiment {folder}")
-    return False
+    return False, stop
 
 
 def remove_torn(folder: Path) -> None:

@@ -83,7 +83,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
     models[chosen] = calibrate(models[chosen], data, selection=selection, positive=positive, resamples=options.bootstrap)
     summary = {"experiment": folder.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "finalize_options": asdict(options), "search": {k: record.get(k) for k in ("space", "profile", "options")},
-               "warm_start": record.get("warm_start"),
+               "warm_start": record.get("warm_start"), "stop_rule": _stop_rule(folder),
                "data": data.summary(), "versions": versions(), "positive_class": data.class_names[positive],
                "selection": {"mode": "cross-validation" if folds else "validation split", "folds": n_folds,
                              "images": int(len(selection)), "where": where},
@@ -95,6 +95,14 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
     if options.keep_checkpoints == "used":
         remove_unused_checkpoints(folder, board, keep={m["trial_id"] for m in members})
     return final
+
+
+def _stop_rule(folder: Path) -> dict | None:
+    """The stop rule's record of the search (timings.json, written when the search ends), if any."""
+    try:
+        return json.loads((folder / "timings.json").read_text()).get("stop_rule")
+    except (OSError, ValueError):
+        return None
 
 
 def remove_unused_checkpoints(folder: Path, board: pd.DataFrame, *, keep: set[str]) -> None:

@@ -9,6 +9,8 @@ Example:
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -131,6 +133,12 @@ class SearchOptions(SharedOptions):
                                       f"{AUTO_FOLDS_BELOW:,} images, else 1", type=int_or_auto)
     subset: int | None = option(None, "at most this many images per split (smoke runs)", type=int, above=0)
     max_retries: int = option(2, "retries of a trial whose worker fails", type=int, at_least=0)
+    stop_rule: bool = option(True, "run the whole budget (by default the search stops once --stop-patience trials "
+                                   "the sampler proposed in a row have not beaten the best by more than its "
+                                   "validation error: search/stop_rule.py)")
+    stop_patience: int | None = option(None, "proposed trials in a row that add nothing before the stop rule ends "
+                                             "the search (default: a sixth of --num-samples, at least 4)",
+                                       type=int, above=0)
     share_idle_cores: bool = option(True, "keep every CPU trial and finalize retraining at the CPUs it asked for "
                                           "(by default, once none waits, a node's idle cores are shared among those "
                                           "still running there)")
@@ -169,6 +177,11 @@ def resolve_batch_size(batch_size: int | str, train_images: int) -> int:
     if batch_size != "auto":
         return int(batch_size)
     return next((b for b in AUTO_BATCH_SIZES if train_images // b >= MIN_STEPS_PER_EPOCH), AUTO_BATCH_SIZES[-1])
+
+
+def resolve_stop_patience(patience: int | None, num_samples: int) -> int:
+    """The patience `--stop-patience` means for a search of `num_samples` trials."""
+    return patience if patience is not None else max(4, math.ceil(num_samples / 6))
 
 
 def resolve_folds(folds: int | str, pool: int) -> int:

@@ -190,8 +190,17 @@ def _search(summary: dict, board: pd.DataFrame, metric: str) -> list[str]:
     return ["## The search", "",
             f"Space `{summary['search']['space']}`, {len(board)} trials ({stopped} stopped early by ASHA, {failed} "
             f"failed), optimising validation {metric}; the leaderboard is `../leaderboard.csv`."
-            + _warm_start(summary.get("warm_start")), "",
+            + _warm_start(summary.get("warm_start")) + _stop_rule(summary.get("stop_rule")), "",
             "![search progress](search_progress.png)", "", "![training curves](training_curves.png)"]
+
+
+def _stop_rule(stop: dict | None) -> str:
+    if not stop or not stop.get("stopped"):
+        return " It ran its whole budget." if stop and stop.get("on") else ""
+    unspent = stop.get("budget_unspent_seconds")
+    return (f" The stop rule ended it after {stop['trials_run']} trials ({stop['trials_unspent']} of its trials"
+            + (f" and {unspent:.0f} s of its time budget" if unspent is not None else "") + " unspent): "
+            f"{stop['reason']}; `--no-stop-rule` runs the whole budget.")
 
 
 def _warm_start(warm: dict | None) -> str:

@@ -12,7 +12,6 @@ value, the value the leaderboard ranks it by.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import pickle
@@ -26,10 +25,11 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.samplers import SAMPLERS
+from search.stop_rule import StopRule, validation_error
 
 STUDY_FILE, STUDY_NAME = "optuna.journal", "search"
 
@@ -38,17 +38,28 @@ class StudySearch(OptunaSearch):
     """OptunaSearch that tells Optuna every epoch of every trial (see the module docstring), marks
     each Optuna trial with its Ray trial id (user attribute `ray_trial_id`), and appends each trial
     that ends to `folder/optuna.journal`: a journal only grows, so optuna-dashboard can watch it while
-    the search runs."""
+    the search runs. With a `stop_rule` it proposes no more trials once the rule says more cannot
+    beat the best by more than validation resolves (`val_counts`: the validation split's images per
+    class, for the error of a search without folds)."""
 
-    def __init__(self, *args, max_epochs: int, folder: Path, **kwargs):
+    def __init__(self, *args, max_epochs: int, folder: Path, stop_rule: StopRule | None = None,
+                 val_counts: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_epochs, self.folder = max_epochs, Path(folder)
         self.reported: dict[str, dict[int, float]] = {}  # Ray trial id -> {epoch: metric}
+        self.errors: dict[str, dict[int, float | None]] = {}  # Ray trial id -> {epoch: validation error}
+        self.fixed: set[str] = set()  # Ray trial ids of the first trials, at fixed values
+        self.stop_rule, self.val_counts = stop_rule, val_counts
 
     def suggest(self, trial_id: str) -> dict | None:
+        if self.stop_rule and self.stop_rule.stopped:
+            return Searcher.FINISHED
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr("ray_trial_id", trial_id)
+            if "fixed_params" in self._ot_study.get_trials(deepcopy=False)[ot_trial.number].system_attrs:
+                self.fixed.add(trial_id)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -56,7 +67,9 @@ class StudySearch(OptunaSearch):
             self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if error or not result or trial_id in self._completed_trials:
+        if trial_id in self._completed_trials:
+            return
+        if error or not result:
             super().on_trial_complete(trial_id, result, error)
         else:
             self._report(trial_id, result)
@@ -68,12 +81,26 @@ class StudySearch(OptunaSearch):
                 self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
             self._completed_trials.add(trial_id)
         self.write_study()
+        if self.stop_rule and trial_id in self._completed_trials:
+            self._judge(trial_id)
+
+    def _judge(self, trial_id: str) -> None:
+        """Tell the stop rule the trial's best epoch and its error; say so when the rule stops the search."""
+        seen, errors, pick = self.reported.get(trial_id, {}), self.errors.get(trial_id, {}), max if self._mode == "max" else min
+        steps = [s for s, v in seen.items() if not math.isnan(v)]
+        step = pick(steps, key=seen.get) if steps else None
+        was = self.stop_rule.stopped
+        if self.stop_rule.update(trial_id, seen.get(step), errors.get(step), proposed=trial_id not in self.fixed) \
+                and not was:
+            print(f"stop rule: {self.stop_rule.reason(self._metric)}; no more trials start "
+                  f"(--no-stop-rule runs the whole budget)", flush=True)
 
     def _report(self, trial_id: str, result: dict) -> None:
         step, value = int(result.get("training_iteration", 0)), result.get(self._metric)
         seen = self.reported.setdefault(trial_id, {})
         if value is not None and step not in seen:
             seen[step] = float(value)
+            self.errors.setdefault(trial_id, {})[step] = validation_error(result, self._metric, self.val_counts)
             self._ot_trials[trial_id].report(float(value), step)
 
     @property
@@ -202,11 +229,14 @@ class SchedulerState(tune.Callback):
 
 
 def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, max_epochs: int,
-                  max_concurrent: int, points: list[dict], folder: Path) -> ConcurrencyLimiter:
+                  max_concurrent: int, points: list[dict], folder: Path, stop_patience: int | None = None,
+                  val_counts: list[int] | None = None) -> ConcurrencyLimiter:
     """The Optuna searcher (`sampler`: a name in SAMPLERS) over a define-by-run `space_fn`, behind a
-    concurrency limit."""
+    concurrency limit; with `stop_patience`, under the stop rule (search/stop_rule.py)."""
+    rule = StopRule(patience=stop_patience, mode=mode, first=len(points)) if stop_patience else None
     searcher = StudySearch(space=space_fn, metric=metric, mode=mode, sampler=SAMPLERS[sampler](seed),
-                           points_to_evaluate=points or None, max_epochs=max_epochs, folder=folder)
+                           points_to_evaluate=points or None, max_epochs=max_epochs, folder=folder,
+                           stop_rule=rule, val_counts=val_counts)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 

@@ -178,6 +178,8 @@ def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_
     by_path = dict(zip(data.paths, range(len(data.paths))))
     png, ct = data.images[by_path["normal/png3.png"]], data.images[by_path["normal/ct0.dcm"]]
     assert png.shape == ct.shape == (28, 28, 1)
+    report = (folder / "data_report.md").read_text()  # the audit shows what the trials see, beside the report
+    assert "`data_preview.png`" in report and (folder / "data_preview.png").stat().st_size > 5000
     final = folder / "final"
     record = load_model(final / "ensemble").record
     assert record["preprocessing"]["ct_window"] == "lung"
@@ -194,3 +196,73 @@ def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_
     joined = test.merge(table, on="path", suffixes=("_final", "_predict"))
     assert len(joined) == len(test)
     assert np.allclose(joined["p_pneumonia_final"], joined["p_pneumonia_predict"], atol=1e-5)
+
+
+def _with(path, **attributes):
+    ds = pydicom.dcmread(path)
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    ds.save_as(path)
+    return path
+
+
+def test_the_voi_stage_follows_the_standard_formulas(tmp_path):
+    """Each VOI rule against the formula of PS3.3 C.11.2 written out here, to within one grey level:
+    a SIGMOID window, a LINEAR_EXACT one, and a VOI LUT that declares 16 bits but spans 0..4095
+    (scaled by its range, not by the declared depth)."""
+    ramp = np.linspace(0, 4095, 64).reshape(8, 8).astype(np.uint16)
+    x = ramp.astype(np.float64)
+    sigmoid = decode_image(_with(_dicom(tmp_path / "s.dcm", ramp, bits=12, window=(2000, 1000)),
+                                 VOILUTFunction="SIGMOID"), image_size=8, channels=1)[..., 0]
+    assert np.abs(sigmoid - 255 / (1 + np.exp(-4 * (x - 2000) / 1000))).max() <= 1
+    exact = decode_image(_with(_dicom(tmp_path / "e.dcm", ramp, bits=12, window=(2000, 1000)),
+                               VOILUTFunction="LINEAR_EXACT"), image_size=8, channels=1)[..., 0]
+    assert np.abs(exact - np.clip((x - 1500) / 1000, 0, 1) * 255).max() <= 1
+    lut = pydicom.Dataset()
+    lut.LUTDescriptor, lut.LUTData = [4096, 0, 16], list(range(4095, -1, -1))  # inverting, 12-bit values
+    lut["LUTData"].VR = "US"
+    path = _dicom(tmp_path / "lut.dcm", ramp, bits=12)
+    ds = pydicom.dcmread(path)
+    ds.VOILUTSequence = pydicom.Sequence([lut])
+    ds.save_as(path)
+    by_lut = decode_image(path, image_size=8, channels=1)[..., 0]
+    assert np.abs(by_lut - (4095 - x) * 255 / 4095).max() <= 1  # the full 0..255, not 0..16
+
+
+def test_padding_is_black_and_out_of_the_range_and_palette_colour_is_read_in_colour(tmp_path):
+    image = np.full((8, 8), 4095, np.uint16)  # a ring of padding at the top of the 12-bit range
+    image[2:6, 2:6] = np.arange(16).reshape(4, 4) * 100 + 500  # the body: 500..2000
+    path = _dicom(tmp_path / "pad.dcm", image, bits=12)
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00280120, "US", 4095)  # Pixel Padding Value
+    ds.save_as(path)
+    padded = decode_image(path, image_size=8, channels=1)[..., 0]
+    assert (padded[image == 4095] == 0).all()
+    assert padded[2:6, 2:6].max() == 255  # stretched over the body alone (4095 in the range: 2000 -> 124)
+    index = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    path = _dicom(tmp_path / "palette.dcm", index, bits=8)
+    ds = pydicom.dcmread(path)
+    ds.PhotometricInterpretation, ds.SamplesPerPixel = "PALETTE COLOR", 1
+    for k, table in enumerate((np.arange(256), 255 - np.arange(256), np.zeros(256, int))):  # red, green, blue
+        ds.add_new(0x00281101 + k, "US", [256, 0, 16])  # the table's descriptor: entries, first value, bits
+        ds.add_new(0x00281201 + k, "OW", (table * 257).astype("<u2").tobytes())
+    ds.save_as(path)
+    rgb = decode_image(path, image_size=8, channels=3)
+    assert np.array_equal(rgb[..., 0], index) and np.array_equal(rgb[..., 1], 255 - index) and not rgb[..., 2].any()
+
+
+def test_a_file_cut_before_its_pixels_is_an_error_and_scouts_are_noted(tmp_path, capsys):
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 50
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for k in range(6):
+            _dicom(tmp_path / name / f"{k}.dcm", pixels + k)
+    _with(tmp_path / "a" / "0.dcm", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    _with(tmp_path / "b" / "1.dcm", SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
+    data = load_dataset(tmp_path, image_size=8)
+    assert len(data.labels) == 12
+    assert "note: 1 localizer image(s), 1 secondary capture image(s) under" in capsys.readouterr().out
+    whole = (tmp_path / "b" / "2.dcm").read_bytes()
+    (tmp_path / "b" / "2.dcm").write_bytes(whole[:whole.rindex(b"\xe0\x7f\x10\x00")])  # cut at the Pixel Data tag
+    with pytest.raises(UserError, match=r"2.dcm \(the file ends before its pixel data"):
+        load_dataset(tmp_path, image_size=8)

@@ -11,9 +11,10 @@ from conftest import ROOT
 from search.experiment import run_search
 from search.options import SearchOptions
 
-# one validation split (the small subsets would be cross-validated by --folds auto; test_finalize covers that)
+# one validation split (the small subsets would be cross-validated by --folds auto; test_finalize covers that);
+# every trial run (the stop rule has its own test below)
 SMALL = dict(storage=None, max_epochs=3, grace_period=1, image_size=28, cpus_per_trial=1, seed=0, finalize=False,
-             folds=1)
+             folds=1, stop_rule=False)
 
 
 def _run(tmp_path, **options):
@@ -87,6 +88,7 @@ def test_outputs_record_config_versions_and_data_fingerprint(tiny_search, pneumo
     assert record["data"]["fingerprint"]
     assert {"torch", "timm", "ray", "optuna"} <= set(record["versions"])
     assert record["options"]["num_samples"] == 8 and record["profile"] == "cpu"
+    assert json.loads((folder / "timings.json").read_text())["stop_rule"] == {"on": False}  # --no-stop-rule
     per_backbone = pd.read_csv(folder / "leaderboard_by_backbone.csv")
     assert set(per_backbone["backbone"]) == set(board["backbone"])
     assert per_backbone["trials"].sum() == 8
@@ -216,6 +218,7 @@ def _cli(*args, cwd=ROOT):
     (["--resume", "--name", "never-ran"], "never-ran does not exist"),
     (["--space", "recipes", "--backbones", "resnet18"], "--backbones does not apply to the fixed space 'recipes'"),
     (["--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--stop-patience", "0"], "--stop-patience must be positive, got 0"),
     (["--scheduler", "hyperband"], "unknown scheduler 'hyperband'; choose one of asha, fifo"),
     (["--space", "recipes", "--recipes", "resnet50_finetune,nope"], "unknown recipe(s) ['nope']; recipes: mobilenetv2"),
     (["--space", "tiny", "--recipes", "resnet50_finetune"], "--recipes applies to --space recipes, not 'tiny'"),
@@ -399,6 +402,57 @@ def test_warnings_are_one_clean_line(tmp_path, png_folder, capsys):
     warning = [line for line in lines if "unreadable" in line]
     assert warning == [line for line in warning if line.startswith("warning: left out 1 unreadable image(s)")]
     assert len(warning) == 1 and "scan 7.png" in warning[0] and not any("UserWarning" in line for line in lines)
+
+
+def test_the_stop_rule_ends_a_search_whose_proposals_add_nothing_validation_resolves(tmp_path, pneumonia_npz, capsys):
+    """2-fold cross-validated tiny search, patience 2: once the three first trials have ended and two
+    proposed trials in a row have not beaten the best by more than its cross-validation error, no
+    more trials start; the console, timings.json and the report say so, with the budget unspent."""
+    from search.final import _stop_rule
+    from search.report import _stop_rule as report_line
+    from search.tuner import load_study
+    folder = _run(tmp_path, space="tiny", data=str(pneumonia_npz), num_samples=16, subset=300, folds=2,
+                  max_epochs=2, stop_rule=True, stop_patience=2, time_budget=600, name="stop")
+    out = capsys.readouterr().out
+    board = pd.read_csv(folder / "leaderboard.csv")
+    stop = json.loads((folder / "timings.json").read_text())["stop_rule"]
+    assert "stop rule after 2 proposed trials in a row" in out
+    assert stop["on"] and stop["stopped"] and stop["patience"] == 2, stop
+    assert stop["trials_run"] == len(board) < 16 and stop["trials_unspent"] == 16 - len(board)
+    fit = json.loads((folder / "timings.json").read_text())["fit_seconds"]
+    assert stop["budget_unspent_seconds"] == pytest.approx(600 - fit, abs=1)
+    assert out.count("stop rule: the last 2 trials the sampler proposed did not beat the best") == 1
+    assert f"stop rule: the search ended after {len(board)} of 16 trials" in out
+    # the rule's best is a trial of the leaderboard, with its error from its folds' spread at its best epoch
+    best = board.set_index("trial_id").loc[stop["best_trial"]]
+    assert best["val_auc"] == pytest.approx(stop["best"])
+    epochs = [json.loads(line) for line in (folder / f"trial_{stop['best_trial']}" / "result.json").read_text().splitlines()]
+    at_best = max(epochs, key=lambda e: e["val_auc"])
+    assert stop["error"] == pytest.approx(at_best["val_auc_std"] * (1 / 2 + 1) ** 0.5) and stop["error"] > 0
+    assert board["val_auc"].max() <= stop["best"] + stop["error"] + 1e-9  # nothing beat it by more than resolved
+    study = load_study(folder).trials
+    assert sum("fixed_params" not in t.system_attrs for t in study) >= 2  # the rule waited for two proposals
+    assert _stop_rule(folder) == stop
+    assert f"The stop rule ended it after {len(board)} trials ({16 - len(board)} of its trials and" in report_line(stop)
+
+
+def test_stop_rule_errors_and_decisions():
+    from search.stop_rule import StopRule, hanley_mcneil, validation_error
+    assert hanley_mcneil(0.9, 50, 50) == pytest.approx(0.0321, abs=5e-4)  # Hanley & McNeil 1982, table 2
+    assert validation_error({"val_auc": 0.99, "val_auc_std": 0.003, "folds": 5}, "val_auc", None) == \
+        pytest.approx(0.003 * (1 / 5 + 1 / 4) ** 0.5)
+    one_split = validation_error({"val_auc": 0.95}, "val_auc", [100, 300])
+    assert one_split == pytest.approx((hanley_mcneil(0.95, 100, 300) + hanley_mcneil(0.95, 300, 100)) / 2)
+    assert validation_error({"val_acc": 0.9}, "val_acc", [50, 50]) == pytest.approx(0.03)
+    assert validation_error({"val_loss": 0.3}, "val_loss", [50, 50]) is None  # no closed form: no stop
+    rule = StopRule(patience=2, mode="min", first=2)
+    assert not rule.update("a", 0.50, 0.02, proposed=False)
+    assert not rule.update("p1", 0.49, 0.02, proposed=True)  # within the error: one in a row
+    assert not rule.update("p2", 0.495, 0.02, proposed=True)  # two, but a first trial is still running
+    assert not rule.update("b", 0.45, 0.01, proposed=False)  # a first trial resolves better: counting restarts
+    assert rule.best_trial == "b" and rule.since == 0
+    assert not rule.update("p3", 0.445, 0.01, proposed=True) and not rule.update("p4", None, None, proposed=True)
+    assert rule.update("p5", 0.46, 0.01, proposed=True) and rule.since == 2
 
 
 def test_idle_cores_are_shared_evenly_per_node():

@@ -177,6 +177,10 @@ def render(report: dict) -> str:
     for s, per in report["counts"].items():
         groups = report.get("groups_per_split", {}).get(s, "")
         lines.append(f"| {s} | " + " | ".join(str(per[n]) for n in names) + f" | {groups} |")
+    if report.get("preview"):
+        lines += ["", "## What the trials see", "", "A few training images per class, decoded as the trials receive "
+                  "them (windowed, inverted where the file says, resized; before augmentation): "
+                  f"`{report['preview']}`.", "", f"![training images per class]({report['preview']})"]
     dup = report["duplicates"]
     lines += ["", "## Exact duplicates (identical file bytes)", "",
               f"{dup['within_split']} group(s) within a split, {dup['across_splits']} across splits, "

@@ -1,12 +1,18 @@
-"""DICOM files to 8-bit pixels, by the rules a radiologist's viewer applies.
+"""DICOM files to 8-bit pixels, by the rules a radiologist's viewer applies, through pydicom's own
+functions (`apply_modality_lut`, `apply_voi_lut`, `apply_windowing`, `apply_color_lut`):
 
 - the modality LUT first (Rescale Slope / Intercept), so CT pixels are Hounsfield units;
-- CT: a lung window (`ct_window`: "lung" = centre -600 HU, width 1500, "mediastinum" = 40 / 400,
-  "file" = the file's own window, or "C,W" in HU);
-- other modalities (X-rays): the file's VOI LUT, else its window (the first one when it gives
-  several), else the image's own range;
+- then the VOI stage, its output range mapped onto 0..255. CT: a lung window (`ct_window`: "lung" =
+  centre -600 HU, width 1500, "mediastinum" = 40 / 400, "file" = the file's own VOI, or "C,W" in
+  HU); other modalities (X-rays): the file's VOI LUT, else its window (the first one when it gives
+  several; its VOI LUT Function, LINEAR, LINEAR_EXACT or SIGMOID, honoured), else the image's own
+  range;
 - MONOCHROME1 (white = 0) inverted, so every image shows bone bright;
-- a file holding several frames is refused: one image per file.
+- pixels the scanner marks as padding (Pixel Padding Value, and Range Limit) black, and left out of
+  the image's own range;
+- PALETTE COLOR through its colour table;
+- a file holding several frames is refused (one image per file), and so is an image file cut off
+  before its pixel data; `info["kind"]` names localizers (scouts) and secondary captures.
 
 Example:
     >>> pixels, info = read_dicom(Path("slice.dcm").read_bytes(), ct_window="lung")
@@ -24,6 +30,8 @@ from trainables.pixels import to_uint8
 
 CT_WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0)}
 DICOM_EXTENSIONS = (".dcm", ".dicom")
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants (.7.1 to .7.4)
+FAR = np.array([-1e12, 1e12])  # inputs beyond any window: its output's ends
 
 
 def check_ct_window(value: str) -> tuple[float, float] | None:
@@ -66,8 +74,11 @@ def read_dicom(data: bytes, *, ct_window: str = "lung") -> tuple[np.ndarray, dic
     except Exception as exc:  # pydicom raises many kinds on a damaged file
         raise UserError(f"not a readable DICOM file ({type(exc).__name__}: {str(exc)[:80]})") from None
     info = {"modality": str(ds.get("Modality", "") or ""), "patient_id": str(ds.get("PatientID", "") or "").strip(),
-            "photometric": str(ds.get("PhotometricInterpretation", "") or ""), "bits": int(ds.get("BitsStored", 8) or 8)}
+            "photometric": str(ds.get("PhotometricInterpretation", "") or ""), "bits": int(ds.get("BitsStored", 8) or 8),
+            **({"kind": kind} if (kind := _kind(ds)) else {})}
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if "Rows" in ds and "Columns" in ds:  # an image's attributes, but the file ends before its pixels
+            raise UserError("the file ends before its pixel data (cut short in a copy or a download?)")
         raise NoImage(info["modality"] or str(ds.get("SOPClassUID", "unknown")))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -77,10 +88,38 @@ def read_dicom(data: bytes, *, ct_window: str = "lung") -> tuple[np.ndarray, dic
     except Exception as exc:  # a missing decoder, or damaged pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         named = f" (transfer syntax {syntax.name})" if syntax is not None else ""
-        raise UserError(f"its pixel data cannot be decoded{named}: {str(exc).strip().splitlines()[0][:200]}") from None
+        why = f"its pixel data cannot be decoded{named}: {str(exc).strip().splitlines()[0][:200]}"
+        raise (MissingDecoder if syntax is not None and not _decoder_installed(syntax) else UserError)(why) from None
     if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour (RGB, or YBR that pydicom converted)
         return np.ascontiguousarray(raw[..., :3]).astype(np.uint8) if raw.dtype == np.uint8 else _stretch(raw[..., :3]), info
+    if info["photometric"] == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        rgb = np.asarray(apply_color_lut(raw, ds), np.float64) * (255 / (2 ** bits - 1))
+        return np.clip(np.round(rgb), 0, 255).astype(np.uint8), info
     return _to_display(raw, ds, info, ct_window), info
+
+
+def _kind(ds) -> str | None:
+    """"localizer" (a scout, ImageType LOCALIZER) or "secondary capture" (a screenshot-like SOP class)."""
+    image_type = ds.get("ImageType") or []
+    if any(str(v).upper() == "LOCALIZER" for v in (image_type if not isinstance(image_type, str) else [image_type])):
+        return "localizer"
+    if str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE):
+        return "secondary capture"
+    return None
+
+
+class MissingDecoder(UserError):
+    """Pixel data in a transfer syntax no installed package decodes: the machine's fault, not the file's."""
+
+
+def _decoder_installed(syntax) -> bool:
+    from pydicom.pixels import get_decoder
+    try:
+        return get_decoder(syntax).is_available
+    except NotImplementedError:  # a syntax pydicom has no decoder for at all
+        return False
 
 
 class NoImage(UserError):
@@ -92,24 +131,55 @@ class NoImage(UserError):
 
 
 def _to_display(raw: np.ndarray, ds, info: dict, ct_window: str) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 
-    x = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    padding = _padding(raw, ds)
+    x = np.asarray(apply_modality_lut(raw, ds))
     if not np.isfinite(x).all():
         raise UserError("the image has NaN or infinite pixels; fix the file (no 8-bit image can show them)")
     window = check_ct_window(ct_window) if info["modality"] == "CT" else None
-    if window is None:
-        window = _file_window(ds)
-    if window is not None:
-        out = _window(x, *window)
-    elif "VOILUTSequence" in ds:
-        lut = ds.VOILUTSequence[0]
-        bits = int(lut.LUTDescriptor[2]) or 16
-        out = np.asarray(apply_voi_lut(x, ds, prefer_lut=True), np.float64) * (255 / (2 ** bits - 1))
-    else:
-        out = to_uint8(x)  # no window: the rule every other source follows
+    if window is not None:  # the chosen window, by the DICOM linear rule
+        voi = Dataset()
+        voi.PhotometricInterpretation, voi.BitsStored, voi.PixelRepresentation = "MONOCHROME2", 16, 1
+        voi.WindowCenter, voi.WindowWidth = window
+        out = _onto_8bit(lambda a: apply_windowing(a, voi), x.astype(np.float64), FAR)
+    elif ds.get("VOILUTSequence"):  # a LUT is indexed by whole numbers, from its first mapped value
+        entries, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+        ends = np.array([first, first + (entries or 2 ** 16) - 1])
+        out = _onto_8bit(lambda a: apply_voi_lut(a, ds, prefer_lut=True), np.round(x).astype(np.int64), ends)
+    elif _file_window(ds) is not None:
+        out = _onto_8bit(lambda a: apply_voi_lut(a, ds, prefer_lut=False), x.astype(np.float64), FAR)
+    else:  # no window: the rule every other source follows, over the pixels that are not padding
+        x = x.astype(np.float64)
+        if padding is not None and not padding.all():
+            x = np.where(padding, x[~padding].min(), x)
+        out = to_uint8(x)
     out = np.clip(np.round(out), 0, 255).astype(np.uint8)
-    return 255 - out if info["photometric"] == "MONOCHROME1" else out
+    if info["photometric"] == "MONOCHROME1":
+        out = 255 - out
+    if padding is not None:
+        out[padding] = 0
+    return out
+
+
+def _onto_8bit(voi, x: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """`voi(x)` mapped from its output range (what it gives at the `ends` of its input range: a
+    window's y-range, a VOI LUT's first and last entries) onto 0..255."""
+    with np.errstate(over="ignore"):  # the sigmoid of a far-off input overflows to its limit
+        low, high = sorted(float(v) for v in np.asarray(voi(ends.astype(x.dtype)), np.float64))  # a LUT may descend
+    y = np.asarray(voi(x), np.float64)
+    return (y - low) * (255 / (high - low)) if high != low else np.zeros_like(y)
+
+
+def _padding(raw: np.ndarray, ds) -> np.ndarray | None:
+    """Where the stored pixels are padding (Pixel Padding Value, up to its Range Limit), if the file says."""
+    value = ds.get("PixelPaddingValue")
+    if value is None:
+        return None
+    limit = ds.get("PixelPaddingRangeLimit", value)
+    low, high = min(int(value), int(limit)), max(int(value), int(limit))
+    return (raw >= low) & (raw <= high)
 
 
 def _file_window(ds) -> tuple[float, float] | None:
@@ -123,14 +193,6 @@ def _file_window(ds) -> tuple[float, float] | None:
     except (TypeError, ValueError, IndexError):
         return None
     return (c, w) if w > 0 else None
-
-
-def _window(x: np.ndarray, centre: float, width: float) -> np.ndarray:
-    """The DICOM linear window (PS3.3 C.11.2.1.2) onto 0..255."""
-    if width <= 1:
-        return np.where(x <= centre - 0.5, 0.0, 255.0)
-    y = ((x - (centre - 0.5)) / (width - 1) + 0.5) * 255
-    return np.clip(y, 0, 255)
 
 
 def _stretch(x: np.ndarray) -> np.ndarray:

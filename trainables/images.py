@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from trainables import UserError
-from trainables.dicom import DICOM_EXTENSIONS, NoImage, is_dicom, read_dicom
+from trainables.dicom import DICOM_EXTENSIONS, MissingDecoder, NoImage, is_dicom, read_dicom
 from trainables.pixels import to_uint8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
@@ -59,7 +59,8 @@ def decode_bytes(data: bytes, *, image_size: int, channels: int, ct_window: str 
     if dicom or is_dicom(data[:132]):
         pixels, meta = read_dicom(data, ct_window=ct_window)
         info.update(format="DICOM", mode=f"{meta['photometric'] or '?'} {meta['bits']}-bit {meta['modality']}".strip(),
-                    size=f"{pixels.shape[1]}x{pixels.shape[0]}", patient_id=meta["patient_id"])
+                    size=f"{pixels.shape[1]}x{pixels.shape[0]}", patient_id=meta["patient_id"],
+                    **({"kind": meta["kind"]} if "kind" in meta else {}))
         im = Image.fromarray(pixels)
     else:
         try:
@@ -107,8 +108,9 @@ def _shorter_side(path: Path) -> int:
 
 def decode_chunk(files: list, *, image_size: int, channels: int, ct_window: str = "lung") -> dict:
     """Decode a chunk of files: `pixels`, the decoded images stacked (in order, unreadable ones left
-    out), and per file a `results` entry: its `decode_bytes` info, or {"error": "<file> (<why>)"},
-    or {"no_image": kind} for a DICOM object that holds no image. Runs anywhere (a thread, a Ray task)."""
+    out), and per file a `results` entry: its `decode_bytes` info, or {"error": "<file> (<why>)"}
+    (with "environment": True when the cause lies outside the file), or {"no_image": kind} for a
+    DICOM object that holds no image. Runs anywhere (a thread, a Ray task)."""
     pixels, results = [], []
     for p, data in _read_ahead(files):
         try:
@@ -119,11 +121,16 @@ def decode_chunk(files: list, *, image_size: int, channels: int, ct_window: str 
         except NoImage as exc:
             results.append({"no_image": exc.kind})
             continue
+        except MissingDecoder as exc:
+            results.append({"error": f"{p} ({exc})", "environment": True})
+            continue
         except UserError as exc:  # read, but not decodable faithfully: the reason in full
             results.append({"error": f"{p} ({exc})"})
             continue
         except Exception as exc:  # PIL and the OS raise many kinds for a bad file
-            results.append({"error": f"{p} ({type(exc).__name__}: {str(exc)[:80]})"})
+            # reading it, memory or an import failed: the machine, not the file (the cache never keeps it)
+            outside = data is exc or isinstance(exc, (MemoryError, ImportError))
+            results.append({"error": f"{p} ({type(exc).__name__}: {str(exc)[:80]})", **({"environment": True} if outside else {})})
             continue
         pixels.append(image)
         results.append(info)

@@ -119,6 +119,11 @@ def _decode(root: Path, files: list, decoding: Decoding, skip_corrupt: bool, unr
     unread = unread + Counter({f"DICOM objects without pixel data ({kind})": n for kind, n in decoded.no_image.items()})
     if unread:
         print(f"data: left unread under {root}: {unread_line(unread)}", flush=True)
+    kinds = Counter(i["kind"] for i in decoded.infos if i.get("kind"))
+    if kinds:
+        print(f"note: {', '.join(f'{n} {kind} image(s)' for kind, n in sorted(kinds.items()))} under {root} train like "
+              f"the others (a localizer is a low-dose scout of the scan, a secondary capture a copy of a screen); "
+              f"leave them out of the folder or manifest if the model should not learn from them", flush=True)
     return decoded, np.flatnonzero(decoded.keep), unread
 
 

@@ -4,10 +4,15 @@ Files are decoded in chunks (`decode_chunk`) by `run_chunks`: local threads by d
 spread over the cluster when the search passes them (`search.data`). The same pass hashes every
 file's bytes, so the data's fingerprint is its content. Decoded images go to memory, or, with a
 `cache` folder, into `<cache>/<key>/images.npy` (uint8, N x S x S x C) beside `files.json`, where
-`key` is the file list (path, size, modification time) and the decoding options: a later search of
-the same files reads them back instead of decoding again. A decoding task that sees that file (the
-same machine, or a shared file system) writes its rows into it itself; elsewhere its pixels come
-back to the driver, which writes them. On the disk store trials get a
+`key` is the file list (path, size, modification and change time), the decoding options and the
+decoders' versions: a later search of the same files reads them back instead of decoding again
+(trainables.cache: one decode per key at a time, entries written whole and checked when read). A
+decoding task that sees that file (the same machine, or a shared file system) writes its rows into
+it itself, and the driver reads them back against the task's checksum (a file system that keeps one
+writer's copy loses the others' rows); elsewhere, or where it cannot write, its pixels come back to
+the driver, which writes them. A file that failed for a reason outside it (reading it, memory, a
+missing decoder) is tried once more at the end, and a decode that still has such a failure is not
+kept for later searches. On the disk store trials get a
 `DiskImages` handle to that file and read the rows they need (memory-mapped: the page cache keeps
 one copy per node), never a whole split.
 
@@ -34,6 +39,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from trainables import UserError
+from trainables.cache import decoder_versions, fresh_folder, key_lock, place, whole_entry
+from trainables.chunks import decode_chunk_into, retry_environment, rewrite_lost_rows
 from trainables.images import decode_chunk, listing, relative_paths
 from trainables.npy import copy_rows, npy_for_rows, read_npy, write_rows
 
@@ -132,6 +139,7 @@ class Decoded:
     no_image: Counter
     fingerprint: str
     unreadable: np.ndarray | None = None  # per file, whether it is one of `errors` (decoded here, not from a cache)
+    environment: list[bool] = field(default_factory=list)  # per error, whether it came from outside the file
 
 
 def decode_files(files: list[Path], root: Path | None, decoding: Decoding) -> Decoded:
@@ -146,28 +154,41 @@ def decode_files(files: list[Path], root: Path | None, decoding: Decoding) -> De
     decoding.chosen.update(store=store, bytes=nbytes)
     if decoding.cache is None:
         return _decode(files, root, decoding, out=None)
-    folder = Path(decoding.cache).expanduser() / _listing_key(files, root, decoding)
+    cache, key = Path(decoding.cache).expanduser(), _listing_key(files, root, decoding)
+    folder = cache / key
+    with key_lock(cache, key):
+        record, wrong = whole_entry(folder)
+        if wrong:
+            print(f"warning: the decoded images cached in {folder} cannot be used ({wrong}); decoding again", flush=True)
+        decoding.chosen["reused"] = record is not None
+        if record is None:
+            folder = _decode_into_cache(files, root, decoding, folder)
+        else:
+            print(f"decoded images: reused {folder} ({len(files):,} files)", flush=True)
     decoding.chosen["cache"] = str(folder)
-    if not (folder / "files.json").is_file():
-        decoding.chosen["reused"] = False
-        _decode_into_cache(files, root, decoding, folder)
-    else:
-        decoding.chosen["reused"] = True
-        print(f"decoded images: reused {folder} ({len(files):,} files)", flush=True)
-    return _from_cache(folder, store)
+    decoded = _from_cache(folder, store)
+    if store == "memory" and folder.name.startswith("."):  # a decode not kept: nothing reads it later
+        shutil.rmtree(folder, ignore_errors=True)
+    return decoded
 
 
 def cache_arrays(images: np.ndarray, fingerprint: str, decoding: Decoding) -> DiskImages:
     """In-memory images (a `.npz` source) written once into the cache, keyed by their fingerprint
     and the decoding options, for the disk store."""
-    key = hashlib.sha256(json.dumps([fingerprint, decoding.options(), DECODER_VERSION]).encode()).hexdigest()[:24]
-    folder = Path(decoding.cache).expanduser() / f"arrays-{key}"
-    decoding.chosen.update(cache=str(folder), reused=(folder / "images.npy").is_file())
-    if not decoding.chosen["reused"]:
-        tmp = _fresh(folder)
-        np.save(tmp / "images.npy", images)
-        tmp.rename(folder)
-    return DiskImages(folder / "images.npy")
+    key = "arrays-" + hashlib.sha256(json.dumps([fingerprint, decoding.options(), DECODER_VERSION]).encode()).hexdigest()[:24]
+    cache = Path(decoding.cache).expanduser()
+    with key_lock(cache, key):
+        record, _ = whole_entry(cache / key)
+        decoding.chosen.update(cache=str(cache / key), reused=record is not None)
+        if record is None:
+            tmp = fresh_folder(cache / key)
+            try:
+                np.save(tmp / "images.npy", images)
+                place(tmp, cache / key, {"fingerprint": fingerprint, "options": decoding.options()})
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return DiskImages(cache / key / "images.npy")
 
 
 # ---- decoding ----------------------------------------------------------------------------------
@@ -190,7 +211,7 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
         chunks = [(k * size, chunk) for k, chunk in enumerate(chunks)]
     run = decoding.run_chunks or _threads
     started = last = time.time()
-    done = 0
+    done, written = 0, {}  # chunk -> the checksum of the rows its task wrote into `out` itself
     try:
         for k, chunk in run(fn, chunks, kwargs):
             if time.time() - last >= decoding.progress_every and done < len(files):
@@ -205,15 +226,24 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
                 ok = [i for i, r in enumerate(chunk["results"]) if "sha256" in r]
                 rows_of = slice(first, first + len(ok)) if len(ok) == len(chunk["results"]) else [first + i for i in ok]
                 memory[rows_of] = chunk["pixels"]
-            elif chunk["pixels"] is not None:  # a task on a node that does not see the file
+            elif chunk["pixels"] is not None:  # a task on a node that does not see the file, or cannot write it
                 write_rows(handle.fileno(), offset + first * row, chunk["pixels"], chunk["results"])
+            else:
+                written[k] = chunk["crc"]
             results[k] = chunk["results"]
             done += len(chunk["results"])
+        if out is not None:
+            Path(f"{out}.token").unlink(missing_ok=True)  # no task writes from now on
+            rewrite_lost_rows(out, handle, offset, row, chunks, results, written, decoding.options())
+        flat = [r for chunk in results for r in chunk]
+        retry_environment(files, flat, decoding.options(), memory=memory,
+                           write=lambda i, pixels, r: write_rows(handle.fileno(), offset + i * row, pixels, [r]))
+        if out is not None:
+            os.fsync(handle.fileno())
     finally:
         if out is not None:
             handle.close()
             Path(f"{out}.token").unlink(missing_ok=True)
-    flat = [r for chunk in results for r in chunk]
     keep = np.array(["sha256" in r for r in flat], bool)
     if len(files) >= 1000:
         print(f"decoded {len(files):,} images in {_clock(time.time() - started)} "
@@ -224,29 +254,8 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
                    infos=[r for r in flat if "sha256" in r], errors=[r["error"] for r in flat if "error" in r],
                    no_image=Counter(r["no_image"] for r in flat if "no_image" in r),
                    fingerprint=_content_fingerprint(files, root, flat),
-                   unreadable=np.array(["error" in r for r in flat], bool))
-
-
-def decode_chunk_into(chunk: tuple[int, list[str]], *, out: str, offset: int, token: str, **options) -> dict:
-    """(a decoding task) `decode_chunk` of the files `chunk` (its first row, its files), their rows
-    written straight into the `.npy` file `out` (pixels from byte `offset`) when this node sees that
-    very file (`<out>.token` holds `token`: the same machine, or a shared file system): `pixels` is
-    then None. Elsewhere the pixels go back to the driver as `decode_chunk` returns them."""
-    first, files = chunk
-    decoded = decode_chunk(files, **options)
-    try:
-        seen = Path(f"{out}.token").read_text()
-    except OSError:
-        seen = None
-    if seen != token:
-        return decoded
-    row = options["image_size"] ** 2 * options["channels"]
-    fd = os.open(out, os.O_WRONLY)
-    try:
-        write_rows(fd, offset + first * row, decoded["pixels"], decoded["results"])
-    finally:
-        os.close(fd)
-    return {"pixels": None, "results": decoded["results"]}
+                   unreadable=np.array(["error" in r for r in flat], bool),
+                   environment=[bool(r.get("environment")) for r in flat if "error" in r])
 
 
 def chunk_size(files: int) -> int:
@@ -269,20 +278,24 @@ def _content_fingerprint(files: list[Path], root: Path, results: list[dict]) -> 
 # ---- the cache ---------------------------------------------------------------------------------
 
 def _listing_key(files: list[Path], root: Path, decoding: Decoding) -> str:
-    """What identifies a decoding without reading the files: each file's path under `root`, size and
-    modification time, the decoding options and the decoder's version. An edited file changes its
-    time (and its bytes change the fingerprint the cache records)."""
+    """What identifies a decoding without reading the files: each file's path under `root`, size,
+    modification and change time, the decoding options, and the versions of the decoding rules and
+    of the packages that decode. An edited (or replaced, or restored) file changes a time, and its
+    bytes change the fingerprint the cache records."""
     stats = map(os.stat, files)
-    lines = "".join(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n" for rel, st in zip(_relative(files, root), stats))
-    return hashlib.sha256((json.dumps([decoding.options(), DECODER_VERSION]) + "\n" + lines).encode()).hexdigest()[:24]
+    lines = "".join(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n"
+                    for rel, st in zip(_relative(files, root), stats))
+    versions = [decoding.options(), DECODER_VERSION, decoder_versions()]
+    return hashlib.sha256((json.dumps(versions) + "\n" + lines).encode()).hexdigest()[:24]
 
 
-def _decode_into_cache(files: list[Path], root: Path, decoding: Decoding, folder: Path) -> None:
+def _decode_into_cache(files: list[Path], root: Path, decoding: Decoding, folder: Path) -> Path:
     """Decode into a fresh folder beside `folder` and rename it into place when complete: a crash
     never leaves a cache entry that looks whole, and a failure leaves no folder it created.
-    Unreadable files' rows are dropped at the end."""
+    Unreadable files' rows are dropped at the end. Returns the folder of the entry: `folder`, or the
+    temporary one when a file failed for a reason outside it (the decode is then not kept)."""
     created = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
-    tmp = _fresh(folder)
+    tmp = fresh_folder(folder)
     try:
         decoded = _decode(files, root, decoding, out=tmp / "all.npy")
         if decoded.keep.all():
@@ -292,10 +305,15 @@ def _decode_into_cache(files: list[Path], root: Path, decoding: Decoding, folder
             (tmp / "all.npy").unlink()
         record = {"files": _relative(files, root), "keep": decoded.keep.tolist(), "infos": decoded.infos,
                   "errors": decoded.errors, "no_image": dict(decoded.no_image), "fingerprint": decoded.fingerprint,
-                  "options": decoding.options(), "decoder_version": DECODER_VERSION}
-        (tmp / "files.json").write_text(json.dumps(record))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+                  "options": decoding.options(), "decoder_version": DECODER_VERSION, "decoders": decoder_versions()}
+        outside = [e for e, r in zip(decoded.errors, decoded.environment) if r]
+        if outside:
+            (tmp / "files.json").write_text(json.dumps(record))
+            print(f"warning: {len(outside)} file(s) failed twice for a reason outside them ({listing(outside)}); "
+                  f"these decoded images are not kept for later searches", flush=True)
+            return tmp
+        place(tmp, folder, record)
+        return folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for path in created:  # innermost first
@@ -310,14 +328,6 @@ def _from_cache(folder: Path, store: str) -> Decoded:
     return Decoded(images=images if store == "disk" else read_npy(folder / "images.npy"),
                    keep=np.array(record["keep"], bool), infos=record["infos"], errors=record["errors"],
                    no_image=Counter(record["no_image"]), fingerprint=record["fingerprint"])
-
-
-def _fresh(folder: Path) -> Path:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
 
 
 def _relative(paths: list, root: Path | None) -> list[str]:

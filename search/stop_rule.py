@@ -1,0 +1,113 @@
+"""When a search stops: once more trials no longer beat the best by more than validation resolves.
+
+    >>> rule = StopRule(patience=2, mode="max")
+    >>> rule.update("a", 0.950, 0.004, proposed=False)   # a first trial: the best
+    False
+    >>> rule.update("b", 0.952, 0.004, proposed=True)    # better, but within 0.004: not resolved
+    False
+    >>> rule.update("c", 0.940, 0.005, proposed=True)    # the 2nd proposal in a row that adds nothing
+    True
+
+Optuna's terminator stops a study when the room left for improvement (a regret bound from a Gaussian
+process over the COMPLETE trials, or the trials since the best value last moved) falls below the
+statistical error of the best trial (its cross-validation error). Here most trials end PRUNED (ASHA
+stops them), a CPU search runs 24 trials where the regret bound wants 20 COMPLETE ones before it
+judges, and `optuna.terminator` is deprecated for removal in Optuna 6. So the rule takes the
+terminator's stagnation form with the terminator's error: the search stops after `patience` trials
+proposed by the sampler in a row have not beaten the best by more than the best's validation error,
+once every first trial (the sweep at fixed values) has ended. A trial counts at its best epoch, the
+value the leaderboard ranks it by, whether it ran to the end or ASHA stopped it.
+
+The error is what validation can resolve: with K folds, Optuna's CrossValidationErrorEvaluator
+(the fold scores' spread times sqrt(1/K + 1/(K-1))); with one validation split, the standard error
+of the metric on that split (Hanley and McNeil 1982 for AUC, per class against the rest and
+averaged; binomial for accuracy and F1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+def validation_error(result: dict, metric: str, val_counts: list[int] | None) -> float | None:
+    """The error of `result[metric]` validation can resolve (see the module docstring); None when it
+    has neither folds nor a closed form (the loss of one validation split)."""
+    value, folds = result.get(metric), int(result.get("folds") or 1)
+    if value is None:
+        return None
+    if folds > 1 and f"{metric}_std" in result:
+        return float(result[f"{metric}_std"]) * math.sqrt(1 / folds + 1 / (folds - 1))
+    if not val_counts or sum(val_counts) < 2:
+        return None
+    if metric == "val_auc":
+        total = sum(val_counts)
+        per_class = [hanley_mcneil(value, n, total - n) for n in val_counts if 0 < n < total]
+        return sum(per_class) / len(per_class) if per_class else None
+    if metric in ("val_acc", "val_f1"):
+        return math.sqrt(max(value * (1 - value), 0.0) / sum(val_counts))
+    return None
+
+
+def hanley_mcneil(auc: float, positives: int, negatives: int) -> float:
+    """Standard error of an AUC measured on `positives` and `negatives` cases (Hanley & McNeil, 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)) \
+        / (positives * negatives)
+    return math.sqrt(max(variance, 0.0))
+
+
+@dataclass
+class StopRule:
+    """The state of the rule as trials end (plain data: it travels with the searcher's state).
+    `first`: the first trials at fixed values still to end; the rule judges only once none is left."""
+
+    patience: int
+    mode: str
+    first: int = 0
+    best_trial: str | None = None
+    best: float | None = None
+    best_error: float | None = None
+    since: int = 0
+    ended: int = 0
+    stopped: bool = False
+
+    def update(self, trial_id: str, value: float | None, error: float | None, *, proposed: bool) -> bool:
+        """Take one ended trial (`value` None: it failed or reported nothing); returns whether the
+        search should stop now."""
+        self.ended += 1
+        if not proposed:
+            self.first = max(self.first - 1, 0)
+        if value is None or math.isnan(value):
+            return self.stopped
+        if self.best is None or self._beats(value):
+            self.best_trial, self.best, self.best_error, self.since = trial_id, value, error, 0
+        elif proposed:
+            self.since += 1
+        if not self.stopped and self.first == 0 and self.best_error is not None and self.since >= self.patience:
+            self.stopped = True
+        return self.stopped
+
+    def _beats(self, value: float) -> bool:
+        margin = self.best_error or 0.0
+        return value > self.best + margin if self.mode == "max" else value < self.best - margin
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    def reason(self, metric: str) -> str:
+        return (f"the last {self.since} trials the sampler proposed did not beat the best (trial {self.best_trial}, "
+                f"{metric} {self.best:.4f}) by more than validation resolves (+-{self.best_error:.4f})")
+
+
+def stop_record(rule: StopRule | None, *, metric: str, num_samples: int, trials: int, fit_seconds: float,
+                time_budget: float | None) -> dict:
+    """What timings.json and the report say of the stop rule once the search has run `trials`."""
+    if rule is None:
+        return {"on": False}
+    out = {"on": True, "patience": rule.patience, "stopped": rule.stopped, "best_trial": rule.best_trial,
+           "best": rule.best, "error": rule.best_error, "proposed_since_best": rule.since}
+    if rule.stopped:
+        out.update(reason=rule.reason(metric), trials_run=trials, trials_unspent=max(num_samples - trials, 0),
+                   budget_seconds=time_budget,
+                   budget_unspent_seconds=max(time_budget - fit_seconds, 0.0) if time_budget else None)
+    return out
