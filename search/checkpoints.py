@@ -15,8 +15,11 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+from trainables import UserError
+from trainables.models import num_params
 from trainables.trainable import CHECKPOINT_FILE, read_checkpoint
 
 
@@ -64,3 +67,69 @@ def newest_readable(trial: Path) -> tuple[dict | None, Path | None]:
             return saved, folder / CHECKPOINT_FILE
         print(f"warning: checkpoint {folder / CHECKPOINT_FILE} cannot be read ({why}); skipped", flush=True)
     return None, None
+
+
+def checkpoint_sizes(backbones, folds: int) -> tuple[float, float]:
+    """The largest and the mean size in bytes of one trial checkpoint over `backbones`: `folds` x the
+    backbone's weights and Adam's two moments, float32."""
+    sizes = [12 * num_params(b) * folds for b in backbones]
+    return max(sizes), sum(sizes) / len(sizes)
+
+
+def check_free_space(storage: Path, *, sizes: tuple[float, float], num_samples: int, slots: int) -> str:
+    """A line comparing the free space of `storage` with what the search's checkpoints take (`sizes`
+    from `checkpoint_sizes`): one per trial until finalize removes the unused ones.
+
+    Raises:
+        UserError: not even the checkpoints of the first trials at once fit.
+    """
+    largest, typical = sizes
+    free = _free(storage)
+    if free < in_hand(largest, slots):
+        raise UserError(f"{storage} has {_size(free)} free; the first {slots} trials' checkpoints alone take up to "
+                        f"{_size(in_hand(largest, slots))} ({_size(largest)} each): free space there, or choose "
+                        f"another --storage")
+    need = num_samples * typical
+    line = (f"storage: {_size(free)} free under {storage}; this search's checkpoints take about {_size(need)} "
+            f"({num_samples} trials x {_size(typical)}; finalize removes the unused ones)")
+    return line if free >= need else (f"warning: {line}: the disk may fill up; the search then stops before it is "
+                                      f"full, and --resume goes on once there is room")
+
+
+def in_hand(largest: float, slots: int) -> float:
+    """The space a search keeps free to write what it has whole: two checkpoints per running trial (Ray
+    swaps the newest in before it removes the last) and a few MB of state and leaderboards."""
+    return slots * 2 * largest + 2 * 2 ** 20
+
+
+def low_space(storage: Path, reserve: float):
+    """For `search.tuner.fit`: a function that names the shortage once `storage` has less than
+    `reserve` bytes free, else returns None."""
+    def check() -> str | None:
+        free = _free(storage)
+        if free < reserve:
+            return (f"{storage} has {_size(free)} free, less than the {_size(reserve)} the search keeps in hand to "
+                    f"write its checkpoints and state whole: it stopped with everything written so far")
+        return None
+    return check
+
+
+def _free(storage: Path) -> int:
+    return shutil.disk_usage(next(p for p in (storage, *storage.parents) if p.exists())).free
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2 ** 30:.1f} GB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.0f} MB"
+
+
+def remove_torn(folder: Path) -> None:
+    """Remove the checkpoint folders a stop cut short. Ray kills a trial that does not stop within
+    10 s of being told, mid-epoch or mid-copy of its checkpoint into storage (issue 42); once the
+    Tuner has returned no trial writes, and a torn file beside the real checkpoint misleads any reader
+    that takes the newest folder."""
+    removed = [c for trial in sorted(folder.glob("trial_*")) for c in torn(trial)]
+    for c in removed:
+        shutil.rmtree(c)
+    if removed:
+        print(f"removed {len(removed)} checkpoint folder(s) the stop cut short (Ray never registered them): "
+              f"{', '.join(f'{c.parent.name}/{c.name}' for c in removed)}", flush=True)

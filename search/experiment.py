@@ -8,12 +8,13 @@ Example:
 """
 from __future__ import annotations
 
-import json
+import errno
 import math
 import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import ray
 import torch
 from ray import tune
 
-from search.checkpoints import torn
+from search.checkpoints import check_free_space, checkpoint_sizes, in_hand, low_space, remove_torn
 from search.cluster import check_fits, connected, engine_messages, slots
 from search.cores import ShareIdleCores, core_budget
 from search.data import audited, data_path, load_search_data, write_audit
@@ -33,7 +34,7 @@ from search.leaderboard import LeaderboardCallback, print_summary
 from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions, SharedOptions, check_search,
                             resolve_batch_size, resolve_folds, resolve_stop_patience, with_profile)
 from search.plots import plot_progress
-from search.records import read_search_record, versions, write_atomic, write_json
+from search.records import read_search_record, versions, write_atomic, write_json, write_timings
 from search.stop_rule import stop_record
 from search.tuner import (SchedulerState, bind_space, fit, make_scheduler, make_searcher, make_tuner, restore_tuner,
                           with_data)
@@ -66,6 +67,7 @@ class Search:
     data_seconds: float  # decoding (or reading the cache) and the audit
     earlier: list[Earlier]  # the searches it starts from (--warm-start; none when resumed: its study has them)
     skipped: list[str]  # backbones not swept because the earlier searches tried them
+    checkpoint_sizes: tuple[float, float] = (0.0, 0.0)  # bytes of one trial checkpoint: the largest, the mean
 
 
 def run_search(options: SearchOptions) -> Path:
@@ -94,13 +96,15 @@ def run_search(options: SearchOptions) -> Path:
             raise KeyboardInterrupt("interrupted before the search started; run the same command again") from None
         write_audit(folder, search.audit, search.data)
         clock["fit_started"] = time.time()
-        with engine_messages(folder):
-            interrupted = fit(tuner, time_budget=search.options.time_budget)
-        clock["fit_ended"] = time.time()
-        finished, clock["stop_rule"] = _after_fit(search, searcher, fit_seconds=clock["fit_ended"] - clock["fit_started"],
-                                                  interrupted=interrupted)
-        clock["search_ended"], clock["data_seconds"] = time.time(), search.data_seconds
-        _write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)  # finalize reads it
+        reserve = in_hand(search.checkpoint_sizes[0], search.slots)
+        with engine_messages(folder), _disk_full(folder):
+            ended = fit(tuner, time_budget=search.options.time_budget, low_space=low_space(folder.parent, reserve))
+            interrupted, full = ended == "interrupted", ended if ended not in (None, "interrupted") else None
+            clock["fit_ended"] = time.time()
+            finished, clock["stop_rule"] = _after_fit(search, searcher, interrupted=interrupted or bool(full),
+                                                      fit_seconds=clock["fit_ended"] - clock["fit_started"])
+            clock["search_ended"], clock["data_seconds"] = time.time(), search.data_seconds
+            write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)  # finalize reads it
         o = search.options
         if finished and o.finalize:
             shared = {f.name: getattr(o, f.name) for f in fields(SharedOptions)}
@@ -109,10 +113,27 @@ def run_search(options: SearchOptions) -> Path:
             except KeyboardInterrupt:
                 raise KeyboardInterrupt(f"interrupted while finalizing; the search is complete: finish with "
                                         f"python -m search.finalize --experiment {folder}") from None
-    _write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)
+    write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)
     if interrupted:
         raise KeyboardInterrupt(f"interrupted: continue with {_resume_command(folder)}")
+    if full:
+        raise UserError(f"{full}; free space there and continue with {_resume_command(folder)}, or copy {folder} "
+                        f"to a roomier disk and continue it there with --storage <its parent folder>")
     return folder
+
+
+@contextmanager
+def _disk_full(folder: Path):
+    """A write that found the storage full (the space kept in hand went faster than the check every
+    second saw) is one error line, like the stop before it: what was written stays resumable."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"{folder.parent} is full ({exc.strerror}): the search stopped; free space there and "
+                        f"continue with {_resume_command(folder)}, or copy {folder} to a roomier disk and continue "
+                        f"it there with --storage <its parent folder>") from None
 
 
 def _check_before_ray(options: SearchOptions, folder: Path) -> None:
@@ -250,6 +271,10 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     trainable = with_data(train_classifier, search.data, {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial},
                           cores=cores)
     _announce(search, asha=scheduler is not None, given=len(given), dropped=dropped)
+    search.checkpoint_sizes = checkpoint_sizes(sorted({p["backbone"] for p in search.space.points if "backbone" in p})
+                                               or search.backbones, o.folds)
+    print(check_free_space(folder.parent, sizes=search.checkpoint_sizes, num_samples=o.num_samples,
+                           slots=search.slots), flush=True)
     if o.resume:
         return restore_tuner(folder, trainable, searcher=searcher, scheduler=scheduler, callbacks=callbacks), searcher
     folder.mkdir(parents=True)
@@ -349,38 +374,5 @@ def _after_fit(search: Search, searcher, *, fit_seconds: float, interrupted: boo
     return False, stop
 
 
-def remove_torn(folder: Path) -> None:
-    """Remove the checkpoint folders a stop cut short. Ray kills a trial that does not stop within
-    10 s of being told, mid-epoch or mid-copy of its checkpoint into storage (issue 42); once the
-    Tuner has returned no trial writes, and a torn file beside the real checkpoint misleads any reader
-    that takes the newest folder."""
-    removed = [c for trial in sorted(folder.glob("trial_*")) for c in torn(trial)]
-    for c in removed:
-        shutil.rmtree(c)
-    if removed:
-        print(f"removed {len(removed)} checkpoint folder(s) the stop cut short (Ray never registered them): "
-              f"{', '.join(f'{c.parent.name}/{c.name}' for c in removed)}", flush=True)
-
-
 def _resume_command(folder: Path) -> str:
     return f"python -m search.run --resume --name {folder.name} --storage {folder.parent}"
-
-
-def _write_timings(folder: Path, clock: dict, *, slots: int, cpus_per_trial: float) -> None:
-    """timings.json: where this command's wall time went, and how the trial slots were used
-    (bench/overhead.py reads it)."""
-    now = time.time()
-    search_ended = clock.get("search_ended", now)
-    epochs = [json.loads(line) for path in sorted(folder.glob("trial_*/result.json"))
-              for line in path.read_text().splitlines() if line.strip()]
-    steps = [(e.get("train_seconds", 0) + e.get("eval_seconds", 0), e.get("threads", cpus_per_trial)) for e in epochs]
-    write_json(folder / "timings.json", {
-        **clock, "ended": now, "trial_slots": slots,
-        "before_fit_seconds": clock["fit_started"] - clock["started"],
-        "fit_seconds": clock["fit_ended"] - clock["fit_started"],
-        "after_fit_seconds": search_ended - clock["fit_ended"],
-        "finalize_seconds": now - search_ended, "search_seconds": search_ended - clock["started"],
-        "slot_use": {"trial_epochs": len(epochs),
-                     "epochs_on_shared_cores": sum(threads > cpus_per_trial for _, threads in steps),
-                     "step_seconds": sum(seconds for seconds, _ in steps),
-                     "core_seconds_in_steps": sum(seconds * threads / cpus_per_trial for seconds, threads in steps)}})

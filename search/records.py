@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -67,3 +68,23 @@ def versions() -> dict:
     libraries = {name: version(name) for name in ("timm", "ray", "optuna", "scikit-learn")}
     return {"python": platform.python_version(), "torch": torch.__version__, **libraries,
             "platform": platform.platform(), "cuda": torch.version.cuda}
+
+
+def write_timings(folder: Path, clock: dict, *, slots: int, cpus_per_trial: float) -> None:
+    """timings.json: where this command's wall time went, and how the trial slots were used
+    (bench/overhead.py reads it)."""
+    now = time.time()
+    search_ended = clock.get("search_ended", now)
+    epochs = [json.loads(line) for path in sorted(folder.glob("trial_*/result.json"))
+              for line in path.read_text().splitlines() if line.strip()]
+    steps = [(e.get("train_seconds", 0) + e.get("eval_seconds", 0), e.get("threads", cpus_per_trial)) for e in epochs]
+    write_json(folder / "timings.json", {
+        **clock, "ended": now, "trial_slots": slots,
+        "before_fit_seconds": clock["fit_started"] - clock["started"],
+        "fit_seconds": clock["fit_ended"] - clock["fit_started"],
+        "after_fit_seconds": search_ended - clock["fit_ended"],
+        "finalize_seconds": now - search_ended, "search_seconds": search_ended - clock["started"],
+        "slot_use": {"trial_epochs": len(epochs),
+                     "epochs_on_shared_cores": sum(threads > cpus_per_trial for _, threads in steps),
+                     "step_seconds": sum(seconds for seconds, _ in steps),
+                     "core_seconds_in_steps": sum(seconds * threads / cpus_per_trial for seconds, threads in steps)}})

@@ -12,9 +12,11 @@ value, the value the leaderboard ranks it by.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import pickle
+import pickletools
 import signal
 import threading
 import time
@@ -28,7 +30,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from search.records import write_atomic
 from search.samplers import SAMPLERS
+from trainables import UserError
 from search.stop_rule import StopRule, validation_error
 
 STUDY_FILE, STUDY_NAME = "optuna.journal", "search"
@@ -132,10 +136,16 @@ class StudySearch(OptunaSearch):
                                    direction=self._ot_study.direction, load_if_exists=True)
 
     def save(self, checkpoint_path: str):
-        """The searcher's state, without its folder: a resumed copy of the experiment keeps its own."""
+        """The searcher's state, without its folder (a resumed copy of the experiment keeps its own),
+        written whole or not at all: a disk that fills up mid-write leaves the previous state."""
         state = {k: v for k, v in self.__dict__.items() if k != "folder"}
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(state, f)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                pickle.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        write_atomic(Path(checkpoint_path), write)
 
     def restore(self, checkpoint_path: str):
         folder = self.folder
@@ -283,11 +293,36 @@ def restore_tuner(folder: Path, trainable, *, searcher, scheduler, callbacks: li
     `Tuner.restore` alone would run the ones pickled when the search started, with the folder they had
     then: a moved or copied experiment would read and write the original's files. Ray has no public
     way to give a restored Tuner new ones, hence the attributes below (Ray 2.60's TunerInternal)."""
+    check_state_files(folder)
     tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
     internal = tuner._local_tuner
     internal._tune_config.search_alg, internal._tune_config.scheduler = _Generator(searcher, folder), scheduler
     internal._run_config.callbacks = callbacks
     return tuner
+
+
+def check_state_files(folder: Path) -> None:
+    """Read through the state files `Tuner.restore` reads (the newest of each kind), executing
+    nothing: Ray meets a file cut short by printing "Failed to restore the run state" and then waits
+    forever.
+
+    Raises:
+        UserError: naming the file that cannot be read, and what to do.
+    """
+    kinds = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl", "callback-states-*.pkl")
+    for path in [folder / "tuner.pkl", *(max(found) for kind in kinds if (found := sorted(folder.glob(kind))))]:
+        try:
+            data = path.read_bytes()
+            if data[:1] == b"\x80":  # a pickle (Ray pickles some of its .json files too)
+                for _ in pickletools.genops(data):  # raises at a stream without its end
+                    pass
+            else:
+                json.loads(data)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"the search's state file {path} cannot be read ({type(exc).__name__}: "
+                            f"{str(exc)[:80]}), cut short by a full disk or a crash: continue from a copy of "
+                            f"{folder.name} made before, or start a new search with --warm-start {folder} to "
+                            f"keep what its trials taught the sampler") from None
 
 
 class _Generator(SearchGenerator):
@@ -304,13 +339,14 @@ class _Generator(SearchGenerator):
         storage.storage_fs_path, storage.experiment_dir_name = self.folder.parent.as_posix(), self.folder.name
 
 
-def fit(tuner: tune.Tuner, *, time_budget: float | None) -> bool:
-    """`tuner.fit()`, stopped after `time_budget` seconds or at the first Ctrl-C the way Ray stops on a
-    signal (its SIGUSR1 handler): the trials it cuts keep their checkpoints and stay resumable, and
-    the searcher stays open (Ray's own `time_budget_s` would mark them finished and the searcher
-    done). A second Ctrl-C raises KeyboardInterrupt at once. Returns whether Ctrl-C stopped it: Ray
+def fit(tuner: tune.Tuner, *, time_budget: float | None, low_space=None) -> str | None:
+    """`tuner.fit()`, stopped after `time_budget` seconds, at the first Ctrl-C, or when `low_space()`
+    (asked every second) returns a message, the way Ray stops on a signal (its SIGUSR1 handler):
+    the trials it cuts keep their checkpoints and stay resumable, and the searcher stays open (Ray's
+    own `time_budget_s` would mark them finished and the searcher done). A second Ctrl-C raises
+    KeyboardInterrupt at once. Returns "interrupted" (Ctrl-C), the low-space message, or None: Ray
     returns normally either way."""
-    stop, interrupted, done = threading.Event(), threading.Event(), threading.Event()
+    stop, interrupted, done, why = threading.Event(), threading.Event(), threading.Event(), []
 
     def on_ctrl_c(*_):
         interrupted.set()
@@ -318,7 +354,11 @@ def fit(tuner: tune.Tuner, *, time_budget: float | None) -> bool:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def stopper():
-        stop.wait(time_budget)
+        deadline = time.time() + time_budget if time_budget else math.inf
+        while not stop.wait(min(1.0, max(deadline - time.time(), 0))) and time.time() < deadline:
+            if low_space and (message := low_space()):
+                why.append(message)
+                break
         while not done.is_set():  # again until fit returns: Ray installs its handler only once fit has started
             os.kill(os.getpid(), signal.SIGUSR1)
             done.wait(2)
@@ -336,4 +376,4 @@ def fit(tuner: tune.Tuner, *, time_budget: float | None) -> bool:
         thread.join()  # no signal of its own arrives after the handlers are back
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return interrupted.is_set()
+    return "interrupted" if interrupted.is_set() else (why[0] if why else None)

@@ -260,6 +260,76 @@ def _diverging(trial, *, backbones, stages, pretrained):
     return {"backbone": "small_cnn", "weights": "random"}
 
 
+def test_a_driver_killed_with_sigkill_whose_journal_got_half_a_line_resumes_to_the_end(tmp_path, pneumonia_npz):
+    """SIGKILL (the head's machine lost, an OOM kill): nothing of the driver runs at exit. With half a
+    JSON line appended to the journal, as a crash mid-append leaves it, --resume runs every trial to
+    the end, and Optuna's JournalStorage reads each trial once, finished."""
+    from search.tuner import load_study
+    args = [*SEARCH, "--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "killed",
+            "--num-samples", "4", "--max-epochs", "2", "--max-concurrent", "2"]
+    process = _start(*args)
+    folder = tmp_path / "killed"
+
+    def one_ended():
+        path = folder / "leaderboard.csv"
+        return path.is_file() and path.stat().st_size and (pd.read_csv(path)["status"] == "TERMINATED").sum() >= 1
+    _wait_for(one_ended, 300, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    with open(folder / "optuna.journal", "a") as f:
+        f.write('{"op_code": 5, "worker_id": "0-1", "trial_id": 1, "state": 1, "val')
+    resumed = subprocess.run([sys.executable, "-m", "search.run", *args, "--resume"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert "ended in a line cut short" in resumed.stdout
+    trials = load_study(folder).trials
+    board = pd.read_csv(folder / "leaderboard.csv")
+    assert len(board) == 4 and (board["status"] == "TERMINATED").all(), board
+    assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(board["trial_id"])
+    assert all(t.state.is_finished() for t in trials)
+    # a state file a full disk cut short: --resume says which, in one line, and does not wait forever
+    state = max(folder.glob("searcher-state-*.pkl"))
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    cut = subprocess.run([sys.executable, "-m", "search.run", *args, "--resume"], cwd=ROOT, text=True,
+                         capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    errors = [line for line in cut.stderr.splitlines() if line.startswith("error:")]
+    assert cut.returncode == 2 and len(errors) == 1 and state.name in errors[0], (cut.stdout + cut.stderr)[-3000:]
+    assert "--warm-start" in errors[0] and "Traceback" not in cut.stdout + cut.stderr
+
+
+def test_a_search_whose_storage_runs_low_stops_whole_and_resumes_from_a_copy_on_a_roomy_disk(tmp_path, pneumonia_npz):
+    """A 12 MB storage: the search stops while it can still write its state whole (one error line,
+    no traceback, exit 2); its copy on a roomy disk resumes and runs every trial once to the end."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("mounting a 12 MB tmpfs needs root")
+    args = [*SEARCH, "--data", str(pneumonia_npz), "--backbones", "small_cnn", "--num-samples", "4", "--max-epochs", "3",
+            "--max-concurrent", "1", "--name", "full"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        run = subprocess.run([sys.executable, "-m", "search.run", *args, "--storage", str(small)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert run.returncode == 2 and len(errors) == 1, (run.stdout + run.stderr)[-3000:]
+        assert "less than the" in errors[0] and "--resume --name full" in errors[0]
+        assert "Traceback" not in run.stdout + run.stderr
+        shutil.copytree(small / "full", tmp_path / "roomy" / "full")
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+    resumed = subprocess.run([sys.executable, "-m", "search.run", *args, "--storage", str(tmp_path / "roomy"), "--resume"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    board = pd.read_csv(tmp_path / "roomy" / "full" / "leaderboard.csv")
+    assert len(board) == 4 and (board["status"] == "TERMINATED").all(), board
+    for trial_id, epochs in _results(tmp_path / "roomy" / "full").items():
+        # continued from its checkpoint: at most the epoch in flight at the stop runs again (its result reached
+        # Ray, its checkpoint not yet), once
+        reported = [e["training_iteration"] for e in epochs]
+        assert sorted(set(reported)) == list(range(1, max(reported) + 1)), (trial_id, reported)
+        assert len(reported) - len(set(reported)) <= 1, (trial_id, reported)
+
+
 def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path, pneumonia_npz, monkeypatch):
     from spaces import _registry
     monkeypatch.setattr(_registry, "_SPACES", dict(_registry._SPACES))  # the test's space leaves with it

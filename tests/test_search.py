@@ -455,6 +455,25 @@ def test_stop_rule_errors_and_decisions():
     assert rule.update("p5", 0.46, 0.01, proposed=True) and rule.since == 2
 
 
+def test_the_free_space_of_the_storage_is_compared_with_what_the_checkpoints_take(tmp_path):
+    import shutil
+    from search.checkpoints import check_free_space, checkpoint_sizes, low_space
+    from trainables import UserError
+    from trainables.models import num_params
+    free = shutil.disk_usage(tmp_path).free
+    one = 12 * num_params("resnet18") * 5  # 5 folds of weights and Adam's two moments, float32
+    assert checkpoint_sizes(["resnet18", "small_cnn"], 5) == (one, (one + 12 * num_params("small_cnn") * 5) / 2)
+    sizes = checkpoint_sizes(["resnet18"], 5)
+    line = check_free_space(tmp_path / "new" / "storage", sizes=sizes, num_samples=2, slots=2)
+    assert line.startswith("storage: ") and f"2 trials x {one / 2 ** 20:.0f} MB" in line
+    many = int(free / one) + 1  # the checkpoints of this many trials do not fit
+    line = check_free_space(tmp_path, sizes=sizes, num_samples=many, slots=2)
+    assert line.startswith("warning: storage: ") and "the disk may fill up" in line
+    with pytest.raises(UserError, match="checkpoints alone take up to .*choose another --storage"):
+        check_free_space(tmp_path, sizes=sizes, num_samples=many, slots=many)
+    assert low_space(tmp_path, free / 2)() is None and "less than the" in low_space(tmp_path, 2 * free)()
+
+
 def test_idle_cores_are_shared_evenly_per_node():
     from search.cores import shares
     assert shares({"a": "n1"}, {"n1": 2}, 1) == {"a": 2}

@@ -240,6 +240,14 @@ def test_tasks_write_their_rows_into_the_cache_and_a_task_elsewhere_sends_them_b
     assert here["pixels"] is None and here["results"] == expected["results"]
     rows = np.load(out)
     assert np.array_equal(rows[[2, 3, 4, 6, 7, 8]], expected["pixels"])  # each file's row, in file order
+    import zlib
+    assert here["crc"] == zlib.crc32(expected["pixels"].tobytes())  # what the driver reads back against
+    unwritable = tmp_path / "mount"  # seen (the token matches) but not writable: the pixels go to the driver
+    unwritable.mkdir()
+    (tmp_path / "mount.token").write_text("this-decoding")
+    sent = decode_chunk_into((2, chunk), out=str(unwritable), offset=offset, token="this-decoding", image_size=16,
+                             channels=1)
+    assert np.array_equal(sent["pixels"], expected["pixels"]) and "crc" not in sent
     assert not rows[[0, 1, 5, 9]].any()  # the unreadable file's row and rows of other chunks: untouched
 
     # a whole decoding whose tasks all ran where the file is not seen: the driver writes every row

@@ -143,6 +143,13 @@ def num_stages(backbone: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def num_params(backbone: str) -> int:
+    """Parameters of a timm backbone (without a head), counted on the meta device."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in timm.create_model(backbone, pretrained=False, num_classes=0).parameters())
+
+
+@functools.lru_cache(maxsize=None)
 def min_input_size(backbone: str, at_least: int) -> int:
     """Smallest square input >= `at_least` the backbone accepts (InceptionV3 needs 75 px), probed
     with a forward pass on the meta device."""
