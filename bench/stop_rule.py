@@ -30,22 +30,25 @@ ARMS = {"full": ["--no-stop-rule"], "stopped": []}
 
 
 def run(arm: str, seed: int, work: Path, extra: list[str]) -> dict:
+    """One run, measured; a run that finished before (its final/metrics.json written) is measured
+    again, not run again (the full runs do not depend on the rule: rename a folder to run it again)."""
     folder = work / f"{arm}-seed{seed}"
-    shutil.rmtree(folder, ignore_errors=True)  # a run cut short is run again whole: its time is its measure
-    command = [sys.executable, "-m", "search.run", "--space", "backbones", "--weights", "random", "--seed", str(seed),
-               "--storage", str(work), "--name", folder.name, *ARMS[arm], *extra]
-    print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: {' '.join(command[1:])}", flush=True)
-    with open(work / f"{folder.name}.log", "w") as log:
-        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"{arm} seed {seed} failed ({done.returncode}); see {work / f'{folder.name}.log'}")
+    if not (folder / "final" / "metrics.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # a run cut short is run again whole: its time is its measure
+        command = [sys.executable, "-m", "search.run", "--space", "backbones", "--weights", "random", "--seed",
+                   str(seed), "--storage", str(work), "--name", folder.name, *ARMS[arm], *extra]
+        print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: {' '.join(command[1:])}", flush=True)
+        with open(work / f"{folder.name}.log", "w") as log:
+            done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise SystemExit(f"{arm} seed {seed} failed ({done.returncode}); see {work / f'{folder.name}.log'}")
     timings = json.loads((folder / "timings.json").read_text())
     metrics = json.loads((folder / "final" / "metrics.json").read_text())
     test = metrics["models"][metrics["chosen"]]["test"]
     stop = timings.get("stop_rule", {})
     return {f"{arm}_search_s": round(timings["search_seconds"]), f"{arm}_test_auc": round(test["auc"], 4),
             f"{arm}_test_acc": round(test["accuracy"], 4), f"{arm}_trials": len(pd.read_csv(folder / "leaderboard.csv")),
-            f"{arm}_stopped": bool(stop.get("stopped"))}
+            f"{arm}_stop": stop.get("bound") or ("" if stop.get("on") else "off")}
 
 
 def main() -> None:

@@ -359,9 +359,12 @@ def _after_fit(search: Search, searcher, *, fit_seconds: float, interrupted: boo
     if interrupted:
         return False, stop
     if stop.get("stopped"):
+        cut = int((board["status"] == "INTERRUPTED").sum())
         print(f"stop rule: the search ended after {stop['trials_run']} of {o.num_samples} trials, in {fit_seconds:.0f}s"
               + (f" of its {o.time_budget:.0f}s budget ({stop['budget_unspent_seconds']:.0f}s unspent)"
-                 if o.time_budget else "") + f": {stop['reason']}", flush=True)
+                 if o.time_budget else "") + f": {stop['reason']}"
+              + (f"; {cut} running trial(s) stopped where they were (INTERRUPTED: finalize goes on from their "
+                 f"checkpoints when they rank among the best)" if cut else ""), flush=True)
         return True, stop
     if unfinished <= 0:
         return True, stop

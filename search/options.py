@@ -133,9 +133,9 @@ class SearchOptions(SharedOptions):
                                       f"{AUTO_FOLDS_BELOW:,} images, else 1", type=int_or_auto)
     subset: int | None = option(None, "at most this many images per split (smoke runs)", type=int, above=0)
     max_retries: int = option(2, "retries of a trial whose worker fails", type=int, at_least=0)
-    stop_rule: bool = option(True, "run the whole budget (by default the search stops once --stop-patience trials "
-                                   "the sampler proposed in a row have not beaten the best by more than its "
-                                   "validation error: search/stop_rule.py)")
+    stop_rule: bool = option(True, "run the whole budget (by default the search stops once the best trial is within "
+                                   "its validation error of the metric's ceiling, or --stop-patience trials the sampler "
+                                   "proposed in a row have not beaten it by more than that: search/stop_rule.py)")
     stop_patience: int | None = option(None, "proposed trials in a row that add nothing before the stop rule ends "
                                              "the search (default: a sixth of --num-samples, at least 4)",
                                        type=int, above=0)

@@ -7,16 +7,28 @@
     False
     >>> rule.update("c", 0.940, 0.005, proposed=True)    # the 2nd proposal in a row that adds nothing
     True
+    >>> ceiling = StopRule(patience=4, mode="max", ceiling=1.0)
+    >>> ceiling.update("d", 0.997, 0.004, proposed=False)  # 1.0 - 0.997 is within 0.004: nothing to resolve
+    True
 
 Optuna's terminator stops a study when the room left for improvement (a regret bound from a Gaussian
 process over the COMPLETE trials, or the trials since the best value last moved) falls below the
 statistical error of the best trial (its cross-validation error). Here most trials end PRUNED (ASHA
 stops them), a CPU search runs 24 trials where the regret bound wants 20 COMPLETE ones before it
-judges, and `optuna.terminator` is deprecated for removal in Optuna 6. So the rule takes the
-terminator's stagnation form with the terminator's error: the search stops after `patience` trials
-proposed by the sampler in a row have not beaten the best by more than the best's validation error,
-once every first trial (the sweep at fixed values) has ended. A trial counts at its best epoch, the
-value the leaderboard ranks it by, whether it ran to the end or ASHA stopped it.
+judges, and `optuna.terminator` is deprecated for removal in Optuna 6. So the rule takes two
+bounds a search can compute without a model, against the terminator's error, and the search stops
+at the first that holds:
+
+- the ceiling: a metric that cannot exceed 1 (AUC, accuracy, F1) leaves the best trial at most
+  1 - best to gain; once that is within the best's validation error, no trial, started or not, can
+  beat it by more than validation resolves (an AUC of 0.997 on 270 validation images);
+- stagnation (the terminator's other form): `patience` trials proposed by the sampler in a row have
+  not beaten the best by more than the best's validation error, once every first trial (the sweep
+  at fixed values) has ended.
+
+A trial counts at its best epoch, the value the leaderboard ranks it by, whether it ran to the end
+or ASHA stopped it. When the rule holds, no trial starts and the running ones stop where they are
+(the same bound holds for them; they keep their checkpoints, and finalize goes on from them).
 
 The error is what validation can resolve: with K folds, Optuna's CrossValidationErrorEvaluator
 (the fold scores' spread times sqrt(1/K + 1/(K-1))); with one validation split, the standard error
@@ -64,12 +76,13 @@ class StopRule:
     patience: int
     mode: str
     first: int = 0
+    ceiling: float | None = None  # the metric's largest possible value (mode "max"), if it has one
     best_trial: str | None = None
     best: float | None = None
     best_error: float | None = None
     since: int = 0
     ended: int = 0
-    stopped: bool = False
+    stopped: str | None = None  # which bound held: "ceiling" or "stagnation"
 
     def update(self, trial_id: str, value: float | None, error: float | None, *, proposed: bool) -> bool:
         """Take one ended trial (`value` None: it failed or reported nothing); returns whether the
@@ -78,23 +91,33 @@ class StopRule:
         if not proposed:
             self.first = max(self.first - 1, 0)
         if value is None or math.isnan(value):
-            return self.stopped
-        if self.best is None or self._beats(value):
-            self.best_trial, self.best, self.best_error, self.since = trial_id, value, error, 0
+            return bool(self.stopped)
+        resolved = self.best is None or self._beats(value, self.best_error or 0.0)
+        if self.best is None or self._beats(value, 0.0):  # the best is the best seen; counting restarts if resolved
+            self.best_trial, self.best, self.best_error = trial_id, value, error
+        if resolved:
+            self.since = 0
         elif proposed:
             self.since += 1
-        if not self.stopped and self.first == 0 and self.best_error is not None and self.since >= self.patience:
-            self.stopped = True
-        return self.stopped
+        if self.stopped or self.best_error is None:
+            return bool(self.stopped)
+        if self.ceiling is not None and self.mode == "max" and self.ceiling - self.best <= self.best_error:
+            self.stopped = "ceiling"
+        elif self.first == 0 and self.since >= self.patience:
+            self.stopped = "stagnation"
+        return bool(self.stopped)
 
-    def _beats(self, value: float) -> bool:
-        margin = self.best_error or 0.0
+    def _beats(self, value: float, margin: float) -> bool:
         return value > self.best + margin if self.mode == "max" else value < self.best - margin
 
     def record(self) -> dict:
         return asdict(self)
 
     def reason(self, metric: str) -> str:
+        if self.stopped == "ceiling":
+            return (f"the best trial ({self.best_trial}, {metric} {self.best:.4f}) is within its validation error "
+                    f"(+-{self.best_error:.4f}) of the metric's ceiling ({self.ceiling:g}): no trial can beat it by "
+                    f"more than validation resolves")
         return (f"the last {self.since} trials the sampler proposed did not beat the best (trial {self.best_trial}, "
                 f"{metric} {self.best:.4f}) by more than validation resolves (+-{self.best_error:.4f})")
 
@@ -104,7 +127,8 @@ def stop_record(rule: StopRule | None, *, metric: str, num_samples: int, trials:
     """What timings.json and the report say of the stop rule once the search has run `trials`."""
     if rule is None:
         return {"on": False}
-    out = {"on": True, "patience": rule.patience, "stopped": rule.stopped, "best_trial": rule.best_trial,
+    out = {"on": True, "patience": rule.patience, "stopped": bool(rule.stopped), "bound": rule.stopped,
+           "best_trial": rule.best_trial,
            "best": rule.best, "error": rule.best_error, "proposed_since_best": rule.since}
     if rule.stopped:
         out.update(reason=rule.reason(metric), trials_run=trials, trials_unspent=max(num_samples - trials, 0),

@@ -96,8 +96,9 @@ class StudySearch(OptunaSearch):
         was = self.stop_rule.stopped
         if self.stop_rule.update(trial_id, seen.get(step), errors.get(step), proposed=trial_id not in self.fixed) \
                 and not was:
-            print(f"stop rule: {self.stop_rule.reason(self._metric)}; no more trials start "
-                  f"(--no-stop-rule runs the whole budget)", flush=True)
+            print(f"stop rule: {self.stop_rule.reason(self._metric)}; no more trials start and the running ones stop "
+                  f"where they are (--no-stop-rule runs the whole budget)", flush=True)
+            os.kill(os.getpid(), signal.SIGUSR1)  # Ray's stop on a signal: running trials keep their checkpoints
 
     def _report(self, trial_id: str, result: dict) -> None:
         step, value = int(result.get("training_iteration", 0)), result.get(self._metric)
@@ -243,7 +244,8 @@ def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, 
                   val_counts: list[int] | None = None) -> ConcurrencyLimiter:
     """The Optuna searcher (`sampler`: a name in SAMPLERS) over a define-by-run `space_fn`, behind a
     concurrency limit; with `stop_patience`, under the stop rule (search/stop_rule.py)."""
-    rule = StopRule(patience=stop_patience, mode=mode, first=len(points)) if stop_patience else None
+    ceiling = 1.0 if metric in ("val_auc", "val_acc", "val_f1") else None
+    rule = StopRule(patience=stop_patience, mode=mode, first=len(points), ceiling=ceiling) if stop_patience else None
     searcher = StudySearch(space=space_fn, metric=metric, mode=mode, sampler=SAMPLERS[sampler](seed),
                            points_to_evaluate=points or None, max_epochs=max_epochs, folder=folder,
                            stop_rule=rule, val_counts=val_counts)

@@ -18,7 +18,7 @@ from search.options import SearchOptions
 
 @pytest.fixture(scope="module")
 def fifo_search(tmp_path_factory, pneumonia_npz):
-    return run_search(SearchOptions(space="tiny", data=str(pneumonia_npz), num_samples=3, max_epochs=2, folds=1,
+    return run_search(SearchOptions(space="tiny", data=str(pneumonia_npz), stop_rule=False, num_samples=3, max_epochs=2, folds=1,
                                     subset=200, image_size=28, scheduler="fifo", finalize=False,
                                     storage=str(tmp_path_factory.mktemp("bench")), name="fifo"))
 

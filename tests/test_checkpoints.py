@@ -37,7 +37,7 @@ def stopped_while_saving(tmp_path_factory, pneumonia_npz):
     console = io.StringIO()
     try:
         with contextlib.redirect_stdout(console):
-            folder = run_search(SearchOptions(space="tiny", data=str(pneumonia_npz), storage=str(root / "exp"),
+            folder = run_search(SearchOptions(space="tiny", data=str(pneumonia_npz), storage=str(root / "exp"), stop_rule=False,
                                               name="cut", num_samples=2, max_epochs=3, grace_period=3, folds=1,
                                               image_size=28, subset=400, seed=0, cpus_per_trial=1,
                                               time_budget=BUDGET, finalize=False))

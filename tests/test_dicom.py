@@ -167,7 +167,7 @@ def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_
     from search.options import SearchOptions
     from search.saved_model import load_model
     from trainables.store import decode_images
-    folder = run_search(SearchOptions(space="tiny", data=str(mixed_folder), storage=str(tmp_path), name="dicom",
+    folder = run_search(SearchOptions(space="tiny", data=str(mixed_folder), storage=str(tmp_path), name="dicom", stop_rule=False,
                                       num_samples=2, max_epochs=2, grace_period=1, image_size=28, folds=1, top_k=1,
                                       warm_restart="none", cpus_per_trial=1, seed=0))
     data = load_dataset(mixed_folder, image_size=28, cache=str(tmp_path / "data-cache"))

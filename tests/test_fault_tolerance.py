@@ -17,7 +17,7 @@ from conftest import ROOT
 from search.experiment import run_search
 from search.options import SearchOptions
 
-SEARCH = ["--space", "tiny", "--image-size", "28", "--subset", "400", "--folds", "1", "--grace-period", "1",
+SEARCH = ["--space", "tiny", "--image-size", "28", "--subset", "400", "--folds", "1", "--grace-period", "1", "--no-stop-rule",
           "--cpus-per-trial", "1",
           "--no-finalize", "--seed", "0"]
 
@@ -335,7 +335,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path
     monkeypatch.setattr(_registry, "_SPACES", dict(_registry._SPACES))  # the test's space leaves with it
     points = ({"lr": 1e8, "optimizer": "sgd"}, {"lr": 1e-3, "optimizer": "adam"}, {"lr": 3e-3, "optimizer": "adam"})
     _registry.register_space("diverging", backbones=("small_cnn",), points=points, fixed=True)(_diverging)
-    folder = run_search(SearchOptions(space="diverging", data=str(pneumonia_npz), storage=str(tmp_path), name="nan", folds=1,
+    folder = run_search(SearchOptions(space="diverging", data=str(pneumonia_npz), storage=str(tmp_path), name="nan", folds=1, stop_rule=False,
                                       num_samples=3, max_epochs=2, grace_period=2, image_size=28, subset=300,
                                       cpus_per_trial=1, max_retries=1, finalize=False))
     board = pd.read_csv(folder / "leaderboard.csv")
@@ -355,7 +355,7 @@ def test_a_copied_search_cut_again_and_again_resumes_into_the_copy_and_asha_judg
     until it ends, ends with the same trials stopped at the same rungs; the cut trials continue from
     their checkpoints, and the original's files are not touched. ASHA's rungs must travel with the
     experiment (Ray restores no scheduler) and be the latest ones at every resume."""
-    base = dict(space="tiny", data=str(pneumonia_npz), subset=200, image_size=28, folds=1, max_epochs=3,
+    base = dict(space="tiny", data=str(pneumonia_npz), stop_rule=False, subset=200, image_size=28, folds=1, max_epochs=3,
                 grace_period=1, num_samples=6, max_concurrent=1, cpus_per_trial=1, seed=0, finalize=False)
     whole_folder = run_search(SearchOptions(**base, storage=str(tmp_path / "a"), name="whole"))
     whole = pd.read_csv(whole_folder / "leaderboard.csv")

@@ -36,7 +36,7 @@ def experiment(tmp_path_factory, keras_folder):
     """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble;
     no warm restart, so a member's first seed is its trial's network as it stands."""
     storage = tmp_path_factory.mktemp("exp")
-    folder = run_search(SearchOptions(space="tiny", data=str(keras_folder), storage=str(storage), name="pipeline", folds=1,
+    folder = run_search(SearchOptions(space="tiny", data=str(keras_folder), storage=str(storage), name="pipeline", folds=1, stop_rule=False,
                                       num_samples=4, max_epochs=3, grace_period=3, image_size=28, seed=0,
                                       cpus_per_trial=1, top_k=2, seeds=2, warm_restart="none"))
     return folder, json.loads((folder / "final" / "metrics.json").read_text())
@@ -329,7 +329,7 @@ def cv_experiment(tmp_path_factory):
     """The real 3-class X-rays (251 train images): --folds auto cross-validates (5 folds); the test
     copies of files also in train are dropped from train by default."""
     from conftest import shared
-    folder = run_search(SearchOptions(space="tiny", data=str(shared("covid19-xray-3class")), name="cv",
+    folder = run_search(SearchOptions(space="tiny", data=str(shared("covid19-xray-3class")), name="cv", stop_rule=False,
                                       storage=str(tmp_path_factory.mktemp("cv")), num_samples=3, max_epochs=2,
                                       grace_period=2, image_size=28, cpus_per_trial=1, top_k=2))
     return folder, json.loads((folder / "final" / "metrics.json").read_text())
@@ -538,7 +538,7 @@ def test_the_gpu_profile_runs_end_to_end_on_a_cpu(tmp_path, pneumonia_npz):
     """The gpu profile's settings (224 px, bfloat16 autocast, channels-last), its epochs and trials
     scaled down to a tiny subset and its GPU swapped for a CPU core: search, finalize, predict."""
     from search.saved_model import load_model
-    folder = run_search(SearchOptions(space="backbones", backbones="mobilenetv3_small_100", data=str(pneumonia_npz),
+    folder = run_search(SearchOptions(space="backbones", backbones="mobilenetv3_small_100", data=str(pneumonia_npz), stop_rule=False,
                                       profile="gpu", gpus_per_trial=0, cpus_per_trial=1, max_concurrent=2,
                                       num_samples=2, max_epochs=2, grace_period=1, subset=16, folds=1,
                                       weights="random", precision="bf16", memory_format="channels_last",

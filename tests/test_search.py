@@ -405,9 +405,10 @@ def test_warnings_are_one_clean_line(tmp_path, png_folder, capsys):
 
 
 def test_the_stop_rule_ends_a_search_whose_proposals_add_nothing_validation_resolves(tmp_path, pneumonia_npz, capsys):
-    """2-fold cross-validated tiny search, patience 2: once the three first trials have ended and two
-    proposed trials in a row have not beaten the best by more than its cross-validation error, no
-    more trials start; the console, timings.json and the report say so, with the budget unspent."""
+    """2-fold cross-validated tiny search, patience 2: once the best is within its cross-validation
+    error of AUC 1, or the three first trials have ended and two proposed trials in a row have not
+    beaten the best by more than that error, no more trials start and the running ones stop; the
+    console, timings.json and the report say so, with the budget unspent."""
     from search.final import _stop_rule
     from search.report import _stop_rule as report_line
     from search.tuner import load_study
@@ -417,11 +418,14 @@ def test_the_stop_rule_ends_a_search_whose_proposals_add_nothing_validation_reso
     board = pd.read_csv(folder / "leaderboard.csv")
     stop = json.loads((folder / "timings.json").read_text())["stop_rule"]
     assert "stop rule after 2 proposed trials in a row" in out
-    assert stop["on"] and stop["stopped"] and stop["patience"] == 2, stop
+    assert stop["on"] and stop["stopped"] and stop["patience"] == 2 and stop["bound"] in ("ceiling", "stagnation"), stop
     assert stop["trials_run"] == len(board) < 16 and stop["trials_unspent"] == 16 - len(board)
     fit = json.loads((folder / "timings.json").read_text())["fit_seconds"]
     assert stop["budget_unspent_seconds"] == pytest.approx(600 - fit, abs=1)
-    assert out.count("stop rule: the last 2 trials the sampler proposed did not beat the best") == 1
+    said = {"stagnation": "stop rule: the last 2 trials the sampler proposed did not beat the best",
+            "ceiling": f"stop rule: the best trial ({stop['best_trial']}, val_auc {stop['best']:.4f}) is within its "
+                       f"validation error"}[stop["bound"]]
+    assert out.count(said) == 1 and "the running ones stop where they are" in out
     assert f"stop rule: the search ended after {len(board)} of 16 trials" in out
     # the rule's best is a trial of the leaderboard, with its error from its folds' spread at its best epoch
     best = board.set_index("trial_id").loc[stop["best_trial"]]
@@ -429,9 +433,13 @@ def test_the_stop_rule_ends_a_search_whose_proposals_add_nothing_validation_reso
     epochs = [json.loads(line) for line in (folder / f"trial_{stop['best_trial']}" / "result.json").read_text().splitlines()]
     at_best = max(epochs, key=lambda e: e["val_auc"])
     assert stop["error"] == pytest.approx(at_best["val_auc_std"] * (1 / 2 + 1) ** 0.5) and stop["error"] > 0
-    assert board["val_auc"].max() <= stop["best"] + stop["error"] + 1e-9  # nothing beat it by more than resolved
-    study = load_study(folder).trials
-    assert sum("fixed_params" not in t.system_attrs for t in study) >= 2  # the rule waited for two proposals
+    ended = board[board["status"] == "TERMINATED"]
+    assert ended["val_auc"].max() == pytest.approx(stop["best"])  # the rule's best is the best trial that ended
+    if stop["bound"] == "ceiling":
+        assert 1 - stop["best"] <= stop["error"]
+    else:
+        study = load_study(folder).trials
+        assert sum("fixed_params" not in t.system_attrs for t in study) >= 2  # the rule waited for two proposals
     assert _stop_rule(folder) == stop
     assert f"The stop rule ended it after {len(board)} trials ({16 - len(board)} of its trials and" in report_line(stop)
 
@@ -452,7 +460,12 @@ def test_stop_rule_errors_and_decisions():
     assert not rule.update("b", 0.45, 0.01, proposed=False)  # a first trial resolves better: counting restarts
     assert rule.best_trial == "b" and rule.since == 0
     assert not rule.update("p3", 0.445, 0.01, proposed=True) and not rule.update("p4", None, None, proposed=True)
-    assert rule.update("p5", 0.46, 0.01, proposed=True) and rule.since == 2
+    assert rule.best_trial == "p3"  # the best seen, though not by a resolved margin
+    assert rule.update("p5", 0.46, 0.01, proposed=True) and rule.since == 2 and rule.stopped == "stagnation"
+    ceiling = StopRule(patience=9, mode="max", first=3, ceiling=1.0)
+    assert not ceiling.update("x", 0.95, 0.01, proposed=False)  # 0.05 left to gain: more than resolved
+    assert ceiling.update("y", 0.992, 0.01, proposed=False) and ceiling.stopped == "ceiling"  # 0.008 left, +-0.01
+    assert not StopRule(patience=9, mode="min").update("z", 0.001, 0.01, proposed=False)  # a loss has no ceiling
 
 
 def test_the_free_space_of_the_storage_is_compared_with_what_the_checkpoints_take(tmp_path):

@@ -307,7 +307,7 @@ def token_head(tmp_path):
 def test_a_search_joins_a_ray_start_head_with_tokens_and_takes_the_disk_store_when_the_store_is_small(
         token_head, png_folder, tmp_path):
     address, env = token_head
-    run = subprocess.run([sys.executable, "-m", "search.run", "--address", address, "--space", "tiny", "--backbones",
+    run = subprocess.run([sys.executable, "-m", "search.run", "--address", address, "--no-stop-rule", "--space", "tiny", "--backbones",
                           "small_cnn", "--data", str(png_folder), "--image-size", "448", "--data-store", "auto",
                           "--num-samples", "1", "--max-epochs", "1", "--folds", "1", "--subset", "40", "--weights",
                           "random", "--no-finalize", "--storage", str(tmp_path), "--name", "joined"],
