@@ -332,8 +332,8 @@ def _announce(search: Search, *, asha: bool, given: int, dropped: int) -> None:
           + (f"ASHA grace {o.grace_period}, " if asha else "FIFO (no early stopping), ")
           + f"{search.slots} at once, {resources} per trial, "
           f"sampler {o.sampler}, metric {o.metric}" + (f", time budget {o.time_budget:.0f}s" if o.time_budget else "")
-          + (f", stop rule after {patience} proposed trials in a row that do not beat the best by more than its "
-             f"validation error" if (patience := _stop_patience(search)) else
+          + (f", stop rule: the best within its validation error of the metric's ceiling, or {patience} proposed "
+             f"trials in a row that do not beat it by more than that" if (patience := _stop_patience(search)) else
              ", no stop rule" + (" (the loss of one validation split has no standard error: use --folds or another "
                                  "--metric)" if o.stop_rule and not space.fixed else "")),
           flush=True)

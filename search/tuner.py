@@ -32,8 +32,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.records import write_atomic
 from search.samplers import SAMPLERS
-from trainables import UserError
 from search.stop_rule import StopRule, validation_error
+from trainables import UserError
 
 STUDY_FILE, STUDY_NAME = "optuna.journal", "search"
 

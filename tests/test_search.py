@@ -417,7 +417,7 @@ def test_the_stop_rule_ends_a_search_whose_proposals_add_nothing_validation_reso
     out = capsys.readouterr().out
     board = pd.read_csv(folder / "leaderboard.csv")
     stop = json.loads((folder / "timings.json").read_text())["stop_rule"]
-    assert "stop rule after 2 proposed trials in a row" in out
+    assert "stop rule: the best within its validation error of the metric's ceiling, or 2 proposed trials" in out
     assert stop["on"] and stop["stopped"] and stop["patience"] == 2 and stop["bound"] in ("ceiling", "stagnation"), stop
     assert stop["trials_run"] == len(board) < 16 and stop["trials_unspent"] == 16 - len(board)
     fit = json.loads((folder / "timings.json").read_text())["fit_seconds"]
