@@ -15,6 +15,8 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import brier_score_loss, log_loss
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from search.evaluate import log_loss as mean_log_loss, paired_difference
+
 BINS = 10
 TEMPERATURES = (0.05, 20.0)  # the range fit_temperature searches
 
@@ -58,8 +60,7 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
     """The temperature in TEMPERATURES that minimises the log loss of `probs` on `labels`."""
-    classes = list(range(probs.shape[1]))
-    result = minimize_scalar(lambda log_t: log_loss(labels, apply_temperature(probs, np.exp(log_t)), labels=classes),
+    result = minimize_scalar(lambda log_t: mean_log_loss(labels, apply_temperature(probs, np.exp(log_t))),
                              bounds=tuple(np.log(TEMPERATURES)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))
 
@@ -94,7 +95,6 @@ def choose_temperature(labels: np.ndarray, probs: np.ndarray, *, groups: np.ndar
     measured on images the temperature was not fitted on (`cross_fitted`; a gain measured on the fit's
     own images is never below 0). The fitted temperature is applied when that gain's 95% bootstrap
     interval lies above 0 and the fit found a minimum inside the searched range; else 1."""
-    from search.evaluate import paired_difference
     fitted = fit_temperature(labels, probs)
     gain = paired_difference(labels, probs, cross_fitted(labels, probs, groups=groups), "val_loss",
                              resamples=resamples, groups=groups)

@@ -1,11 +1,13 @@
 """The clinical read-out: threshold choice, decisions, rates, intervals, the positive class, ensembles."""
+import warnings
+
 import numpy as np
 import pytest
-from sklearn.metrics import roc_curve
+from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score, roc_curve
 
 from search.ensemble import ensemble_weights
-from search.evaluate import (confidence_intervals, decide, evaluate, paired_difference, positive_class, rates,
-                             stratified_resamples, wilson, youden_threshold)
+from search.evaluate import (auc, confidence_intervals, decide, evaluate, paired_difference, positive_class, rates,
+                             score, stratified_resamples, wilson, youden_threshold)
 from trainables import UserError
 
 
@@ -20,6 +22,32 @@ def test_youden_threshold_is_j_optimal_and_in_the_middle_of_the_gap():
     assert j == pytest.approx((tpr - fpr).max())
     # separable scores: the threshold sits halfway between the classes
     assert youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.6, 0.9])) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_bootstraps_metrics_are_sklearns(classes):
+    """auc and score compute their figures with numpy (the bootstraps call them thousands of times):
+    the same as sklearn's to 1e-12, ties, float32 probabilities and a class without images included."""
+    rng = np.random.default_rng(classes)
+    for k in range(150):
+        n = int(rng.integers(5, 60))
+        labels = rng.integers(0, classes, n)
+        probs = rng.dirichlet(np.ones(classes), n)
+        if k % 3 == 0:
+            probs = np.round(probs, 1) + 1e-3  # many ties
+        probs = (probs / probs.sum(1, keepdims=True)).astype(np.float32)
+        as_float64 = probs / probs.sum(1, keepdims=True, dtype=np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn warns where a class has no image (its AUC is nan)
+            expected = (roc_auc_score(labels, probs[:, 1]) if classes == 2 else
+                        roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=range(classes)))
+        found = auc(labels, probs)
+        assert found == pytest.approx(expected, abs=1e-12, nan_ok=True)
+        assert score(labels, probs, "val_loss") == pytest.approx(log_loss(labels, as_float64, labels=range(classes)),
+                                                                abs=1e-12)
+        assert score(labels, probs, "val_acc") == accuracy_score(labels, probs.argmax(1))
+        assert score(labels, probs, "val_f1") == pytest.approx(
+            f1_score(labels, probs.argmax(1), average="macro", labels=range(classes), zero_division=0), abs=1e-12)
 
 
 def test_decide_calls_positive_at_the_threshold_else_the_best_other_class():
