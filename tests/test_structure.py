@@ -114,3 +114,22 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path
     with pytest.raises(OSError):
         write_atomic(path, half_then_fail)
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["leaderboard.csv"]
+
+
+def test_the_readme_is_a_front_page_that_links_every_manual_page_and_no_link_is_broken():
+    import re
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme) <= 15_000, len(readme)
+    pages = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+    assert pages and all(f"]({page})" in readme for page in pages), pages
+    for document in [ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", document.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (document.parent / path).resolve() if path else document
+            assert linked.exists(), f"{document.name}: {target}"
+            if anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.MULTILINE)
+                slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+                assert anchor in slugs, f"{document.name}: {target}"
