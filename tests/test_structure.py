@@ -133,3 +133,17 @@ def test_the_readme_is_a_front_page_that_links_every_manual_page_and_no_link_is_
                 headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.MULTILINE)
                 slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
                 assert anchor in slugs, f"{document.name}: {target}"
+
+
+def test_every_command_has_a_console_script_installed():
+    """pyproject's [project.scripts] names each entry point's main once, and the install put them
+    beside this Python (after a change here, `pip install -e .` again)."""
+    import importlib
+    import re
+    from pathlib import Path
+    table = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+    scripts = dict(re.findall(r'^([\w-]+) = "([\w.]+):main"$', table, re.MULTILINE))
+    assert sorted(scripts.values()) == sorted(ENTRY_POINTS), scripts
+    assert all(callable(importlib.import_module(module).main) for module in scripts.values())
+    missing = [name for name in scripts if not (Path(sys.executable).parent / name).is_file()]
+    assert not missing, f"not installed: {missing}"
