@@ -133,3 +133,23 @@ def remove_torn(folder: Path) -> None:
     if removed:
         print(f"removed {len(removed)} checkpoint folder(s) the stop cut short (Ray never registered them): "
               f"{', '.join(f'{c.parent.name}/{c.name}' for c in removed)}", flush=True)
+
+
+def stand_in_for_lost(folder: Path) -> list[Path]:
+    """Make again, empty, each checkpoint folder that Ray's newest saved state names as an unfinished
+    trial's latest and that is gone, so that `Tuner.restore` gives the trial a checkpoint it cannot
+    read (it then trains again to that epoch: trainables/trainable.py) instead of failing it. Ray keeps
+    one checkpoint per trial: a driver killed after Ray registered a newer one, and deleted this one,
+    but before it saved its state leaves that state naming a deleted folder."""
+    states = sorted(folder.glob("experiment_state-*.json"))
+    made = []
+    for trial, run in json.loads(states[-1].read_text())["trial_data"] if states else []:
+        trial, run = json.loads(trial), json.loads(run)
+        name = (run.get("last_result") or {}).get("checkpoint_dir_name")
+        path = folder / f"trial_{trial['trial_id']}" / str(name)
+        if name and trial.get("status") != "TERMINATED" and not path.exists():
+            path.mkdir(parents=True)
+            made.append(path)
+            print(f"warning: {path} is gone (a driver stopped between Ray deleting it and saving its state): "
+                  f"trial {trial['trial_id']} trains again to that checkpoint's epoch", flush=True)
+    return made

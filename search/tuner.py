@@ -30,6 +30,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from search.checkpoints import stand_in_for_lost
 from search.records import write_atomic
 from search.samplers import SAMPLERS
 from search.stop_rule import StopRule, validation_error
@@ -296,6 +297,7 @@ def restore_tuner(folder: Path, trainable, *, searcher, scheduler, callbacks: li
     then: a moved or copied experiment would read and write the original's files. Ray has no public
     way to give a restored Tuner new ones, hence the attributes below (Ray 2.60's TunerInternal)."""
     check_state_files(folder)
+    stand_in_for_lost(folder)
     tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
     internal = tuner._local_tuner
     internal._tune_config.search_alg, internal._tune_config.scheduler = _Generator(searcher, folder), scheduler

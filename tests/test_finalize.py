@@ -259,6 +259,16 @@ def _cli(module, *args):
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
+def _in_process(module, capsys, *args):
+    """`module.main(args)` in this process, as the command line calls it: each error test runs its
+    first case as the real command (`_cli`) and the rest here, without a new Python's start-up."""
+    import importlib
+    capsys.readouterr()
+    code = importlib.import_module(module).main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def _one_error(result, message):
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -266,23 +276,25 @@ def _one_error(result, message):
     assert "Traceback" not in result.stderr
 
 
-def test_finalize_errors(experiment, tmp_path):
+def test_finalize_errors(experiment, tmp_path, capsys):
     folder, _ = experiment
     _one_error(_cli("search.finalize", "--experiment", str(tmp_path / "nope")), "does not exist")
-    _one_error(_cli("search.finalize", "--experiment", str(tmp_path)), "is not an experiment folder")
+    _one_error(_in_process("search.finalize", capsys, "--experiment", str(tmp_path)), "is not an experiment folder")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     shutil.copy(folder / "search_config.json", unfinished)
     (unfinished / "leaderboard.csv").write_text("rank,trial_id,status,val_auc\n1,abc,RUNNING,\n")
-    _one_error(_cli("search.finalize", "--experiment", str(unfinished)), "no trial of unfinished has reported val_auc")
-    _one_error(_cli("search.finalize", "--experiment", str(folder), "--seeds", "0"), "--seeds must be at least 1")
+    _one_error(_in_process("search.finalize", capsys, "--experiment", str(unfinished)),
+               "no trial of unfinished has reported val_auc")
+    _one_error(_in_process("search.finalize", capsys, "--experiment", str(folder), "--seeds", "0"),
+               "--seeds must be at least 1")
     with pytest.raises(UserError, match="unknown warm restart 'top'; choose one of best, all, none"):
         finalize(FinalizeOptions(experiment=str(folder), warm_restart="top"))
     with pytest.raises(UserError, match="--positive-class 'covid' is not a class of this data"):
         finalize(FinalizeOptions(experiment=str(folder), positive_class="covid"))
 
 
-def test_predict_errors(experiment, tmp_path):
+def test_predict_errors(experiment, tmp_path, capsys):
     folder, _ = experiment
     model = str(folder / "final" / "ensemble")
     out = str(tmp_path / "p.csv")
@@ -290,19 +302,19 @@ def test_predict_errors(experiment, tmp_path):
                "is not a model directory (no model.json)")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_error(_cli("search.predict", "--model", model, "--images", str(empty), "--out", out), "no images")
+    _one_error(_in_process("search.predict", capsys, "--model", model, "--images", str(empty), "--out", out), "no images")
     (empty / "scan.png").write_bytes(b"not an image at all")
-    _one_error(_cli("search.predict", "--model", model, "--images", str(empty), "--out", out),
+    _one_error(_in_process("search.predict", capsys, "--model", model, "--images", str(empty), "--out", out),
                "1 image(s) could not be read")
-    _one_error(_cli("search.predict", "--model", model, "--images", str(tmp_path / "missing"), "--out", out),
-               "does not exist")
+    _one_error(_in_process("search.predict", capsys, "--model", model, "--images", str(tmp_path / "missing"),
+                           "--out", out), "does not exist")
     assert not (tmp_path / "p.csv").exists()
     cut = tmp_path / "cut"
     shutil.copytree(model, cut)
     record = json.loads((cut / "model.json").read_text())
     del record["preprocessing"]
     (cut / "model.json").write_text(json.dumps(record))
-    _one_error(_cli("search.predict", "--model", str(cut), "--images", str(empty), "--out", out),
+    _one_error(_in_process("search.predict", capsys, "--model", str(cut), "--images", str(empty), "--out", out),
                "model.json is incomplete (KeyError: 'preprocessing')")
 
 

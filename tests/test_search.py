@@ -202,6 +202,16 @@ def _cli(*args, cwd=ROOT):
                           env=env, timeout=300)
 
 
+def _main(capsys, *args):
+    """`search.run.main(args)` in this process, as the command line calls it (the tests of the real
+    command's exit and start-up use `_cli`)."""
+    from search.run import main
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--data", "/no/such/folder"], "data path '/no/such/folder' does not exist"),
     (["--space", "nope"], "unknown space 'nope'; known spaces: backbones, grid, lite, recipes, tiny"),
@@ -278,21 +288,21 @@ def test_a_bad_data_path_answers_within_10_seconds_imports_included(tmp_path):
     assert time.time() - started < 10
 
 
-def test_cli_refuses_to_overwrite_an_experiment(tmp_path, pneumonia_npz):
+def test_cli_refuses_to_overwrite_an_experiment(tmp_path, pneumonia_npz, capsys):
     existing = tmp_path / "mine"
     existing.mkdir()
     (existing / "leaderboard.csv").write_text("precious\n")
-    result = _cli("--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "mine")
+    result = _main(capsys, "--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "mine")
     assert result.returncode == 2 and "already exists; pass --resume" in result.stderr
     assert (existing / "leaderboard.csv").read_text() == "precious\n"
 
 
-def test_cli_names_a_corrupt_image(tmp_path, png_folder):
+def test_cli_names_a_corrupt_image(tmp_path, png_folder, capsys):
     import shutil
     data = tmp_path / "data"
     shutil.copytree(png_folder, data)
     (data / "normal lung" / "scan 7.png").write_bytes(b"\x89PNG broken")
-    result = _cli("--data", str(data), "--storage", str(tmp_path / "exp"), "--space", "tiny")
+    result = _main(capsys, "--data", str(data), "--storage", str(tmp_path / "exp"), "--space", "tiny")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "1 image(s) could not be read" in result.stderr and "scan 7.png" in result.stderr
     assert "--skip-corrupt" in result.stderr
@@ -301,10 +311,10 @@ def test_cli_names_a_corrupt_image(tmp_path, png_folder):
     assert [p.name for p in (tmp_path / "exp").iterdir()] == ["data-cache"]
 
 
-def test_cli_manifest_group_column_must_exist(tmp_path):
+def test_cli_manifest_group_column_must_exist(tmp_path, capsys):
     from conftest import shared
-    result = _cli("--data", str(shared("covid-ct-ucsd", "patients.csv")), "--group-column", "hospital",
-                  "--storage", str(tmp_path))
+    result = _main(capsys, "--data", str(shared("covid-ct-ucsd", "patients.csv")), "--group-column", "hospital",
+                   "--storage", str(tmp_path))
     assert result.returncode == 2 and "--group-column 'hospital' is not a column" in result.stderr
 
 
