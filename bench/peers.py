@@ -117,7 +117,7 @@ def main() -> int:
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
     from search.options import PROFILES, SearchOptions, resolve_batch_size
-    from trainables.data import load_dataset
+    from trainables.ingest.dataset import load_dataset
     profile = PROFILES[args.profile]
     size = args.image_size or profile["image_size"]
     max_epochs = args.max_epochs or profile["max_epochs"]

@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/search-value").expanduser()))
     p.add_argument("--benchmarks", action="store_true")
     args = p.parse_args()
-    from search.final import _search_data
+    from search.final_model import _search_data
     from search.records import read_search_record
     work = Path(args.work)
     cache_file = work / "selection-scores.json"

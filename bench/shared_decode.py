@@ -28,7 +28,7 @@ from common import ROOT, commit, finish, machine
 from data_scale import SUBSET, make_folder, read_all
 
 sys.path.insert(0, str(ROOT))
-from trainables.cache import whole_entry  # noqa: E402
+from trainables.ingest.decode_cache import whole_entry  # noqa: E402
 
 
 def search(folder: Path, cache: Path, storage: Path, name: str) -> list:

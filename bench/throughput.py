@@ -122,7 +122,7 @@ def main() -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from trainables.data import load_dataset
+    from trainables.ingest.dataset import load_dataset
     started = time.time()
     data = load_dataset(args.data, image_size=args.image_size, channels=1, seed=0)
     gpu = torch.cuda.is_available() and args.device != "cpu"

@@ -18,7 +18,7 @@ import numpy as np
 
 from search.calibration import TEMPERATURES, apply_temperature, at_a_bound, calibration, choose_temperature
 from search.evaluate import auc, evaluate, paired_difference, score, youden_threshold
-from trainables.data import Dataset
+from trainables.ingest.dataset import Dataset
 from trainables.metrics import METRIC_MODES
 
 

@@ -1,6 +1,6 @@
 """A search from start to end: options checked, Ray started or joined, the data loaded and audited,
 the Tuner built (or restored for --resume) and run, the leaderboards and plots written, then the
-final model (search.final) unless the options say not to.
+final model (search.final_model) unless the options say not to.
 
 Example:
     >>> folder = run_search(SearchOptions(space="tiny", data="pneumoniamnist.npz", num_samples=4))
@@ -27,9 +27,9 @@ from ray import tune
 from search.checkpoints import check_free_space, checkpoint_sizes, in_hand, low_space, remove_torn
 from search.cluster import check_fits, connected, engine_messages, slots
 from search.cores import ShareIdleCores, core_budget
-from search.data import audited, data_path, load_search_data, write_audit
+from search.data_setup import audited, data_path, load_search_data, write_audit
 from search.evaluate import positive_class
-from search.final import finalize
+from search.final_model import finalize
 from search.leaderboard import LeaderboardCallback, print_summary
 from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions, SharedOptions, check_search,
                             resolve_batch_size, resolve_folds, resolve_stop_patience, with_profile)
@@ -42,7 +42,7 @@ from search.warm_start import SCORED_BY, Earlier, read_studies, translate, tried
 from spaces import Space, get_space
 from trainables import UserError
 from trainables.config import validate_config
-from trainables.data import Dataset, check_data
+from trainables.ingest.dataset import Dataset, check_data
 from trainables.metrics import METRIC_MODES
 from trainables.models import num_stages, weights_source
 from trainables.trainable import train_classifier

@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from trainables.metrics import METRIC_MODES
 from search.records import write_atomic
 from trainables.config import DEFAULT_CONFIG
+from trainables.metrics import METRIC_MODES
 
 VAL_METRICS = tuple(METRIC_MODES)
 KEPT = (*VAL_METRICS, *(f"{m}_std" for m in VAL_METRICS))  # of a trial's best epoch; _std: over folds

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import timm
 
-from search.data import DATA_ENV
+from search.data_setup import DATA_ENV
 from search.samplers import SAMPLERS
 from spaces import UnknownSpace, get_space, list_spaces
 from trainables import UserError
-from trainables.dicom import check_ct_window
-from trainables.images import check_image_size
+from trainables.ingest.dicom import check_ct_window
+from trainables.ingest.image_file import check_image_size
 from trainables.metrics import METRIC_MODES
 
 PROFILES = {
     # a laptop-class CPU: few epochs, two trials at a time on two cores; images at 32 px when they
-    # are MedMNIST-sized, else at 64 px (see trainables.data.auto_image_size)
+    # are MedMNIST-sized, else at 64 px (see trainables.ingest.image_file.auto_image_size)
     "cpu": dict(image_size="auto", max_epochs=8, grace_period=1, num_samples=24, batch_size="auto",
                 cpus_per_trial=1, gpus_per_trial=0, time_budget=900),
     # GPU workers: ImageNet resolution and a longer search

@@ -17,8 +17,8 @@ from search.cli import handle_errors
 from search.records import write_atomic
 from search.saliency import write_overlays
 from search.saved_model import device_name, image_files, load_model, predict_files
-from trainables.store import decode_images
 from trainables import UserError
+from trainables.ingest.decoding import decode_images
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from search.checkpoints import newest_readable, results
 from search.cores import core_budget, share_among_tasks
 from search.leaderboard import VAL_METRICS, clock
 from trainables import UserError
-from trainables.data import Dataset
+from trainables.ingest.dataset import Dataset
 from trainables.train import Training
 from trainables.trainable import allowed_threads
 

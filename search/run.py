@@ -8,7 +8,7 @@
 Writes `<storage>/<name>/`: Ray Tune's results, `leaderboard.csv` and
 `leaderboard_by_backbone.csv` (rewritten as trials end), `optuna_trials.csv`,
 `search_progress.png` and `search_config.json` (options, versions, data fingerprint); then, unless
-`--no-finalize`, `final/` (see search/final.py): the retrained top-k, the ensemble, the report.
+`--no-finalize`, `final/` (see search/final_model.py): the retrained top-k, the ensemble, the report.
 """
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from search.calibration import apply_temperature
 from search.evaluate import decide
 from trainables import UserError
-from trainables.images import IMAGE_EXTENSIONS, files_under, unread_line
-from trainables.store import decode_images
+from trainables.ingest.decoding import decode_images
+from trainables.ingest.files import IMAGE_EXTENSIONS, files_under, unread_line
 from trainables.models import build_model
 from trainables.train import Preprocess, predict_proba
 

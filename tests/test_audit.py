@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, shared
-from trainables.audit import audit_dataset, dedupe
-from trainables.data import load_dataset
+from trainables.ingest.dataset import load_dataset
+from trainables.ingest.leakage import audit_dataset, dedupe
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def test_throughput_script_prints_and_writes_its_table(tmp_path):
 
 def test_selection_rules_train_each_trial_again_to_the_network_it_reported(fifo_search):
     from bench.selection_rules import epochs_of, model_at, pick
-    from search.final import _search_data
+    from search.final_model import _search_data
     from search.records import read_search_record
     trials = epochs_of(fifo_search).set_index("trial_id", drop=False)
     board = pd.read_csv(fifo_search / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")

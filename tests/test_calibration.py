@@ -6,7 +6,7 @@ from sklearn.calibration import calibration_curve
 
 from search.calibration import apply_temperature, calibration, expected_calibration_error, fit_temperature
 from search.ensemble import calibrate, score_model
-from trainables.data import Dataset
+from trainables.ingest.dataset import Dataset
 
 
 def _probs(rng, labels, sharpness):

@@ -15,8 +15,8 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from conftest import ROOT
 from trainables import UserError
-from trainables.data import load_dataset
-from trainables.images import decode_image
+from trainables.ingest.dataset import load_dataset
+from trainables.ingest.image_file import decode_image
 
 
 def _dicom(path, pixels: np.ndarray, *, modality="DX", photometric="MONOCHROME2", bits=16, slope=None,
@@ -114,7 +114,7 @@ def test_multiframe_and_imageless_dicom_and_stray_files_are_named_or_counted(tmp
     assert len(data.labels) == 21 and any(p.endswith("IM0001") for p in data.paths)
     assert data.unread == {"DICOM objects without pixel data (SR)": 1, ".txt files": 1,
                            "files with no extension (not DICOM)": 1, "hidden files": 1}
-    from trainables.audit import audit_dataset, render
+    from trainables.ingest.leakage import audit_dataset, render
     report = render(audit_dataset(data))
     assert "4 file(s) under the data were not read as images" in report and "1 .txt files" in report
     _dicom(tmp_path / "b" / "cine.dcm", pixels, frames=3)
@@ -166,7 +166,7 @@ def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_
     from search.experiment import run_search
     from search.options import SearchOptions
     from search.saved_model import load_model
-    from trainables.store import decode_images
+    from trainables.ingest.decoding import decode_images
     folder = run_search(SearchOptions(space="tiny", data=str(mixed_folder), storage=str(tmp_path), name="dicom", stop_rule=False,
                                       num_samples=2, max_epochs=2, grace_period=1, image_size=28, folds=1, top_k=1,
                                       warm_restart="none", cpus_per_trial=1, seed=0))

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from conftest import ROOT
 from search.experiment import run_search
-from search.final import finalize
+from search.final_model import finalize
 from search.options import FinalizeOptions, SearchOptions
 from search.retrain import outcome, retrain
 from trainables import UserError
@@ -157,7 +157,7 @@ def test_model_directory_records_what_it_needs_and_holds_no_pickles(experiment):
     assert record["class_names"] == ["normal lung", "viral pneumonia"]
     assert record["threshold"] == metrics["models"][metrics["chosen"]]["val"]["threshold"]
     assert record["preprocessing"] == {"image_size": 28, "channels": 1, "ct_window": "lung",
-                                       "decode": "trainables.images.decode_image"}
+                                       "decode": "trainables.ingest.image_file.decode_image"}
     assert record["data"]["fingerprint"] == metrics["data"]["fingerprint"] and "torch" in record["versions"]
     assert all(m["config"]["backbone"] for m in record["members"])
     assert {p.suffix for p in model.iterdir()} == {".json", ".safetensors"}
@@ -184,7 +184,7 @@ def test_a_member_its_trial_already_trained_is_kept_not_retrained(experiment):
 def test_retraining_goes_on_from_a_trials_state(png_folder):
     """From a state at the member's epochs: the network is only scored; from an earlier one: the
     missing epochs are trained, continuing the schedule."""
-    from trainables.data import load_dataset
+    from trainables.ingest.dataset import load_dataset
     from trainables.train import Training
     data = load_dataset(png_folder, image_size=28, seed=0)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 3, "batch_size": 32}
@@ -205,7 +205,7 @@ def test_a_warm_restart_goes_on_from_the_network_with_a_fresh_cycle(png_folder):
     """After its schedule a network trains one more cycle from half the learning rate: going on from
     a trial's state gives the network retraining from scratch gives (the same run), and the cycle
     changes it."""
-    from trainables.data import load_dataset
+    from trainables.ingest.dataset import load_dataset
     from trainables.train import Training
     data = load_dataset(png_folder, image_size=28, seed=0)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32,
@@ -225,7 +225,7 @@ def test_finalize_gives_the_cores_of_finished_retrainings_to_those_still_running
     """Two 1-CPU retraining tasks on 2 CPUs: once the short one ends, the long one trains on both."""
     import ray
     from search.retrain import retrain_all
-    from trainables.data import load_dataset
+    from trainables.ingest.dataset import load_dataset
     data = load_dataset(pneumonia_npz, image_size=28, seed=0, subset=300)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32}
     members = [{"name": "short", "config": config, "epochs": 1, "warm_restart_epochs": 0},
@@ -240,7 +240,7 @@ def test_finalize_gives_the_cores_of_finished_retrainings_to_those_still_running
 
 
 def test_refit_on_val_keeps_validation_predictions_from_the_train_only_model(png_folder):
-    from trainables.data import load_dataset
+    from trainables.ingest.dataset import load_dataset
     data = load_dataset(png_folder, image_size=28, seed=0)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32}
     plain = retrain(config, data, epochs=2, refit_on_val=False)
@@ -540,7 +540,7 @@ def test_a_failed_trial_is_never_a_member_and_a_failed_retraining_is_replaced(ex
     assert "Retraining failed" in (final / "report.md").read_text() and failed["name"] in (final / "report.md").read_text()
     # --keep-checkpoints used: the failed trial keeps its checkpoint (--resume retries it from there); a
     # finished trial no member came from loses its own
-    from search.final import remove_unused_checkpoints
+    from search.final_model import remove_unused_checkpoints
     remove_unused_checkpoints(copy, board, keep=set(members))
     assert list((copy / f"trial_{board['trial_id'][0]}").glob("checkpoint_*"))
     assert not list((copy / f"trial_{board['trial_id'][1]}").glob("checkpoint_*"))
@@ -566,14 +566,14 @@ def test_the_gpu_profile_runs_end_to_end_on_a_cpu(tmp_path, pneumonia_npz):
     (net, prep), = model.members[0][1]
     assert prep.autocast == (True, torch.bfloat16) and prep.channels_last and prep.input_size == 224
     test = pd.read_csv(folder / "final" / "test_predictions.csv")
-    from trainables.data import load_dataset
+    from trainables.ingest.dataset import load_dataset
     images = load_dataset(pneumonia_npz, image_size=224, subset=16).arrays("test")[0]
     assert np.allclose(model.predict_proba(images)[:, 1], test["p_pneumonia"].to_numpy(), atol=1e-4)
 
 
 def test_a_final_folder_that_fails_half_way_leaves_no_temporary_folder_and_keeps_the_old_one(experiment, tmp_path,
                                                                                           monkeypatch):
-    from search import final as final_module
+    from search import final_model as final_module
     folder, _ = experiment
     copy = tmp_path / folder.name
     shutil.copytree(folder, copy)

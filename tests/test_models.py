@@ -127,7 +127,7 @@ def test_unknown_backbone_names_close_matches():
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 def test_every_precision_and_memory_format_trains_an_epoch_on_the_cpu(pneumonia_npz, precision, memory_format):
     """The GPU profile's paths (autocast, loss scaling for fp16, channels-last) run on a CPU too."""
-    from trainables.data import load_dataset
+    from trainables.ingest.dataset import load_dataset
     from trainables.train import Training
     data = load_dataset(pneumonia_npz, image_size=32, subset=64)
     run = Training({"backbone": "resnet10t", "weights": "random", "image_size": 32, "max_epochs": 1, "batch_size": 16,

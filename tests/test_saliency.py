@@ -6,7 +6,7 @@ from PIL import Image
 
 from search.saliency import grad_cam, overlay
 from search.saved_model import SavedModel
-from trainables.data import Dataset, load_dataset
+from trainables.ingest.dataset import Dataset, load_dataset
 from trainables.train import Training
 
 SIZE, MARK = 64, 14

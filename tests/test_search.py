@@ -267,12 +267,12 @@ def test_bad_paths_manifests_storage_and_profile_clashes_answer_before_ray_start
                                                                                   monkeypatch, args, message):
     from search import experiment
     from search.run import main
-    from trainables import store
+    from trainables.ingest import sources
 
     def never(*_, **__):
         raise AssertionError("joined Ray or decoded an image before answering")
     monkeypatch.setattr(experiment, "connected", never)
-    monkeypatch.setattr(store, "decode_files", never)
+    monkeypatch.setattr(sources, "decode_files", never)
     (tmp_path / "a-file").write_text("")
     assert main(["--data", str(pneumonia_npz), "--storage", str(tmp_path / "exp"), *args(tmp_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -369,7 +369,7 @@ def test_with_no_data_anywhere_the_search_runs_on_the_packaged_default(tmp_path,
     the same file as the shared one."""
     import hashlib
 
-    from search.data import PACKAGED_DATA, data_path
+    from search.data_setup import PACKAGED_DATA, data_path
     monkeypatch.delenv("SEARCH_DATA", raising=False)
     monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path / "no-medmnist-here"))
     assert data_path(None) == PACKAGED_DATA
@@ -419,7 +419,7 @@ def test_the_stop_rule_ends_a_search_whose_proposals_add_nothing_validation_reso
     error of AUC 1, or the three first trials have ended and two proposed trials in a row have not
     beaten the best by more than that error, no more trials start and the running ones stop; the
     console, timings.json and the report say so, with the budget unspent."""
-    from search.final import _stop_rule
+    from search.final_model import _stop_rule
     from search.report import _stop_rule as report_line
     from search.tuner import load_study
     folder = _run(tmp_path, space="tiny", data=str(pneumonia_npz), num_samples=16, subset=300, folds=2,

@@ -19,10 +19,11 @@ from PIL import Image
 from conftest import ROOT
 from search.options import SearchOptions, check_search
 from trainables import UserError
-from trainables.data import load_dataset
+from trainables.ingest.dataset import load_dataset
 import torch
 
-from trainables.store import Decoding, DiskImages, decode_files
+from trainables.ingest.decoding import Decoding, decode_files
+from trainables.ingest.stores import DiskImages
 from trainables.train import Training, read_batches
 
 
@@ -102,11 +103,11 @@ def test_data_store_options_fail_with_one_clear_line(tmp_path, png_folder):
 
 
 def test_a_half_written_cache_entry_is_never_reused(png_folder, tmp_path, monkeypatch):
-    import trainables.store as store
+    import trainables.ingest.decoding as decoding
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(store, "copy_rows", broken)
+    monkeypatch.setattr(decoding, "copy_rows", broken)
     (png_folder / "normal lung" / "broken.png").write_bytes(b"not a png")  # forces the copy of the kept rows
     try:
         with pytest.raises(OSError, match="disk full"):
@@ -158,7 +159,7 @@ def test_rows_a_task_wrote_but_the_file_system_lost_are_found_and_written_again(
     """A file system that keeps one writer's copy of a file (gcsfuse, s3fs) loses the rows other tasks
     wrote: here the rows of every second task are zeroed once it reports. The driver reads each task's
     rows back against its checksum and writes the lost ones itself."""
-    from trainables.store import _threads, chunk_size
+    from trainables.ingest.decoding import _threads, chunk_size
 
     def last_writer_wins(fn, chunks, kwargs):
         for k, result in _threads(fn, chunks, kwargs):
@@ -193,8 +194,8 @@ def test_a_damaged_cache_entry_is_found_by_its_checksums_and_decoded_again(png_f
 _DECODE = """
 import sys, time
 from pathlib import Path
-from trainables.data import load_dataset
-from trainables.store import _threads
+from trainables.ingest.dataset import load_dataset
+from trainables.ingest.decoding import _threads
 folder, cache, started = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 
 def slow(fn, chunks, kwargs):  # the first search decodes for 5 s: the second starts meanwhile
@@ -222,9 +223,9 @@ def test_two_searches_of_the_same_new_data_share_one_decode(png_folder, tmp_path
 
 
 def test_tasks_write_their_rows_into_the_cache_and_a_task_elsewhere_sends_them_back(png_folder, tmp_path):
-    from trainables.images import decode_chunk
-    from trainables.npy import npy_for_rows
-    from trainables.chunks import decode_chunk_into
+    from trainables.ingest.image_file import decode_chunk
+    from trainables.ingest.stores import npy_for_rows
+    from trainables.ingest.decode_tasks import decode_chunk_into
     files = sorted(str(p) for p in png_folder.rglob("*.png"))[:6]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
@@ -268,7 +269,7 @@ def test_tasks_write_their_rows_into_the_cache_and_a_task_elsewhere_sends_them_b
 
 
 def test_read_npy_reads_what_np_load_reads_and_names_a_truncated_file(tmp_path):
-    from trainables.npy import read_npy
+    from trainables.ingest.stores import read_npy
     for shape, dtype in (((1000, 7, 3), np.uint8), ((0, 4), np.uint8), ((333,), np.float32)):
         array = np.random.default_rng(0).integers(0, 255, shape).astype(dtype)
         np.save(tmp_path / "a.npy", array)

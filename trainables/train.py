@@ -24,10 +24,10 @@ from torch import nn
 from trainables import UserError
 from trainables.augment import augment_batch
 from trainables.config import parse_class_weights, validate_config
-from trainables.data import Dataset
+from trainables.ingest.dataset import Dataset
+from trainables.ingest.stores import Rows, rows
 from trainables.metrics import classification_metrics
 from trainables.models import Classifier, build_model, min_input_size
-from trainables.store import Rows, rows
 
 
 class Training:

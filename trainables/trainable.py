@@ -22,7 +22,7 @@ import ray
 import torch
 from ray import tune
 
-from trainables.data import Dataset
+from trainables.ingest.dataset import Dataset
 from trainables.metrics import METRIC_MODES
 from trainables.train import Training
 

@@ -1,6 +1,6 @@
 """The data of a search: where it is, loaded with the search's options (decoded by Ray tasks over
 the cluster, kept in memory or in the disk store), and audited (optionally without the copies that
-leak across splits). `trainables.data` does the loading itself.
+leak across splits). `trainables.ingest.dataset` does the loading itself.
 
 Example:
     >>> data = load_search_data(data_path(None), image_size=32, channels=1, seed=0)
@@ -18,8 +18,8 @@ import ray
 from search.plots import plot_saliency
 from search.records import write_atomic, write_json
 from trainables import UserError
-from trainables.audit import audit_dataset, dedupe as drop_duplicates, render, summary_lines
-from trainables.data import Dataset, check_every_split_has_every_class, load_dataset
+from trainables.ingest.dataset import Dataset, check_every_split_has_every_class, load_dataset
+from trainables.ingest.leakage import audit_dataset, dedupe as drop_duplicates, render, summary_lines
 
 # --data-store auto keeps the decoded images in the object store up to this share of the smallest
 # trial node's store: the rest is for checkpoints, results and the trials' own objects
@@ -55,7 +55,7 @@ def load_search_data(path: Path, *, image_size, channels: int, seed: int, group_
     memory or disk by the decoded size (see `auto_store`; `trial_resources`: a trial's CPUs and GPUs).
 
     Raises:
-        UserError: bad data (see `trainables.data.load_dataset`), or another fingerprint.
+        UserError: bad data (see `trainables.ingest.dataset.load_dataset`), or another fingerprint.
     """
     data = load_dataset(path, image_size=image_size, channels=channels, seed=seed, group_column=group_column,
                         skip_corrupt=skip_corrupt, subset=subset, ct_window=ct_window, cache=cache,

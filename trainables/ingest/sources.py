@@ -1,5 +1,5 @@
 """The three sources a data set can come from, each read into `Raw` (decoded images, labels, the
-given split, groups, paths, a fingerprint); `trainables.data` validates and splits what they read.
+given split, groups, paths, a fingerprint); `trainables.ingest.dataset` validates and splits what they read.
 
 - an image folder: one sub-folder per class, or `train/` `val/` `test/` sub-folders that each hold
   the class folders; images in `class/<patient>/` sub-folders are grouped by that folder;
@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 
 from trainables import UserError
-from trainables.images import (IMAGE_EXTENSIONS, auto_image_size, files_under, listing, native_side, resize_array,
-                               relative_paths, to_channels, unread_line)
-from trainables.store import Decoding, DiskImages, cache_arrays, decode_files, raise_unreadable
+from trainables.ingest.decoding import Decoding, cache_arrays, decode_files, raise_unreadable
+from trainables.ingest.files import IMAGE_EXTENSIONS, files_under, listing, relative_paths, unread_line
+from trainables.ingest.image_file import auto_image_size, native_side, resize_array, to_channels
+from trainables.ingest.stores import DiskImages
 
 SPLITS = ("train", "val", "test")
 # the names people give the three splits (folder names and manifest values, any case)

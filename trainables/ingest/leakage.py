@@ -20,8 +20,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from trainables.data import SPLITS, Dataset
-from trainables.images import unread_line
+from trainables.ingest.dataset import SPLITS, Dataset
+from trainables.ingest.files import unread_line
 
 PURITY = 0.95        # a value this pure in one class ...
 COVERAGE = 0.10      # ... and holding this share of that class's images is a shortcut

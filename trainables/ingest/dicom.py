@@ -26,7 +26,7 @@ import io
 import numpy as np
 
 from trainables import UserError
-from trainables.pixels import to_uint8
+from trainables.ingest.pixels import to_uint8
 
 CT_WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0)}
 DICOM_EXTENSIONS = (".dcm", ".dicom")

@@ -1,9 +1,11 @@
-"""`.npy` files of decoded images written row by row (by the driver or by the decoding tasks
-themselves) and read back whole, fast.
+"""Where decoded images live: in memory, or in a `.npy` file on disk (the disk store) that the
+decoding writes row by row and a trial reads row by row (memory-mapped) or the driver reads whole.
 
 Example:
     >>> handle, offset = npy_for_rows(Path("all.npy"), (1000, 64, 64, 1))    # zeros, rows written later
-    >>> images = read_npy(Path("all.npy"))
+    >>> images = DiskImages("all.npy")            # pickles as its path: Ray hands trials the handle
+    >>> rows(images, np.array([3, 1])).shape      # read when sliced
+    (2, 64, 64, 1)
 """
 from __future__ import annotations
 
@@ -15,6 +17,60 @@ from pathlib import Path
 import numpy as np
 
 from trainables import UserError
+
+STORES = ("memory", "disk")
+
+
+class DiskImages:
+    """uint8 images (N, S, S, C) in a `.npy` file, read row by row as asked (memory-mapped).
+    Pickles as its path, so Ray hands a trial the handle, not the pixels; indexing returns the
+    rows asked for as an ordinary array."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._rows = None
+
+    @property
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = np.load(self.path, mmap_mode="r")
+        return self._rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rows.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.array(self.rows[key])
+
+    def __reduce__(self):
+        return DiskImages, (self.path,)
+
+
+class Rows:
+    """The images `images[index]`, read only when sliced: a split of the disk store, whose rows a
+    trial reads batch by batch. `len`, slicing and integer-array indexing, like an array."""
+
+    def __init__(self, images, index: np.ndarray):
+        self.images, self.index = images, np.asarray(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.images.shape[1:])
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.images[self.index[key]]
+
+
+def rows(images, index: np.ndarray):
+    """`images[index]`: copied into memory for in-memory images, a `Rows` view of the disk store."""
+    return images[index] if isinstance(images, np.ndarray) else Rows(images, index)
 
 
 def write_rows(fd: int, start: int, pixels: np.ndarray, results: list[dict]) -> None:

@@ -1,5 +1,6 @@
-"""Image files to uint8 arrays: every supported file decodes to one mode and one size, the same
-way in training (`trainables.data`) and in `search.predict`.
+"""One image file to a uint8 array: every supported file decodes to one mode and one size, the same
+way in training (`trainables.ingest.dataset`) and in `search.predict`; a chunk of files decoded in a thread or
+a Ray task; stacks of arrays brought to a size and a number of channels.
 
 Example:
     >>> decode_image("scan.png", image_size=64, channels=1).shape
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,12 +18,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from trainables import UserError
-from trainables.dicom import DICOM_EXTENSIONS, MissingDecoder, NoImage, is_dicom, read_dicom
-from trainables.pixels import to_uint8
+from trainables.ingest.dicom import DICOM_EXTENSIONS, MissingDecoder, NoImage, is_dicom, read_dicom
+from trainables.ingest.files import IMAGE_EXTENSIONS
+from trainables.ingest.pixels import to_uint8
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS)
-_IMAGE_SUFFIXES = frozenset(IMAGE_EXTENSIONS)
-MAX_LISTED = 10
 # "auto" image size (the CPU profile): MedMNIST-sized images stay near their 28 px, larger files
 # (CT slices, full X-rays) go to 64 px, where the CT models gain 0.01-0.03 test AUC (BENCHMARKS.md)
 AUTO_SIZES = {"small": 32, "large": 64}
@@ -40,7 +38,7 @@ def check_image_size(value) -> None:
 def decode_image(path: str | os.PathLike, *, image_size: int, channels: int, ct_window: str = "lung") -> np.ndarray:
     """Read one image file (PNG, JPEG, BMP, TIFF or DICOM) as uint8 (image_size, image_size, channels),
     whatever its mode: pixels that are not 8-bit go through `to_uint8` (DICOM through
-    `trainables.dicom`), alpha is dropped, and every image ends in the same mode, so the file's mode
+    `trainables.ingest.dicom`), alpha is dropped, and every image ends in the same mode, so the file's mode
     can never carry the label.
 
     Raises:
@@ -189,61 +187,3 @@ def resize_array(x: np.ndarray, size: int) -> np.ndarray:
         out[i] = np.asarray(im.resize((size, size), Image.BILINEAR)).reshape(size, size, -1)
     return out
 
-
-def files_under(folder: Path) -> tuple[list[str], Counter]:
-    """The image files under `folder` (recursively; paths as strings, in the order of their path
-    parts), and the files left unread, counted by kind (their extension; hidden files; files with no
-    extension that are not DICOM), so that none is skipped without a word. A file with no extension
-    is an image when it carries the DICOM preamble. Strings, not `Path`s: on 200,000 files pathlib
-    alone costs seconds."""
-    images, unread = [], Counter()
-    for here, subdirs, names in os.walk(folder):  # scandir underneath: no stat per file
-        inside = relative_path(here, folder)
-        hidden = inside != "." and any(part.startswith(".") for part in inside.split("/"))
-        prefix = os.path.join(here, "")
-        for name in names:
-            dot = name.rfind(".")
-            suffix = name[dot:].lower() if dot > 0 else ""  # os.path.splitext's rule, without its cost per file
-            if hidden or name.startswith("."):
-                unread["hidden files"] += 1
-            elif suffix in _IMAGE_SUFFIXES or (not suffix and _has_dicom_preamble(prefix + name)):
-                images.append(prefix + name)
-            else:
-                unread[f"{suffix} files" if suffix else "files with no extension (not DICOM)"] += 1
-    # the order of their path parts: the path with its separators as the smallest character
-    images.sort(key=lambda p: p.replace(os.sep, "\0"))
-    return images, unread
-
-
-def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
-    """`path` under `root` as a '/'-separated string ("." for `root` itself)."""
-    return relative_paths([path], root)[0]
-
-
-def relative_paths(paths: list, root: str | os.PathLike) -> list[str]:
-    """Each of `paths` under `root`, as `relative_path` gives it (the prefix worked out once: this
-    runs over every file of a data set)."""
-    prefix = os.path.join(os.fspath(root), "")
-    out = []
-    for path in map(os.fspath, paths):
-        rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
-        out.append(rel if os.sep == "/" else rel.replace(os.sep, "/"))
-    return out
-
-
-def _has_dicom_preamble(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return is_dicom(f.read(132))
-    except OSError:
-        return False
-
-
-def unread_line(unread: Counter) -> str:
-    """`Counter` of unread files as one phrase: "3 .txt files, 1 DICOM object without pixel data (SR)"."""
-    return ", ".join(f"{n} {kind}" for kind, n in sorted(unread.items(), key=lambda kv: -kv[1]))
-
-
-def listing(items: list[str]) -> str:
-    shown = ", ".join(items[:MAX_LISTED])
-    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")

@@ -1,18 +1,18 @@
-"""Where decoded images live, and how a list of files becomes them.
+"""How a list of files becomes decoded images, fingerprinted by their content and cached.
 
 Files are decoded in chunks (`decode_chunk`) by `run_chunks`: local threads by default, Ray tasks
-spread over the cluster when the search passes them (`search.data`). The same pass hashes every
+spread over the cluster when the search passes them (`search.data_setup`). The same pass hashes every
 file's bytes, so the data's fingerprint is its content. Decoded images go to memory, or, with a
 `cache` folder, into `<cache>/<key>/images.npy` (uint8, N x S x S x C) beside `files.json`, where
 `key` is the file list (path, size, modification and change time), the decoding options and the
 decoders' versions: a later search of the same files reads them back instead of decoding again
-(trainables.cache: one decode per key at a time, entries written whole and checked when read). A
+(trainables.ingest.decode_cache: one decode per key at a time, entries written whole and checked when read). A
 decoding task that sees that file (the same machine, or a shared file system) writes its rows into
 it itself, and the driver reads them back against the task's checksum (a file system that keeps one
 writer's copy loses the others' rows); elsewhere, or where it cannot write, its pixels come back to
 the driver, which writes them. A file that failed for a reason outside it (reading it, memory, a
 missing decoder) is tried once more at the end, and a decode that still has such a failure is not
-kept for later searches. On the disk store trials get a
+kept for later searches. On the disk store (`trainables.ingest.stores`) trials get a
 `DiskImages` handle to that file and read the rows they need (memory-mapped: the page cache keeps
 one copy per node), never a whole split.
 
@@ -39,69 +39,16 @@ from typing import Callable, Iterator
 import numpy as np
 
 from trainables import UserError
-from trainables.cache import decoder_versions, fresh_folder, key_lock, place, whole_entry
-from trainables.chunks import decode_chunk_into, retry_environment, rewrite_lost_rows
-from trainables.images import decode_chunk, listing, relative_paths
-from trainables.npy import copy_rows, npy_for_rows, read_npy, write_rows
+from trainables.ingest.decode_cache import decoder_versions, fresh_folder, key_lock, place, whole_entry
+from trainables.ingest.decode_tasks import decode_chunk_into, retry_environment, rewrite_lost_rows
+from trainables.ingest.files import listing, relative_paths
+from trainables.ingest.image_file import decode_chunk
+from trainables.ingest.stores import STORES, DiskImages, copy_rows, npy_for_rows, read_npy, write_rows
 
 DECODER_VERSION = 2  # bump when a decoding rule changes: caches of older rules are then not reused
 # files per decoding task: large enough that Ray's cost per task is small (200,000 files on 2 cores: 25 s in
 # chunks of 256, 20 s in chunks of 1024), and at least 16 chunks so that small data still spreads over the cores
 CHUNK, MIN_CHUNKS = 1024, 16
-STORES = ("memory", "disk")
-
-
-class DiskImages:
-    """uint8 images (N, S, S, C) in a `.npy` file, read row by row as asked (memory-mapped).
-    Pickles as its path, so Ray hands a trial the handle, not the pixels; indexing returns the
-    rows asked for as an ordinary array."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-        self._rows = None
-
-    @property
-    def rows(self) -> np.ndarray:
-        if self._rows is None:
-            self._rows = np.load(self.path, mmap_mode="r")
-        return self._rows
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.rows.shape
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key) -> np.ndarray:
-        return np.array(self.rows[key])
-
-    def __reduce__(self):
-        return DiskImages, (self.path,)
-
-
-class Rows:
-    """The images `images[index]`, read only when sliced: a split of the disk store, whose rows a
-    trial reads batch by batch. `len`, slicing and integer-array indexing, like an array."""
-
-    def __init__(self, images, index: np.ndarray):
-        self.images, self.index = images, np.asarray(index)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.index), *self.images.shape[1:])
-
-    def __getitem__(self, key) -> np.ndarray:
-        return self.images[self.index[key]]
-
-
-def rows(images, index: np.ndarray):
-    """`images[index]`: copied into memory for in-memory images, a `Rows` view of the disk store."""
-    return images[index] if isinstance(images, np.ndarray) else Rows(images, index)
-
 
 @dataclass
 class Decoding:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from search.checkpoints import torn
 from search.cluster import check_fits, connected
-from search.data import audited, load_search_data
+from search.data_setup import audited, load_search_data
 from search.ensemble import calibrate, choose, score_models
 from search.evaluate import decide, positive_class
 from search.importance import importances, plot_importance
@@ -35,7 +35,7 @@ from search.saliency import file_name, grad_cam, overlay
 from search.saved_model import load_model, save_model
 from search.tuner import STUDY_FILE, load_study
 from trainables import UserError
-from trainables.data import Dataset
+from trainables.ingest.dataset import Dataset
 from trainables.metrics import METRIC_MODES
 
 
@@ -238,7 +238,7 @@ def _save_models(tmp: Path, folder: Path, summary: dict, models: dict, members: 
     record = {"class_names": data.class_names, "positive_class": summary["positive_class"],
               "preprocessing": {"image_size": int(data.images.shape[1]), "channels": int(data.channels),
                                 "ct_window": summary["search"]["options"].get("ct_window", "lung"),
-                                "decode": "trainables.images.decode_image"},
+                                "decode": "trainables.ingest.image_file.decode_image"},
               "data": summary["data"], "versions": summary["versions"], "experiment": str(folder)}
     by_name = {m["name"]: m for m in members}
 

@@ -1,6 +1,6 @@
 """Load labelled chest images once, validate them, split them, and hand out uint8 arrays.
 
-The source is picked by what the path is (`trainables.sources.DATA_SOURCES`): an image folder, a
+The source is picked by what the path is (`trainables.ingest.sources.DATA_SOURCES`): an image folder, a
 MedMNIST-style `.npz`, or a CSV manifest.
 
 Example:
@@ -20,10 +20,12 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from trainables import UserError
-from trainables.dicom import check_ct_window
-from trainables.images import check_image_size, listing
-from trainables.sources import DATA_SOURCES, SPLITS, Raw
-from trainables.store import STORES, Decoding, DiskImages, rows
+from trainables.ingest.decoding import Decoding
+from trainables.ingest.dicom import check_ct_window
+from trainables.ingest.files import listing
+from trainables.ingest.image_file import check_image_size
+from trainables.ingest.sources import DATA_SOURCES, SPLITS, Raw
+from trainables.ingest.stores import STORES, DiskImages, rows
 
 
 @dataclass
@@ -137,11 +139,11 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
         group_column: manifest column holding patient ids; detected by name when omitted.
         skip_corrupt: leave unreadable images out with one warning instead of failing.
         subset: keep at most this many images per split (stratified), for smoke runs.
-        ct_window: the window CT DICOM files are shown in (`trainables.dicom.check_ct_window`).
+        ct_window: the window CT DICOM files are shown in (`trainables.ingest.dicom.check_ct_window`).
         store: "memory", "disk" (the decoded images in `cache`, read by rows), or a function of the
             decoded size in bytes that picks one.
         cache: folder of decoded data sets, reused when the same files are decoded the same way.
-        run_chunks: how decoding chunks run (`trainables.store.Decoding`; default local threads).
+        run_chunks: how decoding chunks run (`trainables.ingest.decoding.Decoding`; default local threads).
 
     Raises:
         UserError: naming the bad path, image, column, class or split.

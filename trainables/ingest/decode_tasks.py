@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.images import decode_chunk
-from trainables.npy import write_rows
+from trainables.ingest.image_file import decode_chunk
+from trainables.ingest.stores import write_rows
 
 
 def decode_chunk_into(chunk: tuple[int, list[str]], *, out: str, offset: int, token: str, **options) -> dict:
