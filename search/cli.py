@@ -21,7 +21,8 @@ def add_flags(parser: argparse.ArgumentParser, options_class, *, only: tuple[str
     """One flag per field of `options_class` (or of `only`), the class's own fields first: `--top-k`
     for `top_k`, with the field's default, help and choices (checked with the options, so that a bad
     value gets the same one-line error from the command line and from Python); a bool that
-    defaults to True becomes `--no-<name>`; one marked `repeat` may be given several times (a list). A
+    defaults to True becomes `--no-<name>`; one marked `repeat` may be given several times (a list);
+    one with a `bare` value may be given without a value, and then takes it. A
     field that `profiles` fill in says so in its help."""
     own = options_class.__annotations__
     for f in sorted(fields(options_class), key=lambda f: f.name not in own):
@@ -43,6 +44,8 @@ def add_flags(parser: argparse.ArgumentParser, options_class, *, only: tuple[str
         extra = {"type": meta["type"]} if "type" in meta else {}  # choices are checked with the options
         if meta.get("repeat"):
             extra["action"] = "append"
+        if "bare" in meta:
+            extra.update(nargs="?", const=meta["bare"])
         if f.default is MISSING:
             extra["required"] = True
         else:

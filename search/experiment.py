@@ -36,6 +36,7 @@ from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions
 from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json, write_timings
 from search.stop_rule import stop_record
+from search.tracking import BestEpochTensorBoard, MlflowTracking, log_outputs
 from search.tuner import (SchedulerState, bind_space, fit, make_scheduler, make_searcher, make_tuner, restore_tuner,
                           with_data)
 from search.warm_start import SCORED_BY, Earlier, read_studies, translate, tried_backbones
@@ -46,6 +47,10 @@ from trainables.ingest.dataset import Dataset, check_data
 from trainables.metrics import METRIC_MODES
 from trainables.models import num_stages, weights_source
 from trainables.trainable import train_classifier
+
+# what a search writes that its parent MLflow run keeps (finalize adds final/)
+SEARCH_OUTPUTS = ("leaderboard.csv", "leaderboard_by_backbone.csv", "search_progress.png", "optuna_trials.csv",
+                  "data_report.md", "search_config.json", "timings.json")
 
 
 @dataclass
@@ -105,6 +110,8 @@ def run_search(options: SearchOptions) -> Path:
                                                       fit_seconds=clock["fit_ended"] - clock["fit_started"])
             clock["search_ended"], clock["data_seconds"] = time.time(), search.data_seconds
             write_timings(folder, clock, slots=search.slots, cpus_per_trial=search.options.cpus_per_trial)  # finalize reads it
+            if search.options.mlflow is not None:
+                log_outputs(folder, search.options.mlflow, [("search", folder / name) for name in SEARCH_OUTPUTS])
         o = search.options
         if finished and o.finalize:
             shared = {f.name: getattr(o, f.name) for f in fields(SharedOptions)}
@@ -261,7 +268,10 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
     scheduler = make_scheduler(metric=metric, mode=mode, max_epochs=o.max_epochs, grace_period=o.grace_period,
                                reduction_factor=o.reduction_factor, first=search.first) if o.scheduler == "asha" else None
     callbacks = [LeaderboardCallback(folder, metric=metric, mode=mode, num_samples=o.num_samples,
-                                     time_budget=o.time_budget, scheduler=scheduler)]
+                                     time_budget=o.time_budget, scheduler=scheduler),
+                 BestEpochTensorBoard(metric=metric, mode=mode)]
+    if o.mlflow is not None:
+        callbacks.append(MlflowTracking(folder, uri=o.mlflow, metric=metric, scheduler=scheduler, options=asdict(o)))
     if scheduler is not None:
         callbacks.append(SchedulerState(scheduler))
     cores = None

@@ -33,6 +33,7 @@ from search.report import fmt, render_report
 from search.retrain import candidates, retrain_top
 from search.saliency import file_name, grad_cam, overlay
 from search.saved_model import load_model, save_model
+from search.tracking import log_outputs
 from search.tuner import STUDY_FILE, load_study
 from trainables import UserError
 from trainables.ingest.dataset import Dataset
@@ -94,6 +95,9 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
                         selection=selection)
     if options.keep_checkpoints == "used":
         remove_unused_checkpoints(folder, board, keep={m["trial_id"] for m in members})
+    if search.get("mlflow") is not None:
+        log_outputs(folder, search["mlflow"], [("final", f) for f in sorted(final.iterdir()) if f.is_file()]
+                    + [("final/model", final / "ensemble")])
     return final
 
 

@@ -45,7 +45,8 @@ AUTO_BATCH_SIZES, MIN_STEPS_PER_EPOCH = (64, 32, 16, 8), 12
 
 def option(default, help: str, **check):
     """A field with its help text; `check` may hold `type` (also the flag's parser), `choices`,
-    `above` (strictly), `at_least`, or `repeat` (a flag given any number of times: a list)."""
+    `above` (strictly), `at_least`, `repeat` (a flag given any number of times: a list), or `bare`
+    (the value of the flag given without one)."""
     return field(default=default, metadata={"help": help, **check})
 
 
@@ -144,6 +145,10 @@ class SearchOptions(SharedOptions):
                                           "still running there)")
     finalize: bool = option(True, "stop after the search: no retraining, ensemble or report (python -m "
                                   "search.finalize does it later)")
+    mlflow: str | None = option(None, "log every trial as an MLflow run (its config, every epoch's metrics, ASHA's "
+                                      "stops) and the leaderboard, report and final model on a parent run; alone: a "
+                                      "SQLite store in the experiment folder (mlflow.db), or a tracking URI "
+                                      "(pip install 'lung-search[tracking]')", bare="experiment")
     warm_start: list[str] | None = option(None, "an earlier search of the same space and metric to start from "
                                                 "(repeatable): its trials go to the sampler before its first "
                                                 "proposal, and the backbones it tried are not swept again",
@@ -267,6 +272,9 @@ def check_search(o: SearchOptions) -> None:
         raise UserError(f"--warm-start must be a list of experiment folders, got {o.warm_start!r}")
     if o.warm_start and get_space(o.space).fixed:
         raise UserError(f"--warm-start applies to a space the sampler searches, not the fixed space {o.space!r}")
+    if o.mlflow is not None:
+        from search.tracking import check_mlflow  # Ray's and MLflow's imports only for a search that logs
+        check_mlflow(o.mlflow)
     if o.backbones:
         unknown = [b for b in o.backbones.split(",") if b.strip() and not timm.is_model(b.strip())]
         if unknown:

@@ -357,9 +357,11 @@ def test_a_copied_search_cut_again_and_again_resumes_into_the_copy_and_asha_judg
     whole, and cut by --time-budget, copied to another storage, then resumed there and cut again
     until it ends, ends with the same trials stopped at the same rungs; the cut trials continue from
     their checkpoints, and the original's files are not touched. ASHA's rungs must travel with the
-    experiment (Ray restores no scheduler) and be the latest ones at every resume."""
+    experiment (Ray restores no scheduler) and be the latest ones at every resume. With --mlflow, each
+    trial keeps one MLflow run through the cuts, and the copy's store writes into the copy."""
     base = dict(space="tiny", data=str(pneumonia_npz), stop_rule=False, subset=200, image_size=28, folds=1, max_epochs=3,
-                grace_period=1, num_samples=6, max_concurrent=1, cpus_per_trial=1, seed=0, finalize=False)
+                grace_period=1, num_samples=6, max_concurrent=1, cpus_per_trial=1, seed=0, finalize=False,
+                mlflow="experiment")
     whole_folder = run_search(SearchOptions(**base, storage=str(tmp_path / "a"), name="whole"))
     whole = pd.read_csv(whole_folder / "leaderboard.csv")
     budget = json.loads((whole_folder / "timings.json").read_text())["fit_seconds"] * 0.35
@@ -394,3 +396,56 @@ def test_a_copied_search_cut_again_and_again_resumes_into_the_copy_and_asha_judg
         cuts = sum(trial_id in set(b.loc[b["status"] == "INTERRUPTED", "trial_id"]) for b in boards[:-1])
         assert sorted(set(epochs)) == list(range(1, max(epochs) + 1)) and len(epochs) - len(set(epochs)) <= cuts, epochs
     assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == untouched
+    _one_mlflow_run_per_trial(copy, boards[-1])
+    _hparams_at_the_best_epoch(copy, boards[-1])
+
+
+def _one_mlflow_run_per_trial(folder, board):
+    """One run per trial (none started again by a resume) under one parent: its config as parameters,
+    one value per epoch it ran, ASHA's stops tagged; the parent's leaderboard artifact in the folder."""
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import tracking_uri
+    client = MlflowClient(tracking_uri(folder, "experiment"))
+    runs = client.search_runs([client.get_experiment_by_name(folder.name).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("role") == "search"]
+    by_trial = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+    assert len(parents) == 1 and len(runs) == len(by_trial) + 1 == len(board) + 1
+    assert set(by_trial) == set(board["trial_id"])
+    assert board["stopped_early"].any() and not board["stopped_early"].all()  # both kinds of tag are checked
+    for row in board.to_dict("records"):
+        run = by_trial[row["trial_id"]]
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.params["backbone"] == row["backbone"] and float(run.data.params["lr"]) == pytest.approx(row["lr"])
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auc"))
+        assert steps == list(range(1, row["epochs"] + 1)), (row["trial_id"], steps)
+        assert run.data.tags["stopped_early"] == str(bool(row["stopped_early"])).lower()
+        assert run.data.tags.get("stopped_at_epoch") == (str(row["epochs"]) if row["stopped_early"] else None)
+    logged = [a.path for a in client.list_artifacts(parents[0].info.run_id, "search")]
+    assert "search/leaderboard.csv" in logged, logged
+    assert list((folder / "mlflow-artifacts").rglob("leaderboard.csv"))  # in the copy, not the original
+
+
+def _hparams_at_the_best_epoch(folder, board):
+    """TensorBoard's HParams entry of each trial names `best/<metric>`, and those scalars hold the
+    leaderboard's best epoch and value (over every run of the trial), not the last epoch's."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    for row in board.to_dict("records"):
+        scalars, hparams = {}, b""
+        for path in sorted((folder / f"trial_{row['trial_id']}").glob("events.out.tfevents.*")):
+            data, at = path.read_bytes(), 0
+            while at < len(data):  # TFRecord: length, its CRC, the event, its CRC
+                (length,) = struct.unpack("<Q", data[at:at + 8])
+                event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+                at += 16 + length
+                for value in event.summary.value:
+                    if value.tag.startswith("_hparams_"):
+                        hparams += value.metadata.plugin_data.content
+                    else:
+                        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+        assert b"best/val_auc" in hparams and b"ray/tune/val_auc" not in hparams, row["trial_id"]
+        [(epoch, value)] = scalars["best/val_auc"]
+        assert epoch == row["best_epoch"] and value == pytest.approx(row["val_auc"], abs=1e-6)
+        assert scalars["best/epoch"] == [(epoch, float(epoch))]

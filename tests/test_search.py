@@ -237,6 +237,9 @@ def _main(capsys, *args):
     (["--folds", "2000"], "--folds 2000: a class of train+val has only"),
     (["--space", "tiny", "--positive-class", "covid"],
      "--positive-class 'covid' is not a class of this data; classes: ['normal', 'pneumonia']"),
+    (["--mlflow", "ftp://host/x"], "--mlflow 'ftp://host/x' is not a tracking URI; give none"),
+    (["--mlflow", "mlruns"], "--mlflow 'mlruns' is not a tracking URI"),
+    (["--mlflow", "http://127.0.0.1:9"], "--mlflow http://127.0.0.1:9: the tracking server does not answer"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message, capsys):
     """`main` as the command line calls it, in this process (the subprocess tests below run the real
@@ -248,6 +251,14 @@ def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message, c
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr and not any(tmp_path.iterdir())
+
+
+def test_mlflow_without_mlflow_installed_says_what_to_install(tmp_path, pneumonia_npz, capsys, monkeypatch):
+    from search.run import main
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as where the tracking extra is not installed
+    assert main(["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--mlflow"]) == 2
+    assert "error: --mlflow needs MLflow: pip install 'lung-search[tracking]'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def _bad_manifest(tmp_path):
