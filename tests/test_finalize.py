@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,12 +35,30 @@ def keras_folder(tmp_path_factory, png_folder):
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, keras_folder):
     """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble;
-    no warm restart, so a member's first seed is its trial's network as it stands."""
+    no warm restart, so a member's first seed is its trial's network as it stands. Logged to MLflow."""
     storage = tmp_path_factory.mktemp("exp")
     folder = run_search(SearchOptions(space="tiny", data=str(keras_folder), storage=str(storage), name="pipeline", folds=1, stop_rule=False,
                                       num_samples=4, max_epochs=3, grace_period=3, image_size=28, seed=0,
-                                      cpus_per_trial=1, top_k=2, seeds=2, warm_restart="none"))
+                                      cpus_per_trial=1, top_k=2, seeds=2, warm_restart="none", mlflow="experiment"))
     return folder, json.loads((folder / "final" / "metrics.json").read_text())
+
+
+def test_mlflow_keeps_the_leaderboard_report_and_final_model_on_the_parent_run(experiment):
+    from mlflow.tracking import MlflowClient
+
+    from search.saved_model import load_model
+    from search.tracking import tracking_uri
+    folder, _ = experiment
+    client = MlflowClient(tracking_uri(folder, "experiment"))
+    runs = client.search_runs([client.get_experiment_by_name(folder.name).experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("role") == "search"]
+    assert len(runs) == 5 and parent.info.status == "FINISHED" and parent.data.params["space"] == "tiny"
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    logged |= {a.path for a in client.list_artifacts(parent.info.run_id, "final")}
+    assert {"search/leaderboard.csv", "final/report.md", "final/metrics.json", "final/model"} <= logged, logged
+    model = Path(parent.info.artifact_uri.removeprefix("file://")) / "final" / "model"
+    assert model.is_relative_to(folder / "mlflow-artifacts")
+    assert load_model(model).class_names == ["normal lung", "viral pneumonia"]  # the final model, whole
 
 
 def test_finalize_writes_every_output(experiment):
