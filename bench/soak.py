@@ -1,0 +1,332 @@
+"""A day of faults, compressed (issue 39): one seeded search on the packaged data, on real Ray nodes
+that `ray start` runs on this machine (a head and worker nodes of one CPU each, token authentication:
+docs/cluster.md's manual flow, as written), run undisturbed and then through faults of every kind at random moments
+drawn from a fixed seed; the two compared.
+
+    python bench/soak.py --benchmarks                   # 24 trials through 24 faults (about 25 minutes on 2 cores)
+    python bench/soak.py --trials 6 --faults 6          # short: one fault of each kind
+
+The faults: a trial's worker process killed (SIGKILL) while it trains (`worker_train`) or while its
+checkpoint is being saved (`worker_save`); a worker node lost, its raylet killed, and a new node
+joining (`node_lost`); the driver interrupted (SIGINT, `driver_sigint`) or killed (SIGKILL,
+`driver_sigkill`), then `--resume`; the experiment moved to another storage folder while the driver
+is down and resumed there (`moved`). Trials run one at a time, so the sampler and ASHA see the same
+results in the same order in both runs and their decisions can be compared exactly.
+
+One row per soak in `bench/results/soak-<stamp>.csv`: `faults` and the count of each kind, `trials`,
+`lost` (asked for but not ended), `duplicated` (a trial in the leaderboard twice, or an Optuna trial
+not one to one with a leaderboard row), `journal_ok` (optuna.journal replays with JournalStorage
+after every fault, and at the end holds every trial COMPLETE or PRUNED, none RUNNING, each with its
+epochs 1..n), `continuity_ok` (every trial's epochs 1..n, at most the epoch in flight trained again
+per fault, its checkpoint at its last epoch), `asha_same` (the same trials stopped at the same
+epochs as undisturbed, none past max_t), `wall_ratio` and `max_stall_s` (the longest time without a
+new epoch while a driver ran).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import common  # noqa: E402
+
+BIN = Path(sys.executable).parent
+KINDS = ("worker_train", "worker_save", "node_lost", "driver_sigint", "driver_sigkill", "moved")
+NODE_SIZE = "--disable-usage-stats --object-store-memory=200000000"
+STALL_LIMIT = 240  # seconds a search may go without a new epoch while its driver runs (a resume included)
+
+
+def manual_flow() -> list[str]:
+    """The commands of docs/cluster.md's manual cluster flow, as written (the bash block after
+    `<!-- manual-flow`): the token, the head, a worker, the search."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    block = text.split("<!-- manual-flow", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split(" #")[0].strip() for line in block.splitlines() if line.split(" #")[0].strip()]
+
+
+class Nodes:
+    """A head with no CPUs (the driver's node: trials run on workers) and worker nodes of 1 CPU,
+    started by the commands of docs/cluster.md's manual flow as written (with this machine's paths,
+    a free port and the nodes' sizes added); stopped together."""
+
+    def __init__(self, work: Path, workers: int):
+        home = work / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(HOME=str(home), PYTHONPATH=str(ROOT))
+        self.temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+        port = str(6900 + os.getpid() % 300)
+        self.address = f"127.0.0.1:{port}"
+        token, head, self.worker, _ = [c.replace(".venv/bin/", f"{BIN}/").replace("<head-ip>", "127.0.0.1")
+                                       .replace("6379", port) for c in manual_flow()]
+        self._shell(token)
+        self._shell(f"{head} --num-cpus=0 {NODE_SIZE} --include-dashboard=false --temp-dir={self.temp}")
+        for _ in range(workers):
+            self.add_worker()
+
+    def _shell(self, command: str) -> None:
+        done = subprocess.run(command, shell=True, env=self.env, capture_output=True, text=True, timeout=180)
+        if done.returncode:
+            raise RuntimeError(f"{command} failed: {done.stdout[-1000:]} {done.stderr[-2000:]}")
+
+    def add_worker(self) -> None:
+        self._shell(f"{self.worker} --num-cpus=1 {NODE_SIZE}")
+
+    def raylets(self) -> dict[str, tuple[int, bool]]:
+        """Node id -> (its raylet's pid, whether it is the head), of this cluster's live nodes."""
+        out = {}
+        for pid, args in _processes():
+            node = re.search(r"--node_id=(\w+)", args)
+            if node and self.temp in args and args.split()[0].endswith("raylet"):
+                out[node.group(1)] = (pid, "node:__internal_head__" in args)
+        return out
+
+    def lose_node(self, node_id: str) -> None:
+        """The node's raylet killed (its workers go with it), and a new worker node joins."""
+        os.kill(self.raylets()[node_id][0], signal.SIGKILL)
+        self.add_worker()
+
+    def stop(self) -> None:
+        subprocess.run(["pkill", "-9", "-f", self.temp])
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _processes() -> list[tuple[int, str]]:
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [(int(line.split(None, 1)[0]), line.split(None, 1)[1]) for line in ps.splitlines() if len(line.split(None, 1)) == 2]
+
+
+def trial_workers() -> list[int]:
+    """Pids of the processes running a trial (Ray names them after the function trainable's actor)."""
+    return [pid for pid, args in _processes() if args.startswith("ray::ImplicitFunc")]
+
+
+def results(folder: Path) -> dict[str, list[dict]]:
+    from search.checkpoints import results as trial_results
+    return {t.name[len("trial_"):]: trial_results(t) for t in sorted(folder.glob("trial_*"))}
+
+
+def epochs_seen(folder: Path) -> int:
+    return sum(len(rows) for rows in results(folder).values())
+
+
+class Soak:
+    """One search run through faults (none: the undisturbed run) on `nodes`, its driver started and
+    restarted here; `hits` counts, per trial, the faults that struck it."""
+
+    def __init__(self, nodes: Nodes, storages: list[Path], name: str, search: list[str], log: Path):
+        self.nodes, self.storages, self.name, self.search, self.log = nodes, storages, name, search, open(log, "a")
+        self.storage, self.driver = storages[0], None
+        self.hits: dict[str, int] = {}
+        self.journal_ok, self.max_stall, self.started = True, 0.0, time.time()
+        self._progress = (0, time.time())
+
+    @property
+    def folder(self) -> Path:
+        return self.storage / self.name
+
+    def start(self, resume: bool = False) -> None:
+        command = [sys.executable, "-m", "search.run", "--address", self.nodes.address, "--storage", str(self.storage),
+                   "--name", self.name, *self.search, *(["--resume"] if resume else [])]
+        self.log.write(f"\n[{time.strftime('%H:%M:%S')}] {' '.join(command[1:])}\n")
+        self.log.flush()
+        self.driver = subprocess.Popen(command, cwd=ROOT, env=self.nodes.env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def watch(self) -> bool:
+        """Record progress and stalls; whether the driver still runs (a driver that failed stops the soak)."""
+        seen = epochs_seen(self.folder) if self.folder.is_dir() else 0
+        if seen > self._progress[0]:
+            self._progress = (seen, time.time())
+        self.max_stall = max(self.max_stall, time.time() - self._progress[1])
+        code = self.driver.poll()
+        if code not in (None, 0):
+            raise SystemExit(f"the search's driver failed ({code}); see {self.log.name}")
+        return code is None
+
+    def wait_for_epochs(self, more: int, timeout: float = 900) -> bool:
+        """Until `more` new epochs are reported (whether the driver still runs)."""
+        goal, deadline = epochs_seen(self.folder) + more if self.folder.is_dir() else more, time.time() + timeout
+        while self.watch() and time.time() < deadline:
+            if self.folder.is_dir() and epochs_seen(self.folder) >= goal and trial_workers():
+                return True
+            time.sleep(0.2)
+        return self.driver.poll() is None
+
+    def check_journal(self) -> None:
+        from search.tuner import load_study
+        try:
+            if (self.folder / "optuna.journal").is_file():
+                load_study(self.folder)
+        except Exception as exc:  # whatever Optuna raises for a journal it cannot replay
+            self.journal_ok = False
+            self.log.write(f"journal not readable: {type(exc).__name__}: {exc}\n")
+
+    def running_trial(self) -> tuple[str, str] | None:
+        """The trial that reported last (trials run one at a time): its id and its node."""
+        files = list(self.folder.glob("trial_*/result.json"))
+        if not files:
+            return None
+        newest = max(files, key=lambda f: f.stat().st_mtime).parent
+        rows = results(self.folder).get(newest.name[len("trial_"):], [])
+        return (newest.name[len("trial_"):], rows[-1].get("node_id")) if rows else None
+
+    def inject(self, kind: str, rng: random.Random) -> bool:
+        """One fault; whether it struck (a worker fault needs a trial running)."""
+        if kind in ("worker_train", "worker_save", "node_lost"):
+            running = self.running_trial()
+            if running is None or not trial_workers():
+                return False
+            trial_id, node = running
+            if kind == "worker_save":
+                self._wait_for_a_save(timeout=60)
+            if kind == "node_lost" and node in self.nodes.raylets() and not self.nodes.raylets()[node][1]:
+                self.nodes.lose_node(node)
+            else:
+                for pid in trial_workers():
+                    os.kill(pid, signal.SIGKILL)
+            self.hits[trial_id] = self.hits.get(trial_id, 0) + 1
+            self.check_journal()
+            return True
+        running = self.running_trial()
+        self.driver.send_signal(signal.SIGKILL if kind == "driver_sigkill" else signal.SIGINT)
+        self.driver.wait(timeout=300)
+        if running:
+            self.hits[running[0]] = self.hits.get(running[0], 0) + 1
+        self.check_journal()
+        if kind == "moved":
+            other = self.storages[1] if self.storage == self.storages[0] else self.storages[0]
+            other.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.folder), str(other / self.name))
+            self.storage = other
+        self.start(resume=True)
+        return True
+
+    def _wait_for_a_save(self, timeout: float) -> None:
+        """Until a trial's checkpoint folder exists that its result.json does not name yet: the save is
+        under way (Ray copies the checkpoint before it registers it)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.watch():
+            for trial in self.folder.glob("trial_*"):
+                named = {r.get("checkpoint_dir_name") for r in results(self.folder).get(trial.name[6:], [])}
+                if any(c.name not in named for c in trial.glob("checkpoint_*")):
+                    return
+            time.sleep(0.02)
+
+    def finish(self) -> float:
+        while self.watch():
+            time.sleep(0.5)
+        self.check_journal()
+        return time.time() - self.started
+
+
+def schedule(faults: int, rng: random.Random) -> list[str]:
+    """Every kind at least once (when there are as many faults), the rest drawn, in a drawn order."""
+    kinds = list(KINDS[:faults]) + [rng.choice(KINDS) for _ in range(faults - len(KINDS))]
+    rng.shuffle(kinds)
+    return kinds
+
+
+def outcome(board: pd.DataFrame) -> list[tuple]:
+    return sorted(zip(board["backbone"], board["lr"].round(10), board["epochs"], board["stopped_early"]))
+
+
+def compare(whole: Path, soaked: Path, *, trials: int, max_epochs: int, hits: dict[str, int]) -> dict:
+    """The soaked search against the undisturbed one (see the module docstring)."""
+    from search.checkpoints import registered
+    from search.tuner import load_study
+    board, reference = pd.read_csv(soaked / "leaderboard.csv"), pd.read_csv(whole / "leaderboard.csv")
+    ended = board[board["status"] == "TERMINATED"]
+    study = load_study(soaked).get_trials(deepcopy=False)
+    ray_ids = [t.user_attrs.get("ray_trial_id") for t in study]
+    journal_ok = (all(t.state.name in ("COMPLETE", "PRUNED") for t in study)
+                  and all(sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1)) for t in study))
+    duplicated = (len(board) - board["trial_id"].nunique()) + (len(ray_ids) - len(set(ray_ids))) \
+        + len(set(ray_ids) ^ set(board["trial_id"]))
+    continuity = []
+    for trial_id, rows in results(soaked).items():
+        epochs = [r["epoch"] for r in rows]
+        saved = registered(soaked / f"trial_{trial_id}")  # newest first
+        last_saved = max((r["epoch"] for r in rows if saved and r.get("checkpoint_dir_name") == saved[0].name), default=0)
+        continuity.append(sorted(set(epochs)) == list(range(1, max(epochs) + 1))
+                          and len(epochs) - len(set(epochs)) <= hits.get(trial_id, 0) and last_saved == max(epochs))
+    return {"trials": int(ended["trial_id"].nunique()), "lost": trials - int(ended["trial_id"].nunique()),
+            "duplicated": int(duplicated), "journal_ok": bool(journal_ok), "continuity_ok": all(continuity),
+            "asha_same": outcome(board) == outcome(reference) and int(board["epochs"].max()) <= max_epochs}
+
+
+def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, seed: int, fault_seed: int,
+        gap: tuple[int, int] = (1, 3)) -> dict:
+    """The undisturbed search and the soaked one, on one cluster; the comparison's row. `gap`: the
+    fewest and most epochs reported between two faults (drawn)."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    data = ROOT / "search" / "default_data" / "pneumoniamnist.npz"
+    search = ["--data", str(data), "--space", "tiny", "--num-samples", str(trials), "--max-epochs", str(max_epochs),
+              "--grace-period", "1", "--max-concurrent", "1", "--cpus-per-trial", "1", "--max-retries", str(faults + 2),
+              "--subset", "400", "--image-size", "28", "--folds", "1", "--no-finalize", "--no-stop-rule",
+              "--seed", str(seed)]
+    nodes = Nodes(work, workers)
+    try:
+        whole = Soak(nodes, [work / "a"], "whole", search, work / "whole.log")
+        whole.start()
+        whole_s = whole.finish()
+        soak = Soak(nodes, [work / "a", work / "b"], "soak", search, work / "soak.log")
+        rng, struck = random.Random(fault_seed), []
+        soak.start()
+        for kind in schedule(faults, rng):
+            if not soak.wait_for_epochs(rng.randint(*gap)):
+                break  # the search ended before this fault
+            if soak.inject(kind, rng):
+                struck.append(kind)
+                print(f"[{common.clock(time.time() - soak.started)}] fault {len(struck)}/{faults}: {kind}", flush=True)
+        soak_s = soak.finish()
+    finally:
+        nodes.stop()
+    row = {"faults": len(struck), **{k: struck.count(k) for k in KINDS}}
+    row.update(compare(whole.folder, soak.folder, trials=trials, max_epochs=max_epochs, hits=soak.hits))
+    row["journal_ok"] = row["journal_ok"] and soak.journal_ok
+    row.update(wall_ratio=round(soak_s / whole_s, 2), max_stall_s=round(max(soak.max_stall, whole.max_stall)),
+               undisturbed_s=round(whole_s), soak_s=round(soak_s), seed=seed, fault_seed=fault_seed,
+               machine=common.machine(), commit=common.commit())
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=24)
+    p.add_argument("--faults", type=int, default=24)
+    p.add_argument("--max-epochs", type=int, default=4)
+    p.add_argument("--workers", type=int, default=3, help="worker nodes (the head runs no trial)")
+    p.add_argument("--seed", type=int, default=0, help="the search's seed")
+    p.add_argument("--fault-seed", type=int, default=0, help="seed of the faults' kinds and moments")
+    p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/soak").expanduser()))
+    p.add_argument("--benchmarks", action="store_true")
+    args = p.parse_args()
+    started = time.time()
+    row = run(Path(args.work), trials=args.trials, faults=args.faults, max_epochs=args.max_epochs,
+              workers=args.workers, seed=args.seed, fault_seed=args.fault_seed)
+    common.finish("soak", pd.DataFrame([row]), started=started, benchmarks=args.benchmarks,
+                  section="A search through many faults (issue 39)",
+                  settings=f"{args.trials} trials of --space tiny (28 px, 400 images a split, at most {args.max_epochs} "
+                           f"epochs, ASHA grace 1, one at a time) on a head and {args.workers} worker nodes of 1 CPU "
+                           f"started by `ray start`; stall limit {STALL_LIMIT} s")
+    ok = (row["lost"] == 0 and row["duplicated"] == 0 and row["journal_ok"] and row["continuity_ok"] and row["asha_same"]
+          and row["wall_ratio"] <= 2.5 and row["max_stall_s"] <= STALL_LIMIT)
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
