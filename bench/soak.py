@@ -72,10 +72,14 @@ class Nodes:
         self.address = f"127.0.0.1:{port}"
         token, head, self.worker, _ = [c.replace(".venv/bin/", f"{BIN}/").replace("<head-ip>", "127.0.0.1")
                                        .replace("6379", port) for c in manual_flow()]
-        self._shell(token)
-        self._shell(f"{head} --num-cpus=0 {NODE_SIZE} --include-dashboard=false --temp-dir={self.temp}")
-        for _ in range(workers):
-            self.add_worker()
+        try:
+            self._shell(token)
+            self._shell(f"{head} --num-cpus=0 {NODE_SIZE} --include-dashboard=false --temp-dir={self.temp}")
+            for _ in range(workers):
+                self.add_worker()
+        except BaseException:
+            self.stop()
+            raise
 
     def _shell(self, command: str) -> None:
         done = subprocess.run(command, shell=True, env=self.env, capture_output=True, text=True, timeout=180)
@@ -94,9 +98,9 @@ class Nodes:
                 out[node.group(1)] = (pid, "node:__internal_head__" in args)
         return out
 
-    def lose_node(self, node_id: str) -> None:
-        """The node's raylet killed (its workers go with it), and a new worker node joins."""
-        os.kill(self.raylets()[node_id][0], signal.SIGKILL)
+    def lose_node(self, raylet: int) -> None:
+        """A node's raylet killed (its workers go with it), and a new worker node joins."""
+        os.kill(raylet, signal.SIGKILL)
         self.add_worker()
 
     def stop(self) -> None:
@@ -105,13 +109,16 @@ class Nodes:
 
 
 def _processes() -> list[tuple[int, str]]:
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [(int(line.split(None, 1)[0]), line.split(None, 1)[1]) for line in ps.splitlines() if len(line.split(None, 1)) == 2]
 
 
-def trial_workers() -> list[int]:
-    """Pids of the processes running a trial (Ray names them after the function trainable's actor)."""
-    return [pid for pid, args in _processes() if args.startswith("ray::ImplicitFunc")]
+def trial_workers() -> dict[int, int]:
+    """The processes running a trial (Ray names them after the function trainable's actor), each with
+    its parent: the raylet of the node it runs on."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in ps.splitlines()]
+    return {int(r[0]): int(r[1]) for r in rows if len(r) == 3 and r[2].startswith("ray::ImplicitFunc")}
 
 
 def results(folder: Path) -> dict[str, list[dict]]:
@@ -125,13 +132,14 @@ def epochs_seen(folder: Path) -> int:
 
 class Soak:
     """One search run through faults (none: the undisturbed run) on `nodes`, its driver started and
-    restarted here; `hits` counts, per trial, the faults that struck it."""
+    restarted here; `struck_at` holds when each fault struck."""
 
     def __init__(self, nodes: Nodes, storages: list[Path], name: str, search: list[str], log: Path):
         self.nodes, self.storages, self.name, self.search, self.log = nodes, storages, name, search, open(log, "a")
         self.storage, self.driver = storages[0], None
-        self.hits: dict[str, int] = {}
+        self.struck_at: list[float] = []
         self.journal_ok, self.max_stall, self.started = True, 0.0, time.time()
+        self.exits_ok, self.torn_appends = True, 0  # every driver stop ended as it should; half lines appended
         self._progress = (0, time.time())
 
     @property
@@ -174,38 +182,38 @@ class Soak:
             self.journal_ok = False
             self.log.write(f"journal not readable: {type(exc).__name__}: {exc}\n")
 
-    def running_trial(self) -> tuple[str, str] | None:
-        """The trial that reported last (trials run one at a time): its id and its node."""
-        files = list(self.folder.glob("trial_*/result.json"))
-        if not files:
-            return None
-        newest = max(files, key=lambda f: f.stat().st_mtime).parent
-        rows = results(self.folder).get(newest.name[len("trial_"):], [])
-        return (newest.name[len("trial_"):], rows[-1].get("node_id")) if rows else None
-
-    def inject(self, kind: str, rng: random.Random) -> bool:
+    def inject(self, kind: str) -> bool:
         """One fault; whether it struck (a worker fault needs a trial running)."""
         if kind in ("worker_train", "worker_save", "node_lost"):
-            running = self.running_trial()
-            if running is None or not trial_workers():
+            if not trial_workers():
+                self.log.write(f"soak: no trial running for {kind}; the next epoch\n")
                 return False
-            trial_id, node = running
             if kind == "worker_save":
                 self._wait_for_a_save(timeout=60)
-            if kind == "node_lost" and node in self.nodes.raylets() and not self.nodes.raylets()[node][1]:
-                self.nodes.lose_node(node)
+            if kind == "node_lost":
+                workers = {pid for pid, head in self.nodes.raylets().values() if not head}
+                nodes = [raylet for raylet in trial_workers().values() if raylet in workers]
+                if not nodes:
+                    self.log.write(f"soak: no trial running on a worker node for node_lost ({trial_workers()} "
+                                   f"{self.nodes.raylets()}); the next epoch\n")
+                    return False
+                self.nodes.lose_node(nodes[0])
             else:
                 for pid in trial_workers():
                     os.kill(pid, signal.SIGKILL)
-            self.hits[trial_id] = self.hits.get(trial_id, 0) + 1
+            self.struck_at.append(time.time())
             self.check_journal()
             return True
-        running = self.running_trial()
         self.driver.send_signal(signal.SIGKILL if kind == "driver_sigkill" else signal.SIGINT)
-        self.driver.wait(timeout=300)
-        if running:
-            self.hits[running[0]] = self.hits.get(running[0], 0) + 1
+        code = self.driver.wait(timeout=300)
+        self.exits_ok &= code == (-signal.SIGKILL if kind == "driver_sigkill" else 130)
+        self.struck_at.append(time.time())
         self.check_journal()
+        journal_file = self.folder / "optuna.journal"
+        if kind == "driver_sigkill" and journal_file.is_file() and journal_file.read_bytes().endswith(b"\n"):
+            with open(journal_file, "a") as journal:  # a kill in the middle of an append
+                journal.write('{"op_code": 5, "worker_id": "0-1", "trial_id": 1, "state": 1, "val')
+            self.torn_appends += 1
         if kind == "moved":
             other = self.storages[1] if self.storage == self.storages[0] else self.storages[0]
             other.mkdir(parents=True, exist_ok=True)
@@ -231,6 +239,17 @@ class Soak:
         self.check_journal()
         return time.time() - self.started
 
+    def console(self) -> dict:
+        """What the drivers printed: every Ctrl-C named the command that continues, every half line
+        appended was cut off on resume, and Ray's errors came as one `engine:` line each."""
+        self.log.flush()
+        text = Path(self.log.name).read_text()
+        lines = text.splitlines()
+        return {"interrupted_lines": sum("interrupted: continue with python -m search.run --resume --name" in ln
+                                         for ln in lines),
+                "cut_short_lines": text.count("ended in a line cut short"),
+                "engine_lines": sum(ln.startswith("engine: ") and "(details: " in ln for ln in lines)}
+
 
 def schedule(faults: int, rng: random.Random) -> list[str]:
     """Every kind at least once (when there are as many faults), the rest drawn, in a drawn order."""
@@ -243,8 +262,30 @@ def outcome(board: pd.DataFrame) -> list[tuple]:
     return sorted(zip(board["backbone"], board["lr"].round(10), board["epochs"], board["stopped_early"]))
 
 
-def compare(whole: Path, soaked: Path, *, trials: int, max_epochs: int, hits: dict[str, int]) -> dict:
-    """The soaked search against the undisturbed one (see the module docstring)."""
+def mlflow_runs_ok(folder: Path, board: pd.DataFrame) -> bool:
+    """One MLflow run per trial under one parent, each FINISHED with one value per epoch it ran and
+    ASHA's stop tagged, whatever the faults did."""
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import tracking_uri
+    client = MlflowClient(tracking_uri(folder, "experiment"))
+    runs = client.search_runs([client.get_experiment_by_name(folder.name).experiment_id])
+    by_trial = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+    if len(runs) != len(board) + 1 or set(by_trial) != set(board["trial_id"]):
+        return False
+    for row in board.to_dict("records"):
+        run = by_trial[row["trial_id"]]
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auc"))
+        if (run.info.status != "FINISHED" or steps != list(range(1, row["epochs"] + 1))
+                or run.data.tags.get("stopped_early") != str(bool(row["stopped_early"])).lower()):
+            return False
+    return True
+
+
+def compare(whole: Path, soaked: Path, *, trials: int, max_epochs: int, struck_at: list[float]) -> dict:
+    """The soaked search against the undisturbed one (see the module docstring). An epoch may be
+    trained again once per fault that struck between the trial's first and last report (the epoch
+    in flight, or one whose checkpoint the fault kept from being registered)."""
     from search.checkpoints import registered
     from search.tuner import load_study
     board, reference = pd.read_csv(soaked / "leaderboard.csv"), pd.read_csv(whole / "leaderboard.csv")
@@ -261,10 +302,17 @@ def compare(whole: Path, soaked: Path, *, trials: int, max_epochs: int, hits: di
         saved = registered(soaked / f"trial_{trial_id}")  # newest first
         last_saved = max((r["epoch"] for r in rows if saved and r.get("checkpoint_dir_name") == saved[0].name), default=0)
         continuity.append(sorted(set(epochs)) == list(range(1, max(epochs) + 1))
-                          and len(epochs) - len(set(epochs)) <= hits.get(trial_id, 0) and last_saved == max(epochs))
+                          and len(epochs) - len(set(epochs)) <= _faults_within(rows, struck_at)
+                          and last_saved == max(epochs))
     return {"trials": int(ended["trial_id"].nunique()), "lost": trials - int(ended["trial_id"].nunique()),
             "duplicated": int(duplicated), "journal_ok": bool(journal_ok), "continuity_ok": all(continuity),
-            "asha_same": outcome(board) == outcome(reference) and int(board["epochs"].max()) <= max_epochs}
+            "asha_same": outcome(board) == outcome(reference) and int(board["epochs"].max()) <= max_epochs,
+            "mlflow_ok": mlflow_runs_ok(soaked, board)}
+
+
+def _faults_within(rows: list[dict], struck_at: list[float]) -> int:
+    first, last = rows[0]["timestamp"] - 1, rows[-1]["timestamp"] + 1  # Ray's timestamps are whole seconds
+    return sum(first <= moment <= last for moment in struck_at)
 
 
 def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, seed: int, fault_seed: int,
@@ -277,7 +325,7 @@ def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, 
     search = ["--data", str(data), "--space", "tiny", "--num-samples", str(trials), "--max-epochs", str(max_epochs),
               "--grace-period", "1", "--max-concurrent", "1", "--cpus-per-trial", "1", "--max-retries", str(faults + 2),
               "--subset", "400", "--image-size", "28", "--folds", "1", "--no-finalize", "--no-stop-rule",
-              "--seed", str(seed)]
+              "--seed", str(seed), "--mlflow"]
     nodes = Nodes(work, workers)
     try:
         whole = Soak(nodes, [work / "a"], "whole", search, work / "whole.log")
@@ -287,17 +335,22 @@ def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, 
         rng, struck = random.Random(fault_seed), []
         soak.start()
         for kind in schedule(faults, rng):
-            if not soak.wait_for_epochs(rng.randint(*gap)):
-                break  # the search ended before this fault
-            if soak.inject(kind, rng):
-                struck.append(kind)
-                print(f"[{common.clock(time.time() - soak.started)}] fault {len(struck)}/{faults}: {kind}", flush=True)
+            for _ in range(3):  # a worker fault finds no trial running now and then: the next epoch, again
+                if not soak.wait_for_epochs(rng.randint(*gap)):
+                    break  # the search ended before this fault
+                if soak.inject(kind):
+                    struck.append(kind)
+                    print(f"[{common.clock(time.time() - soak.started)}] fault {len(struck)}/{faults}: {kind}", flush=True)
+                    break
         soak_s = soak.finish()
     finally:
         nodes.stop()
     row = {"faults": len(struck), **{k: struck.count(k) for k in KINDS}}
-    row.update(compare(whole.folder, soak.folder, trials=trials, max_epochs=max_epochs, hits=soak.hits))
-    row["journal_ok"] = row["journal_ok"] and soak.journal_ok
+    row.update(compare(whole.folder, soak.folder, trials=trials, max_epochs=max_epochs, struck_at=soak.struck_at))
+    console = soak.console()
+    row["journal_ok"] = (row["journal_ok"] and soak.journal_ok and console["cut_short_lines"] == soak.torn_appends)
+    row["drivers_ok"] = soak.exits_ok and console["interrupted_lines"] == row["driver_sigint"] + row["moved"]
+    row["engine_lines"] = console["engine_lines"]
     row.update(wall_ratio=round(soak_s / whole_s, 2), max_stall_s=round(max(soak.max_stall, whole.max_stall)),
                undisturbed_s=round(whole_s), soak_s=round(soak_s), seed=seed, fault_seed=fault_seed,
                machine=common.machine(), commit=common.commit())
@@ -324,7 +377,7 @@ def main() -> None:
                            f"epochs, ASHA grace 1, one at a time) on a head and {args.workers} worker nodes of 1 CPU "
                            f"started by `ray start`; stall limit {STALL_LIMIT} s")
     ok = (row["lost"] == 0 and row["duplicated"] == 0 and row["journal_ok"] and row["continuity_ok"] and row["asha_same"]
-          and row["wall_ratio"] <= 2.5 and row["max_stall_s"] <= STALL_LIMIT)
+          and row["mlflow_ok"] and row["drivers_ok"] and row["wall_ratio"] <= 2.5 and row["max_stall_s"] <= STALL_LIMIT)
     raise SystemExit(0 if ok else 1)
 
 
