@@ -18,6 +18,7 @@ import math
 import os
 import re
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -242,7 +243,17 @@ class MlflowTracking(Callback):
 
 def log_outputs(folder: Path, uri: str, outputs: list[tuple[str, Path]]) -> None:
     """Files and folders of the experiment (the leaderboard, the report, the final model) as artifacts
-    of the search's parent run: each `(artifact folder, path)`; a path not there is left out."""
+    of the search's parent run: each `(artifact folder, path)`; a path not there is left out. They are
+    written already: where MLflow cannot take them (not installed here, its server gone), one warning
+    says so and the command goes on."""
+    try:
+        _log_outputs(folder, uri, outputs)
+    except Exception as exc:  # ImportError, requests' and MLflow's errors: the files stay where they are
+        warnings.warn(f"MLflow ({uri}) did not take {', '.join(sorted({a for a, _ in outputs}))}/ "
+                      f"({type(exc).__name__}: {str(exc)[:160]}); the files are in {folder}", stacklevel=2)
+
+
+def _log_outputs(folder: Path, uri: str, outputs: list[tuple[str, Path]]) -> None:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
     with _quiet():
         client = _client(tracking_uri(folder, uri))

@@ -261,6 +261,16 @@ def test_mlflow_without_mlflow_installed_says_what_to_install(tmp_path, pneumoni
     assert not any(tmp_path.iterdir())
 
 
+def test_outputs_mlflow_cannot_take_leave_one_warning_and_the_files(tmp_path, monkeypatch):
+    """Finalize of a --mlflow search on a machine without MLflow: the report is written, one warning."""
+    from search.tracking import log_outputs
+    (tmp_path / "leaderboard.csv").write_text("rank\n")
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.warns(UserWarning, match=r"MLflow \(experiment\) did not take search/ \(ModuleNotFoundError"):
+        log_outputs(tmp_path, "experiment", [("search", tmp_path / "leaderboard.csv")])
+    assert (tmp_path / "leaderboard.csv").read_text() == "rank\n"
+
+
 def _bad_manifest(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "list.csv").write_text("path,label\nimages/none.png,normal\n")
