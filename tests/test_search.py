@@ -253,9 +253,16 @@ def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message, c
     assert "Traceback" not in stderr and not any(tmp_path.iterdir())
 
 
+def _without_mlflow(monkeypatch):
+    """As where the tracking extra is not installed: also its submodules an earlier test imported,
+    which Python would otherwise hand out from sys.modules without importing `mlflow` itself."""
+    for name in [n for n in sys.modules if n == "mlflow" or n.startswith("mlflow.")] + ["mlflow"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def test_mlflow_without_mlflow_installed_says_what_to_install(tmp_path, pneumonia_npz, capsys, monkeypatch):
     from search.run import main
-    monkeypatch.setitem(sys.modules, "mlflow", None)  # as where the tracking extra is not installed
+    _without_mlflow(monkeypatch)
     assert main(["--data", str(pneumonia_npz), "--storage", str(tmp_path), "--mlflow"]) == 2
     assert "error: --mlflow needs MLflow: pip install 'lung-search[tracking]'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
@@ -265,7 +272,7 @@ def test_outputs_mlflow_cannot_take_leave_one_warning_and_the_files(tmp_path, mo
     """Finalize of a --mlflow search on a machine without MLflow: the report is written, one warning."""
     from search.tracking import log_outputs
     (tmp_path / "leaderboard.csv").write_text("rank\n")
-    monkeypatch.setitem(sys.modules, "mlflow", None)
+    _without_mlflow(monkeypatch)
     with pytest.warns(UserWarning, match=r"MLflow \(experiment\) did not take search/ \(ModuleNotFoundError"):
         log_outputs(tmp_path, "experiment", [("search", tmp_path / "leaderboard.csv")])
     assert (tmp_path / "leaderboard.csv").read_text() == "rank\n"
