@@ -4,7 +4,7 @@ from-scratch small CNN, each finalized the same cheap way (`--top-k 1 --warm-res
 
     python bench/pretrained_value.py --seeds 0,1,2 --benchmarks      # ~6 hours on 2 cores, 96 px
 
-- `sweep`: the plain recipe once per backbone (`--space lite`, 4 trials);
+- `sweep`: the plain recipe once per backbone (`--space plain --num-samples 4`: fine-tuning at 1e-4);
 - `grid`: a practitioner's grid, each backbone at lr 1e-4, 3e-4 and 1e-3 fine-tuned end to end, the
   rest at the plain recipe (`--space grid`, 12 trials);
 - `default`: the default search (`--space lite`, the cpu profile's 24 trials).
@@ -33,7 +33,7 @@ from bench import common  # noqa: E402
 from bench.search_value import measure, summary  # noqa: E402
 
 SETS = {"covid-ct-ucsd": "covid-ct-ucsd/patients.csv", "sarscov2-ct": "sarscov2-ct"}
-ARMS = {"sweep": ["--space", "lite", "--num-samples", "4"],
+ARMS = {"sweep": ["--space", "plain", "--num-samples", "4"],
         "grid": ["--space", "grid", "--num-samples", "12"],
         "default": ["--space", "lite"]}
 

