@@ -16,7 +16,8 @@ results in the same order in both runs and their decisions can be compared exact
 One row per soak in `bench/results/soak-<stamp>.csv`: `faults` and the count of each kind, `trials`,
 `lost` (asked for but not ended), `duplicated` (a trial in the leaderboard twice, or an Optuna trial
 not one to one with a leaderboard row), `journal_ok` (optuna.journal replays with JournalStorage
-after every fault, and at the end holds every trial COMPLETE or PRUNED, none RUNNING, each with its
+after every fault, one JournalStorage held open by another process reads it every second without
+an error, as optuna-dashboard does, and at the end holds every trial COMPLETE or PRUNED, none RUNNING, each with its
 epochs 1..n), `continuity_ok` (every trial's epochs 1..n, at most the epoch in flight trained again
 per fault, its checkpoint at its last epoch), `asha_same` (the same trials stopped at the same
 epochs as undisturbed, none past max_t), `wall_ratio` and `max_stall_s` (the longest time without a
@@ -46,6 +47,15 @@ from bench import common  # noqa: E402
 BIN = Path(sys.executable).parent
 KINDS = ("worker_train", "worker_save", "node_lost", "driver_sigint", "driver_sigkill", "moved")
 NODE_SIZE = "--disable-usage-stats --object-store-memory=200000000"
+READER = """
+import sys
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+storage = JournalStorage(JournalFileBackend(sys.argv[1]))
+while sys.stdin.readline().strip() == "read":
+    trials = sum(len(storage.get_all_trials(s._study_id, deepcopy=False)) for s in storage.get_all_studies())
+    print(trials, flush=True)
+"""
 STALL_LIMIT = 240  # seconds a search may go without a new epoch while its driver runs (a resume included)
 
 
@@ -130,6 +140,30 @@ def epochs_seen(folder: Path) -> int:
     return sum(len(rows) for rows in results(folder).values())
 
 
+class JournalReader:
+    """One JournalStorage held by another process for the whole search, as optuna-dashboard holds it,
+    reading the journal again while the drivers append to it and cut torn lines off (issue 38)."""
+
+    def __init__(self, path: Path):
+        self.process = subprocess.Popen([sys.executable, "-c", READER, str(path)], text=True, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def read(self) -> str | None:
+        """None when it read the journal; else the reader's last words."""
+        try:
+            self.process.stdin.write("read\n")
+            self.process.stdin.flush()
+            if self.process.stdout.readline():
+                return None
+        except BrokenPipeError:
+            pass
+        return self.process.stderr.read()[-2000:]
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
 class Soak:
     """One search run through faults (none: the undisturbed run) on `nodes`, its driver started and
     restarted here; `struck_at` holds when each fault struck."""
@@ -141,6 +175,7 @@ class Soak:
         self.journal_ok, self.max_stall, self.started = True, 0.0, time.time()
         self.exits_ok, self.torn_appends = True, 0  # every driver stop ended as it should; half lines appended
         self._progress = (0, time.time())
+        self.reader, self._read_at = None, 0.0
 
     @property
     def folder(self) -> Path:
@@ -159,6 +194,7 @@ class Soak:
         if seen > self._progress[0]:
             self._progress = (seen, time.time())
         self.max_stall = max(self.max_stall, time.time() - self._progress[1])
+        self._read_journal()
         code = self.driver.poll()
         if code not in (None, 0):
             raise SystemExit(f"the search's driver failed ({code}); see {self.log.name}")
@@ -172,6 +208,18 @@ class Soak:
                 return True
             time.sleep(0.2)
         return self.driver.poll() is None
+
+    def _read_journal(self) -> None:
+        journal = self.folder / "optuna.journal"
+        if self.reader is None and journal.is_file():
+            self.reader = JournalReader(journal)
+        if self.reader is not None and time.time() - self._read_at >= 1:
+            failed, self._read_at = self.reader.read(), time.time()
+            if failed is not None:
+                self.journal_ok = False
+                self.log.write(f"the long-lived journal reader failed: {failed}\n")
+                self.reader.close()
+                self.reader = None
 
     def check_journal(self) -> None:
         from search.tuner import load_study
@@ -217,6 +265,9 @@ class Soak:
         if kind == "moved":
             other = self.storages[1] if self.storage == self.storages[0] else self.storages[0]
             other.mkdir(parents=True, exist_ok=True)
+            if self.reader is not None:  # a dashboard follows a journal's path, not its folder
+                self.reader.close()
+                self.reader = None
             shutil.move(str(self.folder), str(other / self.name))
             self.storage = other
         self.start(resume=True)
@@ -237,6 +288,11 @@ class Soak:
         while self.watch():
             time.sleep(0.5)
         self.check_journal()
+        if self.reader is not None:
+            self._read_at = 0.0
+            self._read_journal()
+            if self.reader is not None:
+                self.reader.close()
         return time.time() - self.started
 
     def console(self) -> dict:

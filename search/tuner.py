@@ -30,6 +30,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from search import engine_fixes
 from search.checkpoints import stand_in_for_lost
 from search.records import write_atomic
 from search.samplers import SAMPLERS
@@ -276,6 +277,7 @@ def with_data(trainable, data, resources: dict, **parameters):
 def make_tuner(trainable, *, searcher, scheduler, num_samples: int, storage: str, name: str, base_config: dict,
                callbacks: list, max_retries: int) -> tune.Tuner:
     """A Tuner over a trainable wrapped by `with_data`."""
+    engine_fixes.apply()
     return tune.Tuner(
         trainable,
         param_space=base_config,
@@ -296,6 +298,7 @@ def restore_tuner(folder: Path, trainable, *, searcher, scheduler, callbacks: li
     `Tuner.restore` alone would run the ones pickled when the search started, with the folder they had
     then: a moved or copied experiment would read and write the original's files. Ray has no public
     way to give a restored Tuner new ones, hence the attributes below (Ray 2.60's TunerInternal)."""
+    engine_fixes.apply()
     check_state_files(folder)
     stand_in_for_lost(folder)
     tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)

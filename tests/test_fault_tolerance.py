@@ -1,10 +1,10 @@
-"""Scale-out and failures on this machine: the cluster configs validate, trials spread over the
-nodes of a multi-node Ray cluster, a killed worker node's trials resume from their checkpoints,
-an interrupted driver continues with --resume, and a diverging trial fails alone."""
+"""Scale-out and failures on this machine: the cluster configs validate, the core budget and a
+trial's resources on a multi-node cluster, a storage that runs low, a copied search cut again and
+again, and a diverging trial that fails alone. Node losses, killed workers and drivers together:
+test_soak.py."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,12 +22,6 @@ SEARCH = ["--space", "tiny", "--image-size", "28", "--subset", "400", "--folds",
           "--no-finalize", "--seed", "0"]
 
 
-def _start(*args) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
 def _results(folder) -> dict[str, list[dict]]:
     """Every trial's reported epochs, from the result.json files Ray Tune wrote."""
     out = {}
@@ -36,19 +30,6 @@ def _results(folder) -> dict[str, list[dict]]:
         if path.is_file():
             out[trial.name[len("trial_"):]] = [json.loads(line) for line in path.read_text().splitlines() if line]
     return out
-
-
-def _wait_for(condition, timeout: float, process: subprocess.Popen):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = condition()
-        if found:
-            return found
-        if process.poll() is not None:
-            pytest.fail(f"the search ended first:\n{process.stdout.read()[-3000:]}")
-        time.sleep(0.5)
-    process.kill()
-    pytest.fail("timed out waiting for the search")
 
 
 @pytest.mark.parametrize("name", ["cluster.yaml", "cluster-onprem.yaml"])
@@ -87,40 +68,6 @@ def cluster():
     c.wait_for_nodes()
     yield c, workers
     c.shutdown()
-
-
-@pytest.mark.own_ray
-def test_trials_spread_over_nodes_and_survive_a_killed_worker(cluster, tmp_path, pneumonia_npz):
-    c, workers = cluster
-    worker_ids = {w.node_id: w for w in workers}
-    process = _start(*SEARCH, "--data", str(pneumonia_npz), "--address", c.address, "--storage", str(tmp_path),
-                     "--name", "nodes", "--num-samples", "5", "--max-epochs", "6", "--grace-period", "6",
-                     "--max-retries", "3", "--backbones", "resnet10t")
-    folder = tmp_path / "nodes"
-
-    def victim():  # a trial on a worker node that has reported 2 epochs and has more to go
-        for trial_id, rows in _results(folder).items():
-            if 2 <= len(rows) < 6 and rows[-1]["node_id"] in worker_ids:
-                return trial_id, rows[-1]["node_id"]
-        return None
-
-    trial_id, node_id = _wait_for(victim, 240, process)
-    c.remove_node(worker_ids[node_id], allow_graceful=False)
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output[-3000:]
-
-    board = pd.read_csv(folder / "leaderboard.csv")
-    assert len(board) == 5 and (board["status"] == "TERMINATED").all(), output[-3000:]
-    results = _results(folder)
-    assert len({row["node_id"] for rows in results.values() for row in rows}) >= 2  # more than one node ran trials
-    epochs = [row["epoch"] for row in results[trial_id]]
-    assert epochs[-1] == 6
-    assert epochs.count(1) == 1, epochs  # resumed from a checkpoint, not from epoch 0
-    assert any(row["node_id"] != node_id for row in results[trial_id])  # finished elsewhere
-    # Ray's own word on the lost worker: one line on the console, the trace in engine.log
-    engine = [line for line in output.splitlines() if line.startswith("engine: ")]
-    assert engine and all(f"(details: {folder / 'engine.log'})" in line for line in engine), output[-3000:]
-    assert "Traceback" in (folder / "engine.log").read_text()
 
 
 @pytest.mark.own_ray
@@ -179,125 +126,11 @@ def test_a_cluster_where_no_node_fits_a_trial_waits_for_one_then_stops_with_one_
         ray.shutdown()
 
 
-JOURNAL_READER = """
-import sys, time
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
-path, reads, most = sys.argv[1], 0, 0
-storage = JournalStorage(JournalFileBackend(path))  # one reader for the whole search, as optuna-dashboard holds
-while sys.stdin.readline().strip() == "read":
-    for study in storage.get_all_studies():
-        most = max(most, len(storage.get_all_trials(study._study_id, deepcopy=False)))
-    reads += 1
-    print(reads, most, flush=True)
-"""
-
-
-def test_interrupted_driver_exits_130_and_resumes_without_rerunning_finished_trials(tmp_path, pneumonia_npz):
-    """Ctrl-C: exit 130 with the command that continues; --resume runs only what is left. All along,
-    one long-lived reader of optuna.journal (another process) reads it without an error."""
-    args = [*SEARCH, "--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "stopped",
-            "--num-samples", "6", "--max-epochs", "3", "--max-concurrent", "2"]  # trials left to interrupt, any cores
-    process = _start(*args)
-    folder = tmp_path / "stopped"
-    _wait_for(lambda: (folder / "optuna.journal").is_file(), 300, process)
-    reader = subprocess.Popen([sys.executable, "-c", JOURNAL_READER, str(folder / "optuna.journal")], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def read_journal() -> int:
-        reader.stdin.write("read\n")
-        reader.stdin.flush()
-        line = reader.stdout.readline()
-        assert line, reader.stderr.read()[-3000:]  # the reader died: the journal was not readable
-        return int(line.split()[1])
-
-    def two_ended():
-        read_journal()
-        path = folder / "leaderboard.csv"
-        if path.is_file() and path.stat().st_size:
-            board = pd.read_csv(path)
-            return (board["status"] == "TERMINATED").sum() >= 2 and len(board) < 6
-        return False
-
-    _wait_for(two_ended, 300, process)
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 130, output[-3000:]
-    assert f"interrupted: continue with python -m search.run --resume --name stopped --storage {tmp_path}" in output
-    before = pd.read_csv(folder / "leaderboard.csv")
-    ended_before = before[before["status"] == "TERMINATED"].set_index("trial_id")
-    assert len(ended_before) < 6
-    assert ended_before["ended_s"].notna().all()
-    assert set(before["status"]) <= {"TERMINATED", "INTERRUPTED"}, before["status"]
-    rows_before = {t: len(r) for t, r in _results(folder).items() if t in ended_before.index}
-    with open(folder / "optuna.journal", "a") as f:  # an append a crash cut short (issue 38)
-        f.write('{"op_code": 6, "worker_id": "0-1", "trial_id": 2, "par')
-
-    resumed = _start(*args, "--resume")
-    while resumed.poll() is None:
-        read_journal()
-        time.sleep(0.2)
-    output = resumed.stdout.read()
-    assert resumed.returncode == 0, output[-3000:]
-    assert "ended in a line cut short" in output and (folder / "optuna.journal.torn").is_file()
-    assert read_journal() == 6
-    reader.stdin.close()
-    reader.wait(timeout=30)
-    board = pd.read_csv(folder / "leaderboard.csv")
-    assert len(board) == 6 and board["trial_id"].is_unique and (board["status"] == "TERMINATED").all()
-    after = board.set_index("trial_id").loc[ended_before.index]
-    assert (after["epochs"] == ended_before["epochs"]).all()
-    assert (after["ended_s"] == ended_before["ended_s"]).all()
-    assert {t: len(r) for t, r in _results(folder).items() if t in rows_before} == rows_before  # not rerun
-    study = pd.read_csv(folder / "optuna_trials.csv")
-    assert len(study) == 6  # the sampler's study carried over the interruption
-
-
 def _diverging(trial, *, backbones, stages, pretrained):
     """small_cnn, once with a learning rate no network survives (module level: Ray pickles it)."""
     trial.suggest_float("lr", 1e-4, 1e8, log=True)
     trial.suggest_categorical("optimizer", ["adam", "sgd"])
     return {"backbone": "small_cnn", "weights": "random"}
-
-
-def test_a_driver_killed_with_sigkill_whose_journal_got_half_a_line_resumes_to_the_end(tmp_path, pneumonia_npz,
-                                                                                       capsys):
-    """SIGKILL (the head's machine lost, an OOM kill): nothing of the driver runs at exit. With half a
-    JSON line appended to the journal, as a crash mid-append leaves it, --resume runs every trial to
-    the end, and Optuna's JournalStorage reads each trial once, finished."""
-    from search.run import main
-    from search.tuner import load_study
-    args = [*SEARCH, "--data", str(pneumonia_npz), "--storage", str(tmp_path), "--name", "killed",
-            "--num-samples", "4", "--max-epochs", "2", "--max-concurrent", "2"]
-    process = _start(*args)
-    folder = tmp_path / "killed"
-
-    def one_ended():
-        path = folder / "leaderboard.csv"
-        return path.is_file() and path.stat().st_size and (pd.read_csv(path)["status"] == "TERMINATED").sum() >= 1
-    _wait_for(one_ended, 300, process)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    with open(folder / "optuna.journal", "a") as f:
-        f.write('{"op_code": 5, "worker_id": "0-1", "trial_id": 1, "state": 1, "val')
-    resumed = subprocess.run([sys.executable, "-m", "search.run", *args, "--resume"], cwd=ROOT, text=True,
-                             capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    assert "ended in a line cut short" in resumed.stdout
-    trials = load_study(folder).trials
-    board = pd.read_csv(folder / "leaderboard.csv")
-    assert len(board) == 4 and (board["status"] == "TERMINATED").all(), board
-    assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(board["trial_id"])
-    assert all(t.state.is_finished() for t in trials)
-    # a state file a full disk cut short: --resume says which, in one line, and does not wait forever
-    state = max(folder.glob("searcher-state-*.pkl"))
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    capsys.readouterr()
-    code = main([*args, "--resume"])  # in this process: the command's exit and output were checked above
-    cut = capsys.readouterr()
-    errors = [line for line in cut.err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and state.name in errors[0], (cut.out + cut.err)[-3000:]
-    assert "--warm-start" in errors[0]
 
 
 def test_a_search_whose_storage_runs_low_stops_whole_and_resumes_from_a_copy_on_a_roomy_disk(tmp_path, pneumonia_npz):
@@ -352,7 +185,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path
 
 
 def test_a_copied_search_cut_again_and_again_resumes_into_the_copy_and_asha_judges_it_as_if_uninterrupted(
-        tmp_path, pneumonia_npz):
+        tmp_path, pneumonia_npz, capsys):
     """One trial at a time (so the order of results is fixed by the seed): the same search run
     whole, and cut by --time-budget, copied to another storage, then resumed there and cut again
     until it ends, ends with the same trials stopped at the same rungs; the cut trials continue from
@@ -398,6 +231,20 @@ def test_a_copied_search_cut_again_and_again_resumes_into_the_copy_and_asha_judg
     assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == untouched
     _one_mlflow_run_per_trial(copy, boards[-1])
     _hparams_at_the_best_epoch(copy, boards[-1])
+    _a_state_file_cut_short_is_one_line(copy, capsys)
+
+
+def _a_state_file_cut_short_is_one_line(folder, capsys):
+    """A state file a full disk cut short: --resume says which, in one line, and does not wait forever."""
+    from search.run import main
+    state = max(folder.glob("searcher-state-*.pkl"))
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    code = main(["--resume", "--name", folder.name, "--storage", str(folder.parent)])
+    cut = capsys.readouterr()
+    errors = [line for line in cut.err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and state.name in errors[0], (cut.out + cut.err)[-3000:]
+    assert "--warm-start" in errors[0]
 
 
 def _one_mlflow_run_per_trial(folder, board):

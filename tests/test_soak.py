@@ -1,6 +1,9 @@
-"""bench/soak.py starts its nodes with docs/cluster.md's manual flow as written (a token, `ray start
---head`, `RAY_AUTH_MODE=token ray start --address` for each worker, the search with --address)."""
-from bench.soak import manual_flow
+"""A short soak (bench/soak.py): a head and two worker nodes started by docs/cluster.md's manual flow
+as written (a token, `ray start --head`, `RAY_AUTH_MODE=token ray start --address`, the search with
+--address), one search run undisturbed and then through one fault of each kind."""
+import pytest
+
+from bench.soak import KINDS, STALL_LIMIT, manual_flow, run
 
 
 def test_the_manual_flow_is_a_token_a_head_workers_and_a_search_with_address():
@@ -9,3 +12,17 @@ def test_the_manual_flow_is_a_token_a_head_workers_and_a_search_with_address():
         ".venv/bin/ray get-auth-token", ".venv/bin/ray start", "RAY_AUTH_MODE=token .venv/bin/ray start",
         ".venv/bin/python -m search.run"]
     assert "--head" in flow[1] and "--address <head-ip>:6379" in flow[2] and "--address <head-ip>:6379" in flow[3]
+
+
+@pytest.mark.own_ray
+def test_a_search_through_a_lost_node_killed_workers_and_drivers_and_a_move_ends_as_undisturbed(tmp_path):
+    """Every trial ends once, continued from its checkpoint; ASHA stops the same trials at the same
+    epochs; the Optuna journal replays after every fault and ends with every trial COMPLETE or PRUNED;
+    one MLflow run per trial; each Ctrl-C exits 130 naming the command that continues, and a half line
+    a SIGKILL left in the journal is cut off on resume; Ray's errors are one `engine:` line each."""
+    row = run(tmp_path / "soak", trials=6, faults=len(KINDS), max_epochs=3, workers=2, seed=0, fault_seed=0, gap=(1, 1))
+    assert row["faults"] == len(KINDS) and all(row[k] == 1 for k in KINDS), row
+    assert row["trials"] == 6 and row["lost"] == 0 and row["duplicated"] == 0, row
+    assert row["journal_ok"] and row["continuity_ok"] and row["asha_same"] and row["mlflow_ok"], row
+    assert row["drivers_ok"] and row["engine_lines"] >= 2, row  # a worker killed, a node lost: at least two
+    assert row["max_stall_s"] <= STALL_LIMIT, row
