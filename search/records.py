@@ -88,3 +88,24 @@ def write_timings(folder: Path, clock: dict, *, slots: int, cpus_per_trial: floa
                      "epochs_on_shared_cores": sum(threads > cpus_per_trial for _, threads in steps),
                      "step_seconds": sum(seconds for seconds, _ in steps),
                      "core_seconds_in_steps": sum(seconds * threads / cpus_per_trial for seconds, threads in steps)}})
+
+
+def cut_torn_tail(path: Path) -> None:
+    """Cut a last line that a crash (or a full disk) left without its end from the journal, keeping
+    the cut bytes in `<journal>.torn`: Optuna skips such a line when it is last, but the next append
+    would land on it and make the whole journal unreadable."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        path.with_name(path.name + ".torn").write_bytes(data[keep:])
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    print(f"warning: {path} ended in a line cut short ({len(data) - keep} bytes, kept in {path.name}.torn); "
+          f"cut off before appending", flush=True)

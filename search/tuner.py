@@ -32,7 +32,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search import engine_fixes
 from search.checkpoints import stand_in_for_lost
-from search.records import write_atomic
+from search.records import cut_torn_tail, write_atomic
 from search.samplers import SAMPLERS
 from search.stop_rule import StopRule, validation_error
 from trainables import UserError
@@ -69,11 +69,11 @@ class StudySearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self._completed_trials:
+        if trial_id not in self._completed_trials or self._runs_again(trial_id):
             self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
+        if trial_id in self._completed_trials and not self._runs_again(trial_id):
             return
         if error or not result:
             super().on_trial_complete(trial_id, result, error)
@@ -89,6 +89,19 @@ class StudySearch(OptunaSearch):
         self.write_study()
         if self.stop_rule and trial_id in self._completed_trials:
             self._judge(trial_id)
+
+    def _runs_again(self, trial_id: str) -> bool:
+        """Whether a trial Optuna was told FAIL runs again (`--resume` of a search that ended with it ERROR):
+        a new Optuna trial with its parameters and epochs so far takes its results (the FAIL stays)."""
+        told = self._ot_study.get_trials(deepcopy=False)[self._ot_trials[trial_id].number]
+        if told.state != optuna.trial.TrialState.FAIL:
+            return False
+        self._ot_study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING, params=told.params, distributions=told.distributions,
+            user_attrs=told.user_attrs, system_attrs=told.system_attrs, intermediate_values=told.intermediate_values))
+        self._ot_trials[trial_id] = optuna.Trial(self._ot_study, self._ot_study.get_trials(deepcopy=False)[-1]._trial_id)
+        self._completed_trials.discard(trial_id)
+        return True
 
     def _judge(self, trial_id: str) -> None:
         """Tell the stop rule the trial's best epoch and its error; say so when the rule stops the search."""
@@ -123,7 +136,7 @@ class StudySearch(OptunaSearch):
         cut_torn_tail(path)
         try:
             journal = self._journal(path)
-            kept = {t.user_attrs.get("ray_trial_id") for t in journal.get_trials(deepcopy=False)}
+            kept = {_journal_key(t) for t in journal.get_trials(deepcopy=False)}
         except Exception as exc:  # Optuna raises JSONDecodeError, KeyError... for a damaged journal
             damaged = path.with_name(f"{STUDY_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
             path.rename(damaged)
@@ -131,7 +144,7 @@ class StudySearch(OptunaSearch):
                   f"and written again from the search's own copy of the study", flush=True)
             journal, kept = self._journal(path), set()
         for trial in self._ot_study.get_trials(deepcopy=False):
-            if trial.state.is_finished() and trial.user_attrs.get("ray_trial_id") not in kept:
+            if trial.state.is_finished() and _journal_key(trial) not in kept:
                 journal.add_trial(trial)
 
     def _journal(self, path: Path) -> optuna.Study:
@@ -156,25 +169,8 @@ class StudySearch(OptunaSearch):
         self.folder = folder
 
 
-def cut_torn_tail(path: Path) -> None:
-    """Cut a last line that a crash (or a full disk) left without its end from the journal, keeping
-    the cut bytes in `<journal>.torn`: Optuna skips such a line when it is last, but the next append
-    would land on it and make the whole journal unreadable."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        data = f.read()
-        keep = data.rfind(b"\n") + 1
-        path.with_name(path.name + ".torn").write_bytes(data[keep:])
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    print(f"warning: {path} ended in a line cut short ({len(data) - keep} bytes, kept in {path.name}.torn); "
-          f"cut off before appending", flush=True)
+def _journal_key(trial: optuna.trial.FrozenTrial) -> tuple:  # a trial that failed and ran again is there twice
+    return trial.user_attrs.get("ray_trial_id"), trial.state == optuna.trial.TrialState.FAIL
 
 
 def load_study(folder: Path) -> optuna.Study:

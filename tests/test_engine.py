@@ -78,6 +78,25 @@ def test_a_stopped_trial_reaches_optuna_with_its_stopping_epoch_and_a_finished_o
     assert by_id["failed"].state == optuna.trial.TrialState.FAIL
 
 
+def test_a_failed_trial_that_runs_again_ends_in_a_new_optuna_trial_and_the_fail_stays(tmp_path):
+    """--resume of a search that ended with a trial ERROR runs it again: its results reach a new Optuna
+    trial with the same parameters and its epochs so far, which ends COMPLETE; the journal keeps the FAIL."""
+    searcher = _searcher(tmp_path)
+    params = searcher.suggest("flaky")
+    searcher.on_trial_result("flaky", _result(1, 0.70))
+    searcher.on_trial_complete("flaky", error=True)
+    searcher.on_trial_result("flaky", _result(1, 0.70))  # resumed from before its checkpoint: epoch 1 again
+    searcher.on_trial_result("flaky", _result(2, 0.90))
+    searcher.on_trial_complete("flaky", _result(3, 0.85))
+    searcher.on_trial_complete("flaky", _result(3, 0.85))  # a repeated completion changes nothing
+    trials = load_study(tmp_path).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert {t.user_attrs["ray_trial_id"] for t in trials} == {"flaky"} and trials[1].params == params
+    assert trials[0].intermediate_values == {1: 0.70}
+    assert trials[1].intermediate_values == {1: 0.70, 2: 0.90, 3: 0.85} and trials[1].value == 0.90
+    assert [t.state.name for t in searcher.study.trials] == ["FAIL", "COMPLETE"]
+
+
 def test_tpe_tells_stopped_trials_apart_by_their_score(tmp_path):
     """With the stopping epoch reported, TPE ranks two trials stopped at the same rung by score
     (without it, both had no intermediate value and the same rank)."""
