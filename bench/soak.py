@@ -3,7 +3,7 @@ that `ray start` runs on this machine (a head and worker nodes of one CPU each, 
 docs/cluster.md's manual flow, as written), run undisturbed and then through faults of every kind at random moments
 drawn from a fixed seed; the two compared.
 
-    python bench/soak.py --benchmarks                   # 24 trials through 24 faults (about 25 minutes on 2 cores)
+    python bench/soak.py --benchmarks                   # 24 trials through 24 faults (about 20 minutes on 2 cores)
     python bench/soak.py --trials 6 --faults 6          # short: one fault of each kind
 
 The faults: a trial's worker process killed (SIGKILL) while it trains (`worker_train`) or while its
@@ -18,7 +18,9 @@ One row per soak in `bench/results/soak-<stamp>.csv`: `faults` and the count of 
 not one to one with a leaderboard row), `journal_ok` (optuna.journal replays with JournalStorage
 after every fault, one JournalStorage held open by another process reads it every second without
 an error, as optuna-dashboard does, and at the end holds every trial COMPLETE or PRUNED, none RUNNING, each with its
-epochs 1..n), `continuity_ok` (every trial's epochs 1..n, at most the epoch in flight trained again
+epochs 1..n), `orphans` (trial folders the search does not hold: a driver killed between starting
+a trial and recording it; the resumed search runs that config again under a new id, and their MLflow
+runs are deleted), `continuity_ok` (every trial's epochs 1..n, at most the epoch in flight trained again
 per fault, its checkpoint at its last epoch), `asha_same` (the same trials stopped at the same
 epochs as undisturbed, none past max_t), `wall_ratio` and `max_stall_s` (the longest time without a
 new epoch while a driver ran).
@@ -352,16 +354,19 @@ def compare(whole: Path, soaked: Path, *, trials: int, max_epochs: int, struck_a
                   and all(sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1)) for t in study))
     duplicated = (len(board) - board["trial_id"].nunique()) + (len(ray_ids) - len(set(ray_ids))) \
         + len(set(ray_ids) ^ set(board["trial_id"]))
-    continuity = []
-    for trial_id, rows in results(soaked).items():
+    continuity, held = [], set(board["trial_id"])
+    trial_rows = results(soaked)
+    orphans = sorted(set(trial_rows) - held)  # started by a driver killed before it recorded them
+    for trial_id, rows in [(t, r) for t, r in trial_rows.items() if t in held]:
         epochs = [r["epoch"] for r in rows]
         saved = registered(soaked / f"trial_{trial_id}")  # newest first
         last_saved = max((r["epoch"] for r in rows if saved and r.get("checkpoint_dir_name") == saved[0].name), default=0)
-        continuity.append(sorted(set(epochs)) == list(range(1, max(epochs) + 1))
+        continuity.append(bool(epochs) and sorted(set(epochs)) == list(range(1, max(epochs) + 1))
                           and len(epochs) - len(set(epochs)) <= _faults_within(rows, struck_at)
                           and last_saved == max(epochs))
     return {"trials": int(ended["trial_id"].nunique()), "lost": trials - int(ended["trial_id"].nunique()),
             "duplicated": int(duplicated), "journal_ok": bool(journal_ok), "continuity_ok": all(continuity),
+            "orphans": len(orphans),
             "asha_same": outcome(board) == outcome(reference) and int(board["epochs"].max()) <= max_epochs,
             "mlflow_ok": mlflow_runs_ok(soaked, board)}
 
@@ -372,15 +377,16 @@ def _faults_within(rows: list[dict], struck_at: list[float]) -> int:
 
 
 def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, seed: int, fault_seed: int,
-        gap: tuple[int, int] = (1, 3)) -> dict:
-    """The undisturbed search and the soaked one, on one cluster; the comparison's row. `gap`: the
+        gap: tuple[int, int] = (1, 2), subset: int | None = 400) -> dict:
+    """The undisturbed search and the soaked one, on one cluster; the comparison's row. `subset`: images
+    per split (None: the whole packaged set, whose epochs outweigh a restart as a real search's do). `gap`: the
     fewest and most epochs reported between two faults (drawn)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     data = ROOT / "search" / "default_data" / "pneumoniamnist.npz"
     search = ["--data", str(data), "--space", "tiny", "--num-samples", str(trials), "--max-epochs", str(max_epochs),
               "--grace-period", "1", "--max-concurrent", "1", "--cpus-per-trial", "1", "--max-retries", str(faults + 2),
-              "--subset", "400", "--image-size", "28", "--folds", "1", "--no-finalize", "--no-stop-rule",
+              *(["--subset", str(subset)] if subset else []), "--image-size", "28", "--folds", "1", "--no-finalize", "--no-stop-rule",
               "--seed", str(seed), "--mlflow"]
     nodes = Nodes(work, workers)
     try:
@@ -419,6 +425,7 @@ def main() -> None:
     p.add_argument("--faults", type=int, default=24)
     p.add_argument("--max-epochs", type=int, default=4)
     p.add_argument("--workers", type=int, default=3, help="worker nodes (the head runs no trial)")
+    p.add_argument("--subset", type=int, default=0, help="images per split (0: the whole packaged set)")
     p.add_argument("--seed", type=int, default=0, help="the search's seed")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the faults' kinds and moments")
     p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/soak").expanduser()))
@@ -426,10 +433,11 @@ def main() -> None:
     args = p.parse_args()
     started = time.time()
     row = run(Path(args.work), trials=args.trials, faults=args.faults, max_epochs=args.max_epochs,
-              workers=args.workers, seed=args.seed, fault_seed=args.fault_seed)
+              workers=args.workers, seed=args.seed, fault_seed=args.fault_seed, subset=args.subset or None)
+    row["subset"] = args.subset or "all"
     common.finish("soak", pd.DataFrame([row]), started=started, benchmarks=args.benchmarks,
                   section="A search through many faults (issue 39)",
-                  settings=f"{args.trials} trials of --space tiny (28 px, 400 images a split, at most {args.max_epochs} "
+                  settings=f"{args.trials} trials of --space tiny (28 px, {args.subset or 'all'} images a split, at most {args.max_epochs} "
                            f"epochs, ASHA grace 1, one at a time) on a head and {args.workers} worker nodes of 1 CPU "
                            f"started by `ray start`; stall limit {STALL_LIMIT} s")
     ok = (row["lost"] == 0 and row["duplicated"] == 0 and row["journal_ok"] and row["continuity_ok"] and row["asha_same"]

@@ -175,6 +175,7 @@ class MlflowTracking(Callback):
         self.run_ids: dict[str, str] = {}
         self.logged_to: dict[str, int] = {}  # per trial: the last epoch its run holds
         self.ended: set[str] = set()  # trials that finished or failed in this run of the search
+        self.orphans_checked = False
 
     def setup(self, **info):
         with _quiet():
@@ -192,6 +193,17 @@ class MlflowTracking(Callback):
                 self.run_ids[key] = run.info.run_id
                 history = self.client.get_metric_history(run.info.run_id, self.metric)
                 self.logged_to[key] = max((m.step for m in history), default=0)
+
+    def on_step_begin(self, iteration, trials, **info):
+        """Once, when a resumed search holds its trials: a run of a trial it does not hold (a driver killed
+        between starting a trial and recording it; the resumed search runs that config again under a new
+        id) is deleted, tagged `orphaned`, so that each trial keeps one run."""
+        if self.orphans_checked:
+            return
+        self.orphans_checked, held = True, {t.trial_id for t in trials}
+        for tid in [t for t in self.run_ids if t not in held]:
+            self.client.set_tag(self.run_ids[tid], "orphaned", "true")
+            self.client.delete_run(self.run_ids.pop(tid))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         tid = trial.trial_id

@@ -253,6 +253,30 @@ def test_cli_errors_are_one_clear_line(tmp_path, pneumonia_npz, args, message, c
     assert "Traceback" not in stderr and not any(tmp_path.iterdir())
 
 
+def test_a_resumed_search_deletes_the_mlflow_runs_of_trials_it_does_not_hold(tmp_path):
+    """A driver killed between starting a trial and recording it leaves a run the resumed search never
+    continues (it runs the config again under a new id): deleted, tagged, so each trial keeps one run."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import MlflowTracking, tracking_uri
+    first = MlflowTracking(tmp_path, uri="experiment", metric="val_auc")
+    first.setup()
+    for tid in ("kept", "orphan"):
+        first.on_trial_start(0, [], SimpleNamespace(trial_id=tid, config={"lr": 0.1}))
+    resumed = MlflowTracking(tmp_path, uri="experiment", metric="val_auc")
+    resumed.setup()
+    resumed.on_step_begin(0, [SimpleNamespace(trial_id="kept"), SimpleNamespace(trial_id="new")])
+    resumed.on_step_begin(1, [SimpleNamespace(trial_id="new")])  # checked once, when the search resumes
+    client = MlflowClient(tracking_uri(tmp_path, "experiment"))
+    experiment = client.get_experiment_by_name(tmp_path.name).experiment_id
+    assert sorted(r.data.tags.get("trial_id", "parent") for r in client.search_runs([experiment])) == ["kept", "parent"]
+    [gone] = client.search_runs([experiment], run_view_type=2)  # ViewType.DELETED_ONLY
+    assert gone.data.tags["trial_id"] == "orphan" and gone.data.tags["orphaned"] == "true"
+    assert set(resumed.run_ids) == {"kept"}
+
+
 def _without_mlflow(monkeypatch):
     """As where the tracking extra is not installed: also its submodules an earlier test imported,
     which Python would otherwise hand out from sys.modules without importing `mlflow` itself."""
