@@ -3,7 +3,7 @@ that `ray start` runs on this machine (a head and worker nodes of one CPU each, 
 docs/cluster.md's manual flow, as written), run undisturbed and then through faults of every kind at random moments
 drawn from a fixed seed; the two compared.
 
-    python bench/soak.py --benchmarks                   # 24 trials through 24 faults (about 20 minutes on 2 cores)
+    python bench/soak.py --benchmarks                   # 24 trials at 40 px through 24 faults (about 25 minutes on 2 cores)
     python bench/soak.py --trials 6 --faults 6          # short: one fault of each kind
 
 The faults: a trial's worker process killed (SIGKILL) while it trains (`worker_train`) or while its
@@ -377,7 +377,7 @@ def _faults_within(rows: list[dict], struck_at: list[float]) -> int:
 
 
 def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, seed: int, fault_seed: int,
-        gap: tuple[int, int] = (1, 2), subset: int | None = 400) -> dict:
+        gap: tuple[int, int] = (1, 2), subset: int | None = 400, image_size: int = 28) -> dict:
     """The undisturbed search and the soaked one, on one cluster; the comparison's row. `subset`: images
     per split (None: the whole packaged set, whose epochs outweigh a restart as a real search's do). `gap`: the
     fewest and most epochs reported between two faults (drawn)."""
@@ -386,7 +386,7 @@ def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, 
     data = ROOT / "search" / "default_data" / "pneumoniamnist.npz"
     search = ["--data", str(data), "--space", "tiny", "--num-samples", str(trials), "--max-epochs", str(max_epochs),
               "--grace-period", "1", "--max-concurrent", "1", "--cpus-per-trial", "1", "--max-retries", str(faults + 2),
-              *(["--subset", str(subset)] if subset else []), "--image-size", "28", "--folds", "1", "--no-finalize", "--no-stop-rule",
+              *(["--subset", str(subset)] if subset else []), "--image-size", str(image_size), "--folds", "1", "--no-finalize", "--no-stop-rule",
               "--seed", str(seed), "--mlflow"]
     nodes = Nodes(work, workers)
     try:
@@ -426,6 +426,7 @@ def main() -> None:
     p.add_argument("--max-epochs", type=int, default=4)
     p.add_argument("--workers", type=int, default=3, help="worker nodes (the head runs no trial)")
     p.add_argument("--subset", type=int, default=0, help="images per split (0: the whole packaged set)")
+    p.add_argument("--image-size", type=int, default=40, help="pixels (the packaged files are 28 px: upsampled)")
     p.add_argument("--seed", type=int, default=0, help="the search's seed")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the faults' kinds and moments")
     p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/soak").expanduser()))
@@ -433,11 +434,11 @@ def main() -> None:
     args = p.parse_args()
     started = time.time()
     row = run(Path(args.work), trials=args.trials, faults=args.faults, max_epochs=args.max_epochs,
-              workers=args.workers, seed=args.seed, fault_seed=args.fault_seed, subset=args.subset or None)
-    row["subset"] = args.subset or "all"
+              workers=args.workers, seed=args.seed, fault_seed=args.fault_seed, subset=args.subset or None, image_size=args.image_size)
+    row.update(subset=args.subset or "all", image_size=args.image_size)
     common.finish("soak", pd.DataFrame([row]), started=started, benchmarks=args.benchmarks,
                   section="A search through many faults (issue 39)",
-                  settings=f"{args.trials} trials of --space tiny (28 px, {args.subset or 'all'} images a split, at most {args.max_epochs} "
+                  settings=f"{args.trials} trials of --space tiny ({args.image_size} px, {args.subset or 'all'} images a split, at most {args.max_epochs} "
                            f"epochs, ASHA grace 1, one at a time) on a head and {args.workers} worker nodes of 1 CPU "
                            f"started by `ray start`; stall limit {STALL_LIMIT} s")
     ok = (row["lost"] == 0 and row["duplicated"] == 0 and row["journal_ok"] and row["continuity_ok"] and row["asha_same"]
