@@ -244,7 +244,8 @@ def make_searcher(space_fn, *, metric: str, mode: str, sampler: str, seed: int, 
     concurrency limit; with `stop_patience`, under the stop rule (search/stop_rule.py)."""
     ceiling = 1.0 if metric in ("val_auc", "val_acc", "val_f1") else None
     rule = StopRule(patience=stop_patience, mode=mode, first=len(points), ceiling=ceiling) if stop_patience else None
-    searcher = StudySearch(space=space_fn, metric=metric, mode=mode, sampler=SAMPLERS[sampler](seed),
+    startup = max(len(points), 4) if points else 10  # the first trials are the sampler's start
+    searcher = StudySearch(space=space_fn, metric=metric, mode=mode, sampler=SAMPLERS[sampler](seed, startup=startup),
                            points_to_evaluate=points or None, max_epochs=max_epochs, folder=folder,
                            stop_rule=rule, val_counts=val_counts)
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)

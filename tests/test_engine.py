@@ -141,6 +141,17 @@ def test_every_sampler_the_options_offer_builds(sampler):
     assert isinstance(SAMPLERS[sampler](0), optuna.samplers.BaseSampler)
 
 
+@pytest.mark.parametrize("first, startup", [(0, 10), (1, 4), (4, 4), (9, 9)])
+def test_the_first_trials_are_the_samplers_start(tmp_path, first, startup):
+    """With first trials (one per backbone), TPE models from the trial after them; at a CT budget of
+    9-12 trials, Optuna's 10 random start-up trials would leave nothing for it to model."""
+    from search.tuner import make_searcher
+    points = [{"backbone": f"b{k}"} for k in range(first)]
+    limiter = make_searcher(_space, metric="val_auc", mode="max", sampler="tpe", seed=0, max_epochs=3,
+                            max_concurrent=1, points=points, folder=tmp_path)
+    assert limiter.searcher._sampler._n_startup_trials == startup
+
+
 def test_a_journal_cut_short_by_a_crash_is_repaired_before_the_next_append(tmp_path, capsys):
     """A crash in mid-append leaves half a line; the next append would land on it and Optuna could
     read nothing. It is cut off (and kept) first; a journal damaged in its middle is set aside and
