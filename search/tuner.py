@@ -203,6 +203,8 @@ class RecordingASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
+        if trial.trial_id in self.stopped:  # stopped at a rung, then run again by a fault before the stop took
+            return self.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
         epoch = result.get(self._time_attr, 0)
         if decision == self.STOP and trial.trial_id in self.protected and epoch < min(self.first_grace, self._max_t):

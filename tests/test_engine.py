@@ -135,6 +135,20 @@ def test_a_backbones_first_trial_is_not_stopped_before_the_second_rung(tmp_path)
     assert resumed.on_trial_result(None, later, _result(1, 0.70)) == TrialScheduler.STOP
 
 
+def test_a_trial_stopped_at_a_rung_and_run_again_by_a_fault_stays_stopped():
+    """A worker killed after ASHA's stop decision but before the stop took: Ray runs the trial again
+    from its checkpoint and it reports the rung a second time. Ray's ASHA finds it recorded there and
+    lets it go on; here it stops where the undisturbed search stopped it."""
+    scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=9, grace_period=1)
+    strong, weak = (SimpleNamespace(trial_id=name, config={}) for name in ("strong", "weak"))
+    for trial in (strong, weak):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, strong, _result(1, 0.90)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, weak, _result(1, 0.60)) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, weak, _result(1, 0.60)) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, strong, _result(1, 0.90)) == TrialScheduler.CONTINUE
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "gp"])
 def test_every_sampler_the_options_offer_builds(sampler):
     from search.samplers import SAMPLERS

@@ -145,3 +145,27 @@ def test_every_precision_and_memory_format_trains_an_epoch_on_the_cpu(pneumonia_
 def test_unknown_precision_is_refused():
     with pytest.raises(UserError, match=r"precision 'fp8' is not one of \['auto', 'fp32', 'bf16', 'fp16'\]"):
         validate_config({"backbone": "resnet18", "precision": "fp8"}, num_classes=2)
+
+
+def test_an_epoch_trained_again_from_a_checkpoint_is_the_epoch_the_uninterrupted_run_trains(pneumonia_npz):
+    """A trial restarted from its epoch-2 state in a fresh process (whose global RNG is wherever it is)
+    trains epoch 3 to the same weights as the trial that never stopped: dropout's masks and the
+    shuffle are the epoch's own, so a fault changes no score ASHA and the sampler see."""
+    from trainables.ingest.dataset import load_dataset
+    from trainables.train import Training
+    data = load_dataset(pneumonia_npz, image_size=28, seed=0, subset=200)
+    config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 3, "batch_size": 32,
+              "dropout": 0.5, "augment": "light"}
+    whole = Training(config, data)
+    list(whole.epochs())
+    cut = Training(config, data)
+    list(cut.epochs(until=2))
+    state = cut.state_dict()
+    torch.manual_seed(12345)  # a new process: the global RNG anywhere
+    restarted = Training(config, data)
+    restarted.load_state_dict(state)
+    torch.rand(7)
+    list(restarted.epochs())
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, restarted.model.state_dict()[name]), name
+

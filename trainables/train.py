@@ -102,7 +102,11 @@ class Training:
         while self.epoch < (until or config["max_epochs"]):
             self.epoch += 1
             t0 = time.perf_counter()
-            generator = torch.Generator().manual_seed(config["seed"] * 1000 + self.epoch)
+            # the epoch's own seeds, the global one for dropout included: an epoch trained again from a
+            # checkpoint (a worker lost, a resumed search) is the epoch the uninterrupted trial trains
+            shuffle_seed, dropout_seed = np.random.SeedSequence([config["seed"], self.epoch]).generate_state(2)
+            generator = torch.Generator().manual_seed(int(shuffle_seed))
+            torch.manual_seed(int(dropout_seed))
             train_loss = train_one_epoch(model, self.prep, self.train_x, self.train_y, self.loss_fn,
                                          self.optimizer, self.scheduler, batch_size=config["batch_size"],
                                          augment=config["augment"], generator=generator, epoch=self.epoch)
