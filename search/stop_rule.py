@@ -23,8 +23,11 @@ at the first that holds:
   1 - best to gain; once that is within the best's validation error, no trial, started or not, can
   beat it by more than validation resolves (an AUC of 0.997 on 270 validation images);
 - stagnation (the terminator's other form): `patience` trials proposed by the sampler in a row have
-  not beaten the best by more than the best's validation error, once every first trial (the sweep
-  at fixed values) has ended.
+  not beaten the baseline by more than its validation error, once every first trial (the sweep at
+  fixed values) has ended. The baseline is the best at the last resolved improvement, not the best
+  seen: a run of small gains (0.80, 0.82, 0.84, 0.86 with an error of 0.03) counts as progress once
+  it adds up to more than the error (0.86 beats the baseline 0.80 by more than 0.03), where a
+  baseline moved by every small gain would call each step unresolved and stop after four.
 
 A trial counts at its best epoch, the value the leaderboard ranks it by, whether it ran to the end
 or ASHA stopped it. When the rule holds, no trial starts and the running ones stop where they are
@@ -80,6 +83,9 @@ class StopRule:
     best_trial: str | None = None
     best: float | None = None
     best_error: float | None = None
+    baseline_trial: str | None = None  # the best at the last resolved improvement: what a trial must beat
+    baseline: float | None = None
+    baseline_error: float | None = None
     since: int = 0
     ended: int = 0
     stopped: str | None = None  # which bound held: "ceiling" or "stagnation"
@@ -92,10 +98,10 @@ class StopRule:
             self.first = max(self.first - 1, 0)
         if value is None or math.isnan(value):
             return bool(self.stopped)
-        resolved = self.best is None or self._beats(value, self.best_error or 0.0)
-        if self.best is None or self._beats(value, 0.0):  # the best is the best seen; counting restarts if resolved
+        if self.best is None or self._beats(value, self.best, 0.0):
             self.best_trial, self.best, self.best_error = trial_id, value, error
-        if resolved:
+        if self.baseline is None or self._beats(value, self.baseline, self.baseline_error or 0.0):
+            self.baseline_trial, self.baseline, self.baseline_error = trial_id, value, error
             self.since = 0
         elif proposed:
             self.since += 1
@@ -107,8 +113,8 @@ class StopRule:
             self.stopped = "stagnation"
         return bool(self.stopped)
 
-    def _beats(self, value: float, margin: float) -> bool:
-        return value > self.best + margin if self.mode == "max" else value < self.best - margin
+    def _beats(self, value: float, than: float, margin: float) -> bool:
+        return value > than + margin if self.mode == "max" else value < than - margin
 
     def record(self) -> dict:
         return asdict(self)
@@ -118,8 +124,9 @@ class StopRule:
             return (f"the best trial ({self.best_trial}, {metric} {self.best:.4f}) is within its validation error "
                     f"(+-{self.best_error:.4f}) of the metric's ceiling ({self.ceiling:g}): no trial can beat it by "
                     f"more than validation resolves")
-        return (f"the last {self.since} trials the sampler proposed did not beat the best (trial {self.best_trial}, "
-                f"{metric} {self.best:.4f}) by more than validation resolves (+-{self.best_error:.4f})")
+        return (f"the last {self.since} trials the sampler proposed did not beat the last resolved improvement (trial "
+                f"{self.baseline_trial}, {metric} {self.baseline:.4f}) by more than validation resolves "
+                f"(+-{self.baseline_error or 0.0:.4f}); the best is trial {self.best_trial}, {self.best:.4f}")
 
 
 def stop_record(rule: StopRule | None, *, metric: str, num_samples: int, trials: int, fit_seconds: float,
@@ -129,7 +136,8 @@ def stop_record(rule: StopRule | None, *, metric: str, num_samples: int, trials:
         return {"on": False}
     out = {"on": True, "patience": rule.patience, "stopped": bool(rule.stopped), "bound": rule.stopped,
            "best_trial": rule.best_trial,
-           "best": rule.best, "error": rule.best_error, "proposed_since_best": rule.since}
+           "best": rule.best, "error": rule.best_error, "baseline_trial": rule.baseline_trial,
+           "baseline": rule.baseline, "proposed_since_best": rule.since}
     if rule.stopped:
         out.update(reason=rule.reason(metric), trials_run=trials, trials_unspent=max(num_samples - trials, 0),
                    budget_seconds=time_budget,

@@ -530,6 +530,21 @@ def test_stop_rule_errors_and_decisions():
     assert not StopRule(patience=9, mode="min").update("z", 0.001, 0.01, proposed=False)  # a loss has no ceiling
 
 
+def test_the_stop_rule_goes_on_through_a_run_of_small_gains_that_add_up_to_more_than_the_error():
+    from search.stop_rule import StopRule
+    rule = StopRule(patience=4, mode="max")  # the case: +0.02 four times, error 0.03, patience 4
+    assert not rule.update("first", 0.80, 0.03, proposed=False)
+    for k, value in enumerate((0.81, 0.82, 0.83), start=1):  # within the error of 0.80, and of each other
+        assert not rule.update(f"p{k}", value, 0.03, proposed=True)
+    assert rule.since == 3 and rule.baseline_trial == "first" and rule.best_trial == "p3"
+    assert not rule.update("p4", 0.84, 0.03, proposed=True)  # 0.84 - 0.80 > 0.03: resolved, though 0.01 above p3
+    assert rule.since == 0 and rule.baseline_trial == "p4"
+    for k in range(5, 8):
+        assert not rule.update(f"p{k}", 0.86, 0.03, proposed=True)
+    assert rule.update("p8", 0.87, 0.03, proposed=True) and rule.stopped == "stagnation"  # 0.87 is not above 0.84 + 0.03
+    assert "last resolved improvement (trial p4, val_auc 0.8400)" in rule.reason("val_auc") and rule.best_trial == "p8"
+
+
 def test_the_free_space_of_the_storage_is_compared_with_what_the_checkpoints_take(tmp_path):
     import shutil
     from search.checkpoints import check_free_space, checkpoint_sizes, low_space
