@@ -41,8 +41,10 @@ DEFAULT_CONFIG = {
     "minority_weight": 2.0,       # ratio only: weight of the rarest class, the others 1
     "augment": "light",
     "label_smoothing": 0.0,
-    "precision": "auto",          # "fp32", "bf16", "fp16" autocast; auto: bf16/fp16 on a GPU, fp32 on a CPU
-    "memory_format": "auto",      # "channels_last" or "contiguous"; auto: channels-last on a GPU
+    "precision": "auto",          # "fp32", "bf16", "fp16" autocast; auto: the fastest, measured (trainables.execution)
+    "memory_format": "auto",      # "channels_last" or "contiguous"; auto: the faster, measured (trainables.execution)
+    "early_size": 0,              # > 0: the first `early_epochs` epochs train and validate at this side (cheap rungs)
+    "early_epochs": 1,
 }
 
 CHOICES = {
@@ -88,6 +90,13 @@ def validate_config(config: dict, *, num_classes: int) -> dict:
     depth, stages = out["freeze_depth"], num_stages(out["backbone"])
     if not (isinstance(depth, int) and 0 <= depth <= stages):
         raise UserError(f"freeze_depth {depth!r} is out of range for {out['backbone']}: 0..{stages}")
+    early_size, early_epochs = out["early_size"], out["early_epochs"]
+    if not (isinstance(early_size, int) and (early_size == 0 or 8 <= early_size < out["image_size"])):
+        raise UserError(f"early_size {early_size!r} must be 0 (off) or a whole number of pixels from 8 to below "
+                        f"image_size {out['image_size']}")
+    if early_size and not (isinstance(early_epochs, int) and 1 <= early_epochs < out["max_epochs"]):
+        raise UserError(f"early_epochs {early_epochs!r} must be a whole number from 1 to below max_epochs "
+                        f"{out['max_epochs']}")
     parse_class_weights(out["class_weights"], num_classes)
     return out
 

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from trainables import UserError
 from trainables.augment import augment_batch
 from trainables.config import parse_class_weights, validate_config
+from trainables.execution import choose_execution, resolve
 from trainables.ingest.dataset import Dataset
 from trainables.ingest.stores import Rows, rows
 from trainables.metrics import classification_metrics
@@ -49,8 +49,15 @@ class Training:
         self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(config["seed"])
         self.model = build_model(config, num_classes=data.num_classes, in_chans=data.channels).to(device)
+        self.full_size = min_input_size(config["backbone"], data.images.shape[1])
+        self.early_size = min_input_size(config["backbone"], config["early_size"]) if config["early_size"] else 0
+        # "auto" precision and layout: what trains fastest here, measured once per backbone and machine
+        self.execution = choose_execution(
+            self.model, backbone=config["backbone"], device=device, precision=config["precision"],
+            memory_format=config["memory_format"], input_size=self.full_size, channels=data.channels,
+            batch_size=config["batch_size"], num_classes=data.num_classes)
         self.prep = Preprocess(self.model, config["backbone"], channels=data.channels, image_size=data.images.shape[1],
-                               precision=config["precision"], memory_format=config["memory_format"])
+                               precision=self.execution["precision"], memory_format=self.execution["memory_format"])
         if self.prep.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         train = data.indices("train") if train is None else train
@@ -78,6 +85,13 @@ class Training:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
+        self.prep.input_size = self.input_size(self.epoch)
+
+    def input_size(self, epoch: int) -> int:
+        """The side epoch `epoch` trains and validates at: `early_size` for the first `early_epochs`
+        (the first rung of a search, cheap), the full size after; a function of the epoch alone, so that
+        every trial at a rung was judged at the same size."""
+        return self.early_size if self.early_size and epoch <= self.config["early_epochs"] else self.full_size
 
     def restart(self, epochs: int, *, lr_scale: float = 0.5) -> None:
         """A warm restart (SGDR, Loshchilov & Hutter 2017): the network as it is, a fresh optimizer and
@@ -101,6 +115,7 @@ class Training:
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         while self.epoch < (until or config["max_epochs"]):
             self.epoch += 1
+            self.prep.input_size = self.input_size(self.epoch)
             t0 = time.perf_counter()
             # the epoch's own seeds, the global one for dropout included: an epoch trained again from a
             # checkpoint (a worker lost, a resumed search) is the epoch the uninterrupted trial trains
@@ -120,7 +135,8 @@ class Training:
                    "val_loss": val_loss, "train_loss": train_loss, "epoch": self.epoch,
                    "lr": self.optimizer.param_groups[0]["lr"], "train_seconds": t1 - t0,
                    "eval_seconds": t2 - t1, "params_m": n_params / 1e6,
-                   "trainable_params_m": n_trainable / 1e6, "input_size": self.prep.input_size}
+                   "trainable_params_m": n_trainable / 1e6, "input_size": self.prep.input_size,
+                   "execution": f"{self.execution['precision']}/{self.execution['memory_format']}"}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return predict_proba(self.model, self.prep, images)
@@ -129,7 +145,7 @@ class Training:
 class Preprocess:
     """uint8 (B, H, W, C) -> normalised float (B, C, S, S) on the model's device, with the mean and
     std of the backbone's `pretrained_cfg` and the smallest input size the backbone accepts; and how
-    the model runs there: `autocast` (enabled, dtype) and `channels_last` (see `execution`)."""
+    the model runs there: `autocast` (enabled, dtype) and `channels_last` (trainables.execution.resolve)."""
 
     def __init__(self, model: Classifier, backbone: str, *, channels: int, image_size: int, precision: str = "auto",
                  memory_format: str = "auto"):
@@ -141,7 +157,7 @@ class Preprocess:
         self.mean = mean.view(1, -1, 1, 1).to(self.device)
         self.std = std.view(1, -1, 1, 1).to(self.device)
         self.input_size = min_input_size(backbone, image_size)
-        self.autocast, self.channels_last = execution(self.device, precision, memory_format)
+        self.autocast, self.channels_last = resolve(self.device, precision, memory_format)
 
     def __call__(self, x_uint8: torch.Tensor, *, augment: str = "none",
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -151,7 +167,9 @@ class Preprocess:
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # one channel from (B, H, W, 1) has channels-last strides too: made plainly contiguous, or convolutions
+        # would run channels-last whatever was chosen
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
 
 def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler, *, batch_size: int,
@@ -215,25 +233,6 @@ class _BatchRows(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> torch.Tensor:
         return torch.from_numpy(self.images[self.batches[k]])
-
-
-def execution(device: torch.device, precision: str, memory_format: str) -> tuple[tuple[bool, torch.dtype], bool]:
-    """How a model runs on `device`: ((autocast on, its dtype), channels-last). `precision` "auto"
-    is bfloat16 autocast on GPUs that support it (no loss scaling), float16 (with loss scaling) on
-    other GPUs, float32 on a CPU; "bf16" and "fp16" ask for them anywhere PyTorch runs them (its
-    CPU autocast does both). `memory_format` "auto" is channels-last on a GPU, where convolutions
-    gain from it.
-
-    Raises:
-        UserError: bfloat16 asked for on a GPU without it.
-    """
-    cuda = device.type == "cuda"
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UserError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or auto")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return (precision != "fp32", dtype), memory_format == "channels_last" or (memory_format == "auto" and cuda)
 
 
 @torch.no_grad()
