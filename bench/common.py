@@ -28,11 +28,40 @@ def machine() -> str:
     return f"CPU {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
 
 
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+def commit(root: Path = ROOT) -> str:
+    """The commit checked out at `root`, with "+changes" when the tree differs from it (tracked or new
+    files, outside bench/results/, which the benchmarks themselves append to)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    return (out.stdout.strip() or "unknown") + ("+changes" if changes(root) else "")
+
+
+def changes(root: Path = ROOT) -> list[str]:
+    """The paths where the tree at `root` differs from its commit, bench/results/ left out."""
+    status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)bench/results"], cwd=root,
+                            capture_output=True, text=True).stdout
+    return [line[3:] for line in status.splitlines() if line.strip()]
+
+
+def provenance(*, allow_dirty: bool = False, root: Path = ROOT) -> dict:
+    """What a benchmark row carries of where it came from: the commit, the CPU model, cores and GPU,
+    and the library versions.
+
+    Raises:
+        SystemExit: the tree has changes its commit does not hold, unless `allow_dirty` (then the
+            commit reads "<hash>+changes"): a row must name code that can be checked out again.
+    """
+    dirty = changes(root)
+    if dirty and not allow_dirty:
+        raise SystemExit(f"the tree at {root} has changes no commit holds ({', '.join(dirty[:5])}"
+                         f"{', ...' if len(dirty) > 5 else ''}): commit them first, or pass --allow-dirty to "
+                         f"mark the rows '+changes'")
+    import torch
+    from importlib.metadata import version
+
+    from trainables.execution import device_name
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "" else ""
+    return {"commit": commit(root), "cpu": device_name(torch.device("cpu")), "cores": os.cpu_count(), "gpu": gpu,
+            "versions": " ".join(f"{name} {version(name)}" for name in ("torch", "timm", "ray", "optuna"))}
 
 
 def clock(seconds: float) -> str:

@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=900, help="seconds of search per arm (the cpu profile's)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"pretrained_value-{time.strftime('%Y%m%d')}.csv"))
     p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/pretrained-value").expanduser()))
+    p.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (rows marked)")
     p.add_argument("--benchmarks", action="store_true")
     p.add_argument("extra", nargs="*", help="more search.run flags for every arm (after --)")
     args = p.parse_args()
@@ -68,6 +69,7 @@ def main() -> None:
     unknown = [s for s in sets if s not in SETS] + [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown set(s) or arm(s) {unknown}; sets: {', '.join(SETS)}; arms: {', '.join(ARMS)}")
+    provenance = common.provenance(allow_dirty=args.allow_dirty)
     work, out, started = Path(args.work), Path(args.out), time.time()
     work.mkdir(parents=True, exist_ok=True)
     done = pd.read_csv(out) if out.is_file() else pd.DataFrame({"data": [], "arm": [], "seed": []})
@@ -78,7 +80,7 @@ def main() -> None:
                     continue
                 folder = run_arm(name, str(common.SHARED / SETS[name]), arm, seed, args, work)
                 row = {"data": name, **measure(folder, arm, seed), "image_size": args.image_size,
-                       "budget_s": int(args.budget), "machine": common.machine(), "commit": common.commit()}
+                       "budget_s": int(args.budget), "machine": common.machine(), **provenance}
                 done = pd.concat([done, pd.DataFrame([row])], ignore_index=True) if len(done) else pd.DataFrame([row])
                 done.to_csv(out, index=False)
                 print(row, flush=True)

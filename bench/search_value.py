@@ -82,7 +82,9 @@ def measure(folder: Path, arm: str, seed: int) -> dict:
             "best_val_auc": round(float(board["val_auc"].max()), 4), "test_auc": round(test["auc"], 4),
             "test_auc_ci": f"{test['ci']['auc'][0]:.3f}-{test['ci']['auc'][1]:.3f}",
             "test_acc": round(test["accuracy"], 4), "final_backbone": metrics["models"][metrics["chosen"]]["config"]["backbone"],
-            "wall_min": round((timings["ended"] - timings["started"]) / 60, 1)}
+            "wall_min": round((timings["ended"] - timings["started"]) / 60, 1),
+            "search_s": round(timings["search_seconds"]),
+            "stop": (timings.get("stop_rule") or {}).get("bound") or ("" if (timings.get("stop_rule") or {}).get("on") else "off")}
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:

@@ -81,7 +81,8 @@ class BareLoop:
         x = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).float().div(255)
         if x.shape[-1] != size:
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        self.x = ((x - 0.45) / 0.225).to(self.device).contiguous()  # one channel: strides that read as channels-last
+        # one channel permuted from (N, H, W, 1) keeps channels-last strides that .contiguous() leaves: cloned
+        self.x = ((x - 0.45) / 0.225).to(self.device).clone(memory_format=torch.contiguous_format)
         self.y = torch.from_numpy(labels[:n]).to(self.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)

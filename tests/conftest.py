@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
 TEMP = tempfile.mkdtemp(prefix="lung-tests-", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
 os.environ.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", HF_HOME=f"{TEMP}/hf", HF_HUB_CACHE=f"{TEMP}/hf/hub",
-                  TORCH_HOME=f"{TEMP}/torch", RAY_TMPDIR=TEMP)
+                  TORCH_HOME=f"{TEMP}/torch", RAY_TMPDIR=TEMP, LUNG_SEARCH_CACHE=f"{TEMP}/cache")
 RAY_CPUS = 2
 
 

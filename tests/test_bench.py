@@ -47,15 +47,44 @@ def test_compute_to_reach_counts_trial_epochs_in_finishing_order(fifo_search):
     assert reach(frame, best + 0.01, 0) == (None, None)
 
 
-def test_throughput_script_prints_and_writes_its_table(tmp_path):
+def test_throughput_script_compares_the_trial_loop_with_every_bare_loop(tmp_path):
     env = {**os.environ, "BENCH_RESULTS": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "bench/throughput.py", "--steps", "2", "--warmup", "1", "--repeats", "1"],
+    result = subprocess.run([sys.executable, "bench/throughput.py", "--sets", "resnet18:32", "--steps", "2", "--warmup",
+                             "1", "--repeats", "1", "--no-compile"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (csv,) = tmp_path.glob("throughput-*.csv")
     table = pd.read_csv(csv)
-    assert list(table["loop"]) == ["trial loop", "bare timm (fp32)"] and (table["images/s (median)"] > 0).all()
-    assert "| resnet18 | trial loop |" in result.stdout
+    assert table["loop"].iloc[0].startswith("trial loop (") and list(table["loop"].iloc[1:]) == [
+        "bare fp32/contiguous", "bare fp32/channels_last", "bare bf16/contiguous", "bare bf16/channels_last"]
+    assert (table["images/s (median)"] > 0).all() and (table["fastest bare"] == "yes").sum() == 1
+    fastest = table.loc[table["fastest bare"] == "yes", "images/s (median)"].item()
+    assert table["trial loop / this"].iloc[0] == 1.0 and table.loc[table["fastest bare"] == "yes", "trial loop / this"].item() \
+        == pytest.approx(table["images/s (median)"].iloc[0] / fastest, abs=2e-3)
+    bad = subprocess.run([sys.executable, "bench/throughput.py", "--sets", "nonet:32"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "'nonet' is neither a space" in bad.stderr
+
+
+def test_a_benchmark_row_names_a_clean_commit_and_refuses_a_dirty_tree(tmp_path):
+    from bench.common import provenance
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "rows.csv").write_text("a\n1\n")  # the benchmarks' own rows: not a change
+    row = provenance(root=tmp_path)
+    assert "+" not in row["commit"] and len(row["commit"]) >= 7 and row["cores"] == os.cpu_count()
+    assert row["cpu"] and "torch " in row["versions"] and "ray " in row["versions"]
+    (tmp_path / "code.py").write_text("x = 2\n")
+    (tmp_path / "new.py").write_text("y = 1\n")
+    with pytest.raises(SystemExit, match=r"changes no commit holds \(code\.py, new\.py\).*--allow-dirty"):
+        provenance(root=tmp_path)
+    assert provenance(root=tmp_path, allow_dirty=True)["commit"] == row["commit"] + "+changes"
 
 
 def test_selection_rules_train_each_trial_again_to_the_network_it_reported(fifo_search):

@@ -133,13 +133,66 @@ def test_every_precision_and_memory_format_trains_an_epoch_on_the_cpu(pneumonia_
     run = Training({"backbone": "resnet10t", "weights": "random", "image_size": 32, "max_epochs": 1, "batch_size": 16,
                     "precision": precision, "memory_format": memory_format}, data)
     amp, dtype = run.prep.autocast
-    assert amp == (precision in ("bf16", "fp16")) and run.prep.channels_last == (memory_format == "channels_last")
+    chosen = run.execution["precision"] if precision == "auto" else precision  # auto: measured (trainables.execution)
+    assert amp == (chosen in ("bf16", "fp16")) and run.prep.channels_last == (memory_format == "channels_last")
+    assert run.execution["memory_format"] == memory_format and bool(run.execution["images_per_s"]) == (precision == "auto")
     if run.prep.channels_last:
         assert run.model.backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
     metrics = next(run.epochs())
     assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["val_loss"])
     probs = run.predict(data.arrays("test")[0])
     assert probs.shape == (64, 2) and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
+def test_auto_execution_is_measured_once_per_backbone_and_machine_then_read_from_the_cache(tmp_path, monkeypatch):
+    import json
+
+    from trainables.execution import cache_file, choose_execution
+    from trainables.models import build_model
+    from trainables.train import Preprocess
+    monkeypatch.setenv("LUNG_SEARCH_CACHE", str(tmp_path))
+    model = build_model({"backbone": "small_cnn", "weights": "random"}, num_classes=2, in_chans=1)
+    shape = dict(backbone="small_cnn", device=torch.device("cpu"), input_size=28, channels=1, batch_size=16, num_classes=2)
+    first = choose_execution(model, precision="auto", memory_format="auto", **shape)
+    speeds = first["images_per_s"]
+    assert sorted(speeds) == ["bf16/channels_last", "bf16/contiguous", "fp32/channels_last", "fp32/contiguous"]
+    fastest = max(speeds, key=speeds.get)
+    assert f"{first['precision']}/{first['memory_format']}" in (fastest, "fp32/contiguous")  # the default unless 5% slower
+    if f"{first['precision']}/{first['memory_format']}" != fastest:
+        assert speeds[fastest] <= 1.05 * speeds["fp32/contiguous"]
+    cached = json.loads(cache_file().read_text())
+    assert list(cached) == [first["key"]] and "small_cnn 28px 1ch batch 16" in first["key"]
+    cached[first["key"]] = {"precision": "bf16", "memory_format": "contiguous", "images_per_s": {"from": "cache"}}
+    cache_file().write_text(json.dumps(cached))
+    again = choose_execution(model, precision="auto", memory_format="auto", **shape)  # read, not measured again
+    assert (again["precision"], again["memory_format"], again["images_per_s"]) == ("bf16", "contiguous", {"from": "cache"})
+    fixed = choose_execution(model, precision="fp32", memory_format="channels_last", **shape)
+    assert (fixed["precision"], fixed["memory_format"], fixed["images_per_s"]) == ("fp32", "channels_last", {})
+    assert len(json.loads(cache_file().read_text())) == 1  # nothing to choose: nothing measured
+    cache_file().write_text("{not json")  # a damaged cache is measured again, not a failure
+    assert choose_execution(model, precision="auto", memory_format="contiguous", **shape)["images_per_s"]
+    # one channel in (B, H, W, 1) has channels-last strides: the contiguous choice must really be contiguous
+    prep = Preprocess(model, "small_cnn", channels=1, image_size=28, precision="fp32", memory_format="contiguous")
+    x = prep(torch.zeros(4, 28, 28, 1, dtype=torch.uint8))
+    assert x.is_contiguous() and x.stride() == (784, 784, 28, 1)
+
+
+def test_the_first_epochs_train_and_validate_at_the_early_size(pneumonia_npz):
+    from trainables.ingest.dataset import load_dataset
+    from trainables.train import Training
+    data = load_dataset(pneumonia_npz, image_size=32, subset=64)
+    config = {"backbone": "small_cnn", "weights": "random", "image_size": 32, "max_epochs": 3, "batch_size": 16,
+              "early_size": 16, "early_epochs": 2, "precision": "fp32", "memory_format": "contiguous"}
+    run = Training(config, data)
+    assert [m["input_size"] for m in run.epochs()] == [16, 16, 32]
+    resumed = Training(config, data)
+    resumed.load_state_dict({**run.state_dict(), "epoch": 1})
+    assert resumed.prep.input_size == 16  # a trial resumed inside its first rung goes on at the rung's size
+    for bad, match in (({"early_size": 32}, r"early_size 32 must be 0 \(off\) or .* below image_size 32"),
+                       ({"early_size": 4}, "early_size 4 must be"), ({"early_size": 16, "early_epochs": 3},
+                                                                       "early_epochs 3 must be .* below max_epochs 3")):
+        with pytest.raises(UserError, match=match):
+            validate_config({**config, **bad}, num_classes=2)
 
 
 def test_unknown_precision_is_refused():

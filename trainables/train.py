@@ -167,9 +167,12 @@ class Preprocess:
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
-        # one channel from (B, H, W, 1) has channels-last strides too: made plainly contiguous, or convolutions
-        # would run channels-last whatever was chosen
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        if self.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        # one channel permuted from (B, H, W, 1) keeps channels-last strides, which .contiguous() leaves as they
+        # are (a size-1 dimension's stride does not count): convolutions would then run channels-last
+        return x if x.stride()[-1] == 1 and x.stride()[1] == x.shape[2] * x.shape[3] else \
+            x.clone(memory_format=torch.contiguous_format)
 
 
 def train_one_epoch(model, prep, train_x, train_y, loss_fn, optimizer, scheduler, *, batch_size: int,
