@@ -32,7 +32,8 @@ from search.evaluate import positive_class
 from search.final_model import finalize
 from search.leaderboard import LeaderboardCallback, print_summary
 from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions, SharedOptions, check_search,
-                            resolve_batch_size, resolve_folds, resolve_stop_patience, with_profile)
+                            resolve_batch_size, resolve_early_size, resolve_folds, resolve_stop_patience,
+                            with_profile)
 from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json, write_timings
 from search.stop_rule import stop_record
@@ -197,6 +198,10 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
     o.folds = resolve_folds(o.folds, pool)
     if o.folds > 1:
         data.cv_folds(o.folds, o.seed)  # too few images or patients for the folds fails now
+    o.early_size = resolve_early_size(o.early_size, image_size=o.image_size, grace_period=o.grace_period,
+                                      max_epochs=o.max_epochs, scheduler=o.scheduler)
+    if o.early_size >= o.image_size:
+        raise UserError(f"--early-size {o.early_size} must be below the image size {o.image_size} (0 turns it off)")
     o.batch_size = resolve_batch_size(o.batch_size, pool - pool // o.folds if o.folds > 1 else len(data.indices("train")))
     backbones = _backbones(space, o, profile)
     stages = {b: num_stages(b) for b in backbones}
@@ -243,7 +248,7 @@ def _first_configs(space: Space, o: SearchOptions, backbones, stages, first: lis
     """The first trials' configs, drawn and validated now: each recipe, or one per backbone (so a
     bad backbone, or one whose weights cannot be reached, fails here and not in every trial)."""
     base = {"weights": o.weights, "image_size": o.image_size, "batch_size": o.batch_size,
-            "max_epochs": o.max_epochs}
+            "max_epochs": o.max_epochs, **early_rung(o)}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=o.seed))
     configs = []
     for point in first or [{"backbone": b} for b in backbones]:
@@ -296,11 +301,16 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
                                 for e in search.earlier], "skipped_backbones": search.skipped}})
     base_config = {"image_size": o.image_size, "batch_size": o.batch_size, "max_epochs": o.max_epochs,
                    "seed": o.seed, "folds": o.folds, "precision": o.precision, "memory_format": o.memory_format,
-                   "weights": o.weights, "weights_dir": o.weights_dir}
+                   "weights": o.weights, "weights_dir": o.weights_dir, **early_rung(o)}
     tuner = make_tuner(trainable, searcher=searcher, scheduler=scheduler, num_samples=o.num_samples,
                        storage=str(folder.parent), name=folder.name,
                        base_config=base_config, callbacks=callbacks, max_retries=o.max_retries)
     return tuner, searcher
+
+
+def early_rung(o: SearchOptions) -> dict:
+    """The trial config keys of a cheap first rung: its epochs (the grace period) at `--early-size`."""
+    return {"early_size": o.early_size, "early_epochs": o.grace_period} if o.early_size else {}
 
 
 def _stop_patience(search: Search) -> int | None:

@@ -28,10 +28,10 @@ PROFILES = {
     # a laptop-class CPU: few epochs, two trials at a time on two cores; images at 32 px when they
     # are MedMNIST-sized, else at 64 px (see trainables.ingest.image_file.auto_image_size)
     "cpu": dict(image_size="auto", max_epochs=8, grace_period=1, num_samples=24, batch_size="auto",
-                cpus_per_trial=1, gpus_per_trial=0, time_budget=900),
+                cpus_per_trial=1, gpus_per_trial=0, time_budget=900, early_size=0),
     # GPU workers: ImageNet resolution and a longer search
     "gpu": dict(image_size=224, max_epochs=30, grace_period=3, num_samples=64, batch_size="auto",
-                cpus_per_trial=4, gpus_per_trial=1, time_budget=None),
+                cpus_per_trial=4, gpus_per_trial=1, time_budget=None, early_size=0),
 }
 # --folds auto: cross-validate when train+val is small. Below about 2,000 images one validation split
 # of ~10% holds a few dozen to a few hundred images, too few to tell the top configurations apart
@@ -110,10 +110,14 @@ class SearchOptions(SharedOptions):
     image_size: int | str | None = option(None, "side of the decoded images; auto: 32 px for images up to "
                                                 "48 px, else 64", type=int_or_auto)
     channels: int = option(1, "1 grayscale, 3 RGB", type=int, choices=(1, 3))
-    precision: str = option("auto", "autocast of training and prediction; auto: bf16 on GPUs that have it, else "
-                                    "fp16 on a GPU, fp32 on a CPU", choices=("auto", "fp32", "bf16", "fp16"))
-    memory_format: str = option("auto", "tensor layout of the networks; auto: channels_last on a GPU, contiguous on a "
-                                        "CPU", choices=("auto", "channels_last", "contiguous"))
+    precision: str = option("auto", "autocast of training; auto: the fastest measured on the machine for each "
+                                    "backbone (trainables/execution.py; prediction: bf16 or fp16 on a GPU, fp32 on a "
+                                    "CPU)", choices=("auto", "fp32", "bf16", "fp16"))
+    memory_format: str = option("auto", "tensor layout of the networks; auto: the faster measured on the machine for "
+                                        "each backbone", choices=("auto", "channels_last", "contiguous"))
+    early_size: int | str | None = option(None, "side the first rung's epochs (the first --grace-period) train and "
+                                                "validate at, so that the trials ASHA stops there cost less; 0: the "
+                                                "full size throughout; auto: half the image size", type=int_or_auto)
     batch_size: int | str | None = option(None, f"training batch size; auto: the largest of "
                                                 f"{', '.join(map(str, AUTO_BATCH_SIZES))} that gives an epoch at least "
                                                 f"{MIN_STEPS_PER_EPOCH} steps", type=int_or_auto)
@@ -182,6 +186,15 @@ def resolve_batch_size(batch_size: int | str, train_images: int) -> int:
     if batch_size != "auto":
         return int(batch_size)
     return next((b for b in AUTO_BATCH_SIZES if train_images // b >= MIN_STEPS_PER_EPOCH), AUTO_BATCH_SIZES[-1])
+
+
+def resolve_early_size(early_size: int | str, *, image_size: int, grace_period: int, max_epochs: int,
+                       scheduler: str) -> int:
+    """The side `--early-size` means for a search at `image_size` (0: off). Off where there is no first
+    rung to make cheap: FIFO, or a grace period as long as the trial."""
+    if scheduler != "asha" or grace_period >= max_epochs:
+        return 0
+    return max(8, image_size // 2) if early_size == "auto" else int(early_size)
 
 
 def resolve_stop_patience(patience: int | None, num_samples: int) -> int:
@@ -262,6 +275,13 @@ def check_search(o: SearchOptions) -> None:
         raise UserError(f"--folds must be 'auto' or a whole number, 1 (no cross-validation) or more; got {o.folds!r}")
     if o.gpus_per_trial and o.gpus_per_trial > 1 and o.gpus_per_trial != int(o.gpus_per_trial):
         raise UserError(f"--gpus-per-trial above 1 must be a whole number, got {o.gpus_per_trial}")
+    if o.early_size not in (None, "auto") and (isinstance(o.early_size, bool) or not isinstance(o.early_size, int)
+                                               or not (o.early_size == 0 or o.early_size >= 8)):
+        raise UserError(f"--early-size must be 'auto', 0 (off) or a whole number of pixels, 8 or more; "
+                        f"got {o.early_size!r}")
+    if isinstance(o.early_size, int) and o.early_size and isinstance(o.image_size, int) \
+            and o.early_size >= o.image_size:
+        raise UserError(f"--early-size {o.early_size} must be below --image-size {o.image_size} (0 turns it off)")
     if o.grace_period and o.max_epochs and o.grace_period > o.max_epochs:
         raise UserError(f"--grace-period {o.grace_period} exceeds --max-epochs {o.max_epochs}")
     if o.resume and not o.name:

@@ -84,6 +84,9 @@ def write_timings(folder: Path, clock: dict, *, slots: int, cpus_per_trial: floa
         "fit_seconds": clock["fit_ended"] - clock["fit_started"],
         "after_fit_seconds": search_ended - clock["fit_ended"],
         "finalize_seconds": now - search_ended, "search_seconds": search_ended - clock["started"],
+        # the precision / layout each backbone trained at ("auto": measured, trainables/execution.py), per input size
+        "execution": {f"{e['config']['backbone']} {e['input_size']}px": e["execution"] for e in epochs
+                      if "execution" in e and "input_size" in e and "backbone" in e.get("config", {})},
         "slot_use": {"trial_epochs": len(epochs),
                      "epochs_on_shared_cores": sum(threads > cpus_per_trial for _, threads in steps),
                      "step_seconds": sum(seconds for seconds, _ in steps),

@@ -38,7 +38,9 @@ class Earlier:
 
 # the options that decide what a trial's score means: scores made under others cannot be compared
 SCORED_BY = {"image_size": "image size", "max_epochs": "epochs", "folds": "folds", "weights": "weights",
-             "ct_window": "CT window"}
+             "ct_window": "CT window", "early_size": "first-rung size"}
+# what searches that predate an option ran with (they did not record it)
+BEFORE_RECORDED = {"early_size": 0}
 
 
 def read_studies(experiments: list[str], *, space: str, metric: str, fingerprint: str,
@@ -63,8 +65,9 @@ def read_studies(experiments: list[str], *, space: str, metric: str, fingerprint
         if theirs.get("metric") != metric:
             raise UserError(f"--warm-start {given}: that search optimised {theirs.get('metric')!r}, this one "
                             f"{metric!r}; their values cannot be compared (pass the same --metric)")
-        differ = [f"{label} {theirs.get(key)!r} there, {scored[key]!r} here" for key, label in SCORED_BY.items()
-                  if scored is not None and theirs.get(key) != scored[key]]
+        differ = [f"{label} {theirs.get(key, BEFORE_RECORDED.get(key))!r} there, {scored[key]!r} here"
+                  for key, label in SCORED_BY.items()
+                  if scored is not None and theirs.get(key, BEFORE_RECORDED.get(key)) != scored[key]]
         if differ:
             raise UserError(f"--warm-start {given}: that search scored its trials differently ({'; '.join(differ)}); "
                             f"their values cannot be compared: warm-start from a search with the same settings")

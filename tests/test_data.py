@@ -171,6 +171,20 @@ def test_error_manifest_missing_files(tmp_path):
         load_dataset(tmp_path / "m.csv")
 
 
+def test_class_names_that_differ_only_in_case_or_spaces_are_refused_in_manifests_and_folders(tmp_path):
+    root = _folder(tmp_path, {"normal": 3, "pneumonia": 3})
+    rows = [f"normal/{k}.png,normal" for k in range(2)] + ["normal/2.png,Normal "] + \
+        [f"pneumonia/{k}.png,pneumonia" for k in range(3)]
+    (root / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"label column of manifest .*m.csv spell one class several ways: "
+                                         r"'Normal ' / 'normal', differing only in case or spaces"):
+        load_dataset(root / "m.csv")
+    (root / "Pneumonia").mkdir()  # beside pneumonia/: a second spelling of the class as a folder
+    (root / "pneumonia" / "0.png").rename(root / "Pneumonia" / "0.png")
+    with pytest.raises(UserError, match=r"class folders of .* spell one class several ways: 'Pneumonia' / 'pneumonia'"):
+        load_dataset(root)
+
+
 def test_error_manifest_without_label_column(tmp_path):
     (tmp_path / "m.csv").write_text("path\na.png\n")
     with pytest.raises(UserError, match=r"lacks column\(s\) \['label'\]"):

@@ -264,5 +264,24 @@ def test_a_file_cut_before_its_pixels_is_an_error_and_scouts_are_noted(tmp_path,
     assert "note: 1 localizer image(s), 1 secondary capture image(s) under" in capsys.readouterr().out
     whole = (tmp_path / "b" / "2.dcm").read_bytes()
     (tmp_path / "b" / "2.dcm").write_bytes(whole[:whole.rindex(b"\xe0\x7f\x10\x00")])  # cut at the Pixel Data tag
-    with pytest.raises(UserError, match=r"2.dcm \(the file ends before its pixel data"):
+    with pytest.raises(UserError, match=r"2.dcm \(cut short or damaged: the file ends before its pixel data"):
         load_dataset(tmp_path, image_size=8)
+
+
+@pytest.mark.parametrize("where", ["in its header", "in its pixel data"])
+def test_a_dicom_cut_inside_its_header_or_its_pixels_is_named_damaged(tmp_path, where):
+    """Not "an object without pixel data" (the words for a structured report), whatever part is missing."""
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 50
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for k in range(10):
+            _dicom(tmp_path / name / f"{k}.dcm", pixels + k, patient=f"patient {name}{k}")
+    path = tmp_path / "b" / "2.dcm"
+    whole = path.read_bytes()
+    cut = whole.index(b"\x10\x00\x20\x00") + 6 if where == "in its header" else len(whole) - 40  # inside PatientID
+    path.write_bytes(whole[:cut])
+    with pytest.raises(UserError, match=r"2.dcm \(cut short or damaged: ") as raised:
+        load_dataset(tmp_path, image_size=8)
+    assert "without pixel data" not in str(raised.value)
+    data = load_dataset(tmp_path, image_size=8, skip_corrupt=True)  # left out when asked, and counted as unreadable
+    assert len(data.labels) == 19 and not data.unread

@@ -72,14 +72,18 @@ def read_dicom(data: bytes, *, ct_window: str = "lung") -> tuple[np.ndarray, dic
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # pydicom raises many kinds on a damaged file
-        raise UserError(f"not a readable DICOM file ({type(exc).__name__}: {str(exc)[:80]})") from None
+        raise UserError(f"cut short or damaged: not a readable DICOM file ({type(exc).__name__}: "
+                        f"{str(exc)[:80]})") from None
     info = {"modality": str(ds.get("Modality", "") or ""), "patient_id": str(ds.get("PatientID", "") or "").strip(),
             "photometric": str(ds.get("PhotometricInterpretation", "") or ""), "bits": int(ds.get("BitsStored", 8) or 8),
             **({"kind": kind} if (kind := _kind(ds)) else {})}
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        if "Rows" in ds and "Columns" in ds:  # an image's attributes, but the file ends before its pixels
-            raise UserError("the file ends before its pixel data (cut short in a copy or a download?)")
-        raise NoImage(info["modality"] or str(ds.get("SOPClassUID", "unknown")))
+        sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+        if ("Rows" in ds and "Columns" in ds) or _image_class(sop):  # an image, but no pixels: the file is cut
+            raise UserError(f"cut short or damaged: the file ends before its pixel data, though "
+                            f"{'its SOP class (' + _image_class(sop) + ') is an image' if _image_class(sop) else 'it has an image size'}"
+                            f" (cut short in a copy or a download?)")
+        raise NoImage(info["modality"] or str(sop or "unknown"))
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise UserError(f"it holds {frames} frames (a multi-frame DICOM); export one image per file")
@@ -89,7 +93,9 @@ def read_dicom(data: bytes, *, ct_window: str = "lung") -> tuple[np.ndarray, dic
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         named = f" (transfer syntax {syntax.name})" if syntax is not None else ""
         why = f"its pixel data cannot be decoded{named}: {str(exc).strip().splitlines()[0][:200]}"
-        raise (MissingDecoder if syntax is not None and not _decoder_installed(syntax) else UserError)(why) from None
+        if syntax is not None and not _decoder_installed(syntax):
+            raise MissingDecoder(why) from None
+        raise UserError(f"cut short or damaged: {why}") from None
     if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour (RGB, or YBR that pydicom converted)
         return np.ascontiguousarray(raw[..., :3]).astype(np.uint8) if raw.dtype == np.uint8 else _stretch(raw[..., :3]), info
     if info["photometric"] == "PALETTE COLOR":
@@ -98,6 +104,17 @@ def read_dicom(data: bytes, *, ct_window: str = "lung") -> tuple[np.ndarray, dic
         rgb = np.asarray(apply_color_lut(raw, ds), np.float64) * (255 / (2 ** bits - 1))
         return np.clip(np.round(rgb), 0, 255).astype(np.uint8), info
     return _to_display(raw, ds, info, ct_window), info
+
+
+def _image_class(sop) -> str:
+    """The name of an image SOP class ("CT Image Storage"), or "" for any other class (a report, a
+    presentation state) or none."""
+    from pydicom.uid import UID
+    try:
+        name = UID(str(sop)).name if sop else ""
+    except Exception:  # a malformed UID string
+        return ""
+    return name if "Image Storage" in name else ""
 
 
 def _kind(ds) -> str | None:

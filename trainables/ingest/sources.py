@@ -70,6 +70,7 @@ def _list_folder(root: Path):
         unread["files outside class folders"] += sum(1 for d in split_dirs for p in d.iterdir() if p.is_file())
     else:
         classes = [(cls, None) for cls in subdirs]
+    check_spellings([cls.name for cls, _ in classes], f"the class folders of {root}")
     files, owner = [], []  # each image file, and the index of its (class folder, split) in `classes`
     for k, (cls, _) in enumerate(classes):
         found, skipped = files_under(cls)
@@ -214,6 +215,7 @@ def _read_manifest(path: Path, group_column: str | None):
                         f"--group-column)")
     if table.empty:
         raise UserError(f"manifest {path} has no rows")
+    check_spellings(list(table["label"]), f"the label column of manifest {path}")
     table["path"] = [_native(path.parent, p) for p in table["path"]]
     files = [os.path.join(path.parent, p) for p in table["path"]]
     absent = [str(p) for p, f in zip(table["path"], files) if not os.path.isfile(f)]
@@ -229,6 +231,24 @@ def _read_manifest(path: Path, group_column: str | None):
                             + "; ".join(f"{_names_of(split)} for {split}" for split in SPLITS) + " (any case)")
         given = given.to_numpy()
     return table, files, group, given
+
+
+def check_spellings(names: list[str], where: str) -> None:
+    """Refuse class names that differ only in case or surrounding spaces (`normal`, `Normal `, as
+    spreadsheets and hand-made folders leave them): each would train as a class of its own. Not merged
+    silently: which spelling is meant, and whether the two really are one class, is the user's call.
+
+    Raises:
+        UserError: naming every such set of spellings.
+    """
+    spellings: dict[str, set[str]] = {}
+    for name in names:
+        spellings.setdefault(str(name).strip().casefold(), set()).add(str(name))
+    clashes = [sorted(found) for found in spellings.values() if len(found) > 1]
+    if clashes:
+        raise UserError(f"{where} spell one class several ways: " + "; ".join(" / ".join(map(repr, c)) for c in clashes)
+                        + ", differing only in case or spaces; each would train as a class of its own. Rename them "
+                          "to one spelling")
 
 
 def _native(folder: Path, listed: str) -> str:
