@@ -40,6 +40,21 @@ def test_leaderboard_has_one_row_per_trial_sorted_by_the_metric(tiny_search):
     assert board["val_auc"].iloc[0] > 0.9  # real X-rays: even a tiny budget separates the classes
 
 
+def test_a_cheap_first_rung_trains_and_judges_every_trial_at_one_size_then_promotes_at_full_size(tmp_path, pneumonia_npz):
+    folder = _run(tmp_path, space="tiny", data=str(pneumonia_npz), num_samples=4, subset=300, name="early", early_size=14)
+    record = json.loads((folder / "search_config.json").read_text())
+    assert record["options"]["early_size"] == 14
+    epochs = [json.loads(line) for path in folder.glob("trial_*/result.json") for line in path.read_text().splitlines()]
+    sizes = {}
+    for e in epochs:
+        sizes.setdefault(e["training_iteration"], set()).add(e["input_size"])
+        assert e["config"]["early_size"] == 14 and e["config"]["early_epochs"] == 1
+    assert sizes[1] == {14} and sizes.get(2, {28}) == {28} and sizes.get(3, {28}) == {28} and len(sizes) >= 2
+    execution = json.loads((folder / "timings.json").read_text())["execution"]
+    assert execution and all(v.split("/")[0] in ("fp32", "bf16") for v in execution.values())
+    assert any(k.endswith(" 14px") for k in execution) and any(k.endswith(" 28px") for k in execution)
+
+
 def test_asha_stops_some_trials_early(tiny_search):
     _, board = tiny_search
     stopped = board[board["stopped_early"]]
@@ -229,6 +244,8 @@ def _main(capsys, *args):
     (["--space", "recipes", "--backbones", "resnet18"], "--backbones does not apply to the fixed space 'recipes'"),
     (["--top-k", "0"], "--top-k must be at least 1, got 0"),
     (["--stop-patience", "0"], "--stop-patience must be positive, got 0"),
+    (["--early-size", "4"], "--early-size must be 'auto', 0 (off) or a whole number of pixels, 8 or more; got 4"),
+    (["--early-size", "32", "--image-size", "32"], "--early-size 32 must be below --image-size 32 (0 turns it off)"),
     (["--scheduler", "hyperband"], "unknown scheduler 'hyperband'; choose one of asha, fifo"),
     (["--space", "recipes", "--recipes", "resnet50_finetune,nope"], "unknown recipe(s) ['nope']; recipes: mobilenetv2"),
     (["--space", "tiny", "--recipes", "resnet50_finetune"], "--recipes applies to --space recipes, not 'tiny'"),
