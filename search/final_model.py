@@ -150,7 +150,8 @@ def _audit_summary(folder: Path, search: dict) -> dict:
     """The warnings the data audit raised before the search, and what was done about the leaks."""
     path = folder / "data_report.json"
     audit = json.loads(path.read_text()) if path.is_file() else {}
-    return {"warnings": audit.get("warnings", []), "deduped": audit.get("deduped"), "dedupe": search.get("dedupe")}
+    return {"warnings": audit.get("warnings", []), "deduped": audit.get("deduped"), "dedupe": search.get("dedupe"),
+            "probe": audit.get("probe")}
 
 
 def _search_data(record: dict, moved_to: str | None) -> Dataset:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trainables.ingest.leakage import probe_lines
+
 KEY_PARAMS = ("lr", "head_lr_ratio", "optimizer", "weight_decay", "schedule", "dropout", "freeze_depth",
               "class_weights", "minority_weight", "augment", "head")
 
@@ -25,7 +27,7 @@ def render_report(folder: Path, summary: dict, models: dict, board: pd.DataFrame
                 _confusion(models[summary["chosen"]]["test"]), _calibration(summary, models),
                 _members(models, metric, summary.get("failed_members", [])),
                 _search(summary, board, metric), _importance(summary.get("importance")),
-                _data(summary["data"], summary.get("audit")), _saliency(summary.get("saliency") or {}), _method(summary),
+                _data(summary["data"], summary.get("audit")), _saliency(summary.get("saliency") or {}, summary.get("audit") or {}), _method(summary),
                 _use(folder, summary["versions"])]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -234,12 +236,15 @@ def _importance(found: dict | None) -> list[str]:
     return lines + ["", "![importance](importance.png)"]
 
 
-def _saliency(shown: dict) -> list[str]:
+def _saliency(shown: dict, audit: dict) -> list[str]:
     lines = ["## What the model looks at", "",
              "Grad-CAM of the final model (each network's last feature stage, combined by the ensemble weights) "
              "on the test images it was most sure of for each class, right and wrong. Warm colours mark what "
              "drove the call: it should lie on the lungs, not on a text marker, a device, a border or the "
              "background, which would be a shortcut like the ones the audit above looks for."]
+    probe = probe_lines(audit)
+    if probe:
+        lines += ["", "The data audit's shortcut probe (`../data_report.md`):", ""] + [f"- {line}" for line in probe]
     for name, entry in shown.items():
         lines += ["", f"**{name}**: {len(entry['most_confident_correct'])} most confident correct, "
                       f"{len(entry['most_confident_errors'])} most confident errors (test indices "

@@ -63,6 +63,43 @@ def test_audit_flags_a_planted_mode_shortcut(tmp_path, pneumonia_npz):
     assert any(w.startswith("SHORTCUT: the file mode") for w in report["warnings"])
 
 
+def _jpegs(root, pneumonia_npz, qualities):
+    """Real PneumoniaMNIST X-rays at 64 px as JPEGs, each class at its own quality (compression setting)."""
+    arrays = np.load(pneumonia_npz)
+    for label, (cls, quality) in enumerate(zip(("normal", "pneumonia"), qualities)):
+        (root / cls).mkdir(parents=True)
+        for k, i in enumerate(np.flatnonzero(arrays["train_labels"].ravel() == label)[:100]):
+            Image.fromarray(arrays["train_images"][i]).resize((64, 64), Image.BICUBIC).save(root / cls / f"{k}.jpg",
+                                                                                            quality=quality)
+    return root
+
+
+def test_the_shortcut_probe_warns_where_the_files_encoding_gives_the_label_away_and_not_where_saved_alike(
+        tmp_path, pneumonia_npz, capsys):
+    from search.data_setup import audited
+    from trainables.ingest.leakage import render
+    leaky = audit_dataset(load_dataset(_jpegs(tmp_path / "leaky", pneumonia_npz, (95, 60)), image_size=32, seed=0))
+    probe = leaky["probe"]["acquisition"]
+    assert probe["shortcut"] and probe["auc"] >= 0.95 and probe["strongest"][0]["property"] == "JPEG quantization"
+    warning = next(w for w in leaky["warnings"] if w.startswith("SHORTCUT: properties of the files"))
+    assert f"AUC {probe['auc']:.2f}" in warning and "JPEG quantization" in warning
+    # the same images saved alike: no warning, though their own statistics still tell the classes apart, as
+    # the disease makes them (and their bytes, which compressed texture costs)
+    alike = audit_dataset(load_dataset(_jpegs(tmp_path / "alike", pneumonia_npz, (90, 90)), image_size=32, seed=0))
+    assert not alike["probe"]["acquisition"]["shortcut"] and alike["probe"]["acquisition"]["auc"] < 0.7
+    assert not any(w.startswith("SHORTCUT") for w in alike["warnings"])
+    image = alike["probe"]["image"]
+    assert image["auc"] >= 0.7 and not image["shortcut"] and "bytes per pixel" in image["features"]
+    assert "disease or acquisition" in render(alike) and "no shortcut found" in render(alike)
+    packaged = audit_dataset(load_dataset(pneumonia_npz, image_size=28, seed=0))  # arrays: one pipeline made them
+    assert packaged["probe"]["acquisition"]["auc"] is None and not any(w.startswith("SHORTCUT") for w in packaged["warnings"])
+    assert 0.7 <= packaged["probe"]["image"]["auc"] <= 0.9  # opacity: pneumonia looks brighter, as it should
+    capsys.readouterr()
+    audited(load_dataset(tmp_path / "leaky", image_size=32, seed=0), dedupe=True)  # the console says it loudly
+    out = capsys.readouterr().out
+    assert "warning: SHORTCUT: properties of the files that cannot be the disease" in out and "shortcut probe:" in out
+
+
 def test_clean_data_raises_no_alarm(png_folder):
     report = audit_dataset(load_dataset(png_folder, image_size=28, seed=0))
     assert report["warnings"] == [], report["warnings"]

@@ -77,6 +77,8 @@ def test_finalize_writes_every_output(experiment):
     assert sorted(p.name for p in (final / "members").iterdir()) == sorted(members)
     report = (final / "report.md").read_text()
     assert metrics["chosen"] in report and all(n in report for n in members) and "Youden" in report
+    saliency = report[report.index("## What the model looks at"):]  # the shortcut probe beside the saliency maps
+    assert "The data audit's shortcut probe" in saliency and "disease or acquisition" in saliency
     # train/ + validation/ and no test/: the test split was carved from train, and the report says so
     assert "test carved from train by seed 0" in metrics["data"]["split_kind"] and metrics["data"]["split_kind"] in report
     test = pd.read_csv(final / "test_predictions.csv")

@@ -45,7 +45,7 @@ from trainables.ingest.files import listing, relative_paths
 from trainables.ingest.image_file import decode_chunk
 from trainables.ingest.stores import STORES, DiskImages, copy_rows, npy_for_rows, read_npy, write_rows
 
-DECODER_VERSION = 2  # bump when a decoding rule changes: caches of older rules are then not reused
+DECODER_VERSION = 3  # bump when a decoding rule changes: caches of older rules are then not reused
 # files per decoding task: large enough that Ray's cost per task is small (200,000 files on 2 cores: 25 s in
 # chunks of 256, 20 s in chunks of 1024), and at least 16 chunks so that small data still spreads over the cores
 CHUNK, MIN_CHUNKS = 1024, 16

@@ -54,6 +54,11 @@ def check_ct_window(value: str) -> tuple[float, float] | None:
     return centre, width
 
 
+# what a header says of the acquisition and the patient (the audit's shortcut probe and the report's strata)
+ACQUISITION = {"manufacturer": "Manufacturer", "model": "ManufacturerModelName", "station": "StationName",
+               "view": "ViewPosition", "sex": "PatientSex", "age": "PatientAge"}
+
+
 def is_dicom(head: bytes) -> bool:
     """Whether a file's first 132 bytes carry the DICOM preamble ("DICM" at byte 128)."""
     return len(head) >= 132 and head[128:132] == b"DICM"
@@ -76,7 +81,8 @@ def read_dicom(data: bytes, *, ct_window: str = "lung") -> tuple[np.ndarray, dic
                         f"{str(exc)[:80]})") from None
     info = {"modality": str(ds.get("Modality", "") or ""), "patient_id": str(ds.get("PatientID", "") or "").strip(),
             "photometric": str(ds.get("PhotometricInterpretation", "") or ""), "bits": int(ds.get("BitsStored", 8) or 8),
-            **({"kind": kind} if (kind := _kind(ds)) else {})}
+            **({"kind": kind} if (kind := _kind(ds)) else {}),
+            **{key: value for key, keyword in ACQUISITION.items() if (value := str(ds.get(keyword, "") or "").strip())}}
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
         if ("Rows" in ds and "Columns" in ds) or _image_class(sop):  # an image, but no pixels: the file is cut

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from trainables import UserError
-from trainables.ingest.dicom import DICOM_EXTENSIONS, MissingDecoder, NoImage, is_dicom, read_dicom
+from trainables.ingest.dicom import ACQUISITION, DICOM_EXTENSIONS, MissingDecoder, NoImage, is_dicom, read_dicom
 from trainables.ingest.files import IMAGE_EXTENSIONS
 from trainables.ingest.pixels import to_uint8
 
@@ -53,12 +53,12 @@ def decode_bytes(data: bytes, *, image_size: int, channels: int, ct_window: str 
     """One file's bytes as `decode_image` decodes them, and what the audit and the fingerprint need
     of the file: `sha256` of its bytes, its `format`, `mode` and `size` (and a DICOM's `patient_id`).
     `dicom`: read as DICOM even without the preamble (a `.dcm` file)."""
-    info = {"sha256": hashlib.sha256(data).hexdigest()[:32]}
+    info = {"sha256": hashlib.sha256(data).hexdigest()[:32], "bytes": len(data)}
     if dicom or is_dicom(data[:132]):
         pixels, meta = read_dicom(data, ct_window=ct_window)
         info.update(format="DICOM", mode=f"{meta['photometric'] or '?'} {meta['bits']}-bit {meta['modality']}".strip(),
-                    size=f"{pixels.shape[1]}x{pixels.shape[0]}", patient_id=meta["patient_id"],
-                    **({"kind": meta["kind"]} if "kind" in meta else {}))
+                    size=f"{pixels.shape[1]}x{pixels.shape[0]}",
+                    **{k: meta[k] for k in ("patient_id", "kind", *ACQUISITION) if k in meta})
         im = Image.fromarray(pixels)
     else:
         try:
@@ -69,6 +69,8 @@ def decode_bytes(data: bytes, *, image_size: int, channels: int, ct_window: str 
             raise UserError(f"it holds {im.n_frames} frames (a stack); save one image per file")
         im.load()
         info.update(format=im.format or "?", mode=im.mode, size=f"{im.width}x{im.height}")
+        if quantization := getattr(im, "quantization", None):  # a JPEG's compression setting (quality), not content
+            info["jpeg_quantization"] = round(float(np.mean(quantization[min(quantization)])), 2)
         if im.mode in ("I", "F") or im.mode.startswith("I;"):
             im = Image.fromarray(to_uint8(np.asarray(im)))
     im = im.convert("RGB" if channels == 3 else "L")

@@ -22,6 +22,7 @@ import numpy as np
 
 from trainables.ingest.dataset import SPLITS, Dataset
 from trainables.ingest.files import unread_line
+from trainables.ingest.shortcuts import SHORTCUT_AUC, shortcut_probe
 
 PURITY = 0.95        # a value this pure in one class ...
 COVERAGE = 0.10      # ... and holding this share of that class's images is a shortcut
@@ -51,7 +52,41 @@ def audit_dataset(data: Dataset) -> dict:
     for prop in ("format", "mode", "size"):
         if prop in files:
             report["properties"][prop] = _shortcut(prop, files[prop], data, used, report["warnings"])
+    report["probe"] = probe = shortcut_probe(data, used)
+    if probe["acquisition"]["shortcut"]:
+        report["warnings"].append(
+            f"SHORTCUT: properties of the files that cannot be the disease predict the label at AUC "
+            f"{probe['acquisition']['auc']:.2f} (a logistic regression cross-validated by {probe['grouped_by']}; "
+            f"strongest alone: {_strongest_line(probe['acquisition'])}). The classes may come from different "
+            f"acquisitions (hospitals, scanners, exports), and a model can learn those instead of the disease: "
+            f"test it on data from elsewhere, and look at the saliency maps in the report")
     return report
+
+
+def _strongest_line(probe: dict) -> str:
+    return ", ".join(f"{s['property']} {s['auc']:.2f}" for s in probe["strongest"]) or "none alone"
+
+
+def probe_lines(report: dict) -> list[str]:
+    """What the shortcut probe says, for the console, data_report.md and the final report."""
+    probe = report.get("probe")
+    if not probe:
+        return []
+    acquisition, image = probe["acquisition"], probe["image"]
+    lines = []
+    if acquisition["auc"] is not None:
+        lines.append(f"Acquisition (properties that cannot be the disease: {', '.join(acquisition['features'])}) "
+                     f"predicts the label at AUC {acquisition['auc']:.2f}, cross-validated by {probe['grouped_by']}"
+                     + (f": **a shortcut** (>= {SHORTCUT_AUC}); strongest alone: {_strongest_line(acquisition)}."
+                        if acquisition["shortcut"] else f" (below {SHORTCUT_AUC}: no shortcut found)."))
+    else:
+        lines.append("Acquisition: not probed (arrays, not files: one pipeline made every image).")
+    if image["auc"] is not None:
+        lines.append(f"The images' own statistics ({', '.join(image['features'])}) predict the label at AUC "
+                     f"{image['auc']:.2f} (strongest alone: {_strongest_line(image)}): disease or acquisition "
+                     f"(opacity brightens a lung; so does an exposure or a burnt-in label); look at the saliency "
+                     f"maps.")
+    return lines
 
 
 def _file_properties(data: Dataset) -> dict[str, list]:
@@ -158,6 +193,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append("  groups per split: " + ", ".join(f"{s} {n}" for s, n in report["groups_per_split"].items()))
     if report.get("unread"):
         lines.append(f"  left unread: {unread_line(report['unread'])}")
+    lines += [f"  shortcut probe: {line.replace('**', '')}" for line in probe_lines(report)]
     lines += [f"  warning: {w}" for w in report["warnings"]]
     return lines
 
@@ -190,6 +226,8 @@ def render(report: dict) -> str:
         for g in dup["groups"]:
             lines.append(f"| {g['kind']} | " + "<br>".join(f"{f} [{s}] ({lab})" for f, s, lab in
                                                            zip(g["files"], g["splits"], g["labels"])) + " |")
+    if report.get("probe"):
+        lines += ["", "## Shortcut probe", ""] + [f"- {line}" for line in probe_lines(report)]
     for prop, stats in report["properties"].items():
         lines += ["", f"## File {prop} per class", "",
                   f"Predicting the label from the {prop} alone: accuracy {stats['predictive_accuracy']:.2f} "
