@@ -15,7 +15,7 @@ from search.cli import add_flags, from_flags, handle_errors
 from search.data_setup import PREVIEW, audited, data_path, load_search_data, write_audit
 from search.options import SearchOptions
 
-FLAGS = ("data", "image_size", "channels", "group_column", "seed", "skip_corrupt", "ct_window")
+FLAGS = ("data", "image_size", "channels", "group_column", "strata", "seed", "skip_corrupt", "ct_window")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def audit(o: SearchOptions, out: str | None) -> None:
     data = load_search_data(data_path(o.data), image_size=o.image_size or "auto", channels=o.channels, seed=o.seed,
-                            group_column=o.group_column, skip_corrupt=o.skip_corrupt, ct_window=o.ct_window)
+                            group_column=o.group_column, skip_corrupt=o.skip_corrupt, ct_window=o.ct_window,
+                            strata_columns=tuple(o.strata or ()))
     _, report = audited(data, dedupe=False)
     if out:
         folder = Path(out).expanduser()

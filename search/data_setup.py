@@ -49,7 +49,7 @@ def data_path(given: str | None) -> Path:
 def load_search_data(path: Path, *, image_size, channels: int, seed: int, group_column: str | None = None,
                      skip_corrupt: bool = False, subset: int | None = None, fingerprint: str | None = None,
                      ct_window: str = "lung", store: str = "memory", cache: str | None = None,
-                     trial_resources: tuple[float, float] = (1, 0)) -> Dataset:
+                     trial_resources: tuple[float, float] = (1, 0), strata_columns: tuple[str, ...] = ()) -> Dataset:
     """The data as a search loads it; with `fingerprint`, it must be the data that search ran on.
     When Ray runs, the files are decoded by Ray tasks spread over the cluster. `store` "auto" picks
     memory or disk by the decoded size (see `auto_store`; `trial_resources`: a trial's CPUs and GPUs).
@@ -60,7 +60,7 @@ def load_search_data(path: Path, *, image_size, channels: int, seed: int, group_
     data = load_dataset(path, image_size=image_size, channels=channels, seed=seed, group_column=group_column,
                         skip_corrupt=skip_corrupt, subset=subset, ct_window=ct_window, cache=cache,
                         store=(lambda nbytes: auto_store(nbytes, *trial_resources)) if store == "auto" else store,
-                        run_chunks=ray_chunks if ray.is_initialized() else None)
+                        run_chunks=ray_chunks if ray.is_initialized() else None, strata_columns=strata_columns)
     if fingerprint and data.fingerprint != fingerprint:
         raise UserError(f"the data at {path} is not the data the search ran on (fingerprint {fingerprint}, "
                         f"now {data.fingerprint}); point --data at that data, or start a new search")

@@ -32,8 +32,8 @@ from search.evaluate import positive_class
 from search.final_model import finalize
 from search.leaderboard import LeaderboardCallback, print_summary
 from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions, SharedOptions, check_search,
-                            resolve_batch_size, resolve_early_size, resolve_folds, resolve_stop_patience,
-                            with_profile)
+                            early_rung, resolve_batch_size, resolve_early_size, resolve_folds,
+                            resolve_stop_patience, with_profile)
 from search.plots import plot_progress
 from search.records import read_search_record, versions, write_atomic, write_json, write_timings
 from search.stop_rule import stop_record
@@ -148,7 +148,7 @@ def _check_before_ray(options: SearchOptions, folder: Path) -> None:
     """The checks that need neither Ray nor a decoded image, so that a bad path, manifest, storage or
     profile clash answers in seconds: the data's layout, that the experiment folder can be made, and
     (on this machine, where the profile is known now) the options with the profile filled in."""
-    check_data(data_path(options.data), group_column=options.group_column)
+    check_data(data_path(options.data), group_column=options.group_column, strata_columns=tuple(options.strata or ()))
     if not options.resume:
         read_studies(options.warm_start or [], space=options.space, metric=options.metric, fingerprint="")
     writable = next(p for p in (folder, *folder.parents) if p.exists())
@@ -189,7 +189,7 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
                             group_column=o.group_column, skip_corrupt=o.skip_corrupt, subset=o.subset,
                             fingerprint=saved["data"]["fingerprint"] if saved else None, ct_window=o.ct_window,
                             store=o.data_store, cache=o.data_cache,
-                            trial_resources=(o.cpus_per_trial, o.gpus_per_trial or 0))
+                            trial_resources=(o.cpus_per_trial, o.gpus_per_trial or 0), strata_columns=tuple(o.strata or ()))
     o.image_size = int(data.images.shape[1])  # "auto" resolved, recorded for finalize and --resume
     positive_class(data.class_names, o.positive_class)  # a bad --positive-class fails now
     data, audit = audited(data, dedupe=o.dedupe)
@@ -200,8 +200,6 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
         data.cv_folds(o.folds, o.seed)  # too few images or patients for the folds fails now
     o.early_size = resolve_early_size(o.early_size, image_size=o.image_size, grace_period=o.grace_period,
                                       max_epochs=o.max_epochs, scheduler=o.scheduler)
-    if o.early_size >= o.image_size:
-        raise UserError(f"--early-size {o.early_size} must be below the image size {o.image_size} (0 turns it off)")
     o.batch_size = resolve_batch_size(o.batch_size, pool - pool // o.folds if o.folds > 1 else len(data.indices("train")))
     backbones = _backbones(space, o, profile)
     stages = {b: num_stages(b) for b in backbones}
@@ -306,11 +304,6 @@ def _tuner(search: Search) -> tuple[tune.Tuner, object]:
                        storage=str(folder.parent), name=folder.name,
                        base_config=base_config, callbacks=callbacks, max_retries=o.max_retries)
     return tuner, searcher
-
-
-def early_rung(o: SearchOptions) -> dict:
-    """The trial config keys of a cheap first rung: its epochs (the grace period) at `--early-size`."""
-    return {"early_size": o.early_size, "early_epochs": o.grace_period} if o.early_size else {}
 
 
 def _stop_patience(search: Search) -> int | None:

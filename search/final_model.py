@@ -32,6 +32,7 @@ from search.records import read_search_record, versions, write_json
 from search.report import fmt, render_report
 from search.retrain import candidates, retrain_top
 from search.saliency import file_name, grad_cam, overlay
+from search.strata import strata_figures
 from search.saved_model import load_model, save_model
 from search.tracking import log_outputs
 from search.tuner import STUDY_FILE, load_study
@@ -82,6 +83,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
                           resamples=options.bootstrap)
     chosen, choice, margin = choose(models, data, selection, metric, resamples=options.bootstrap, where=where)
     models[chosen] = calibrate(models[chosen], data, selection=selection, positive=positive, resamples=options.bootstrap)
+    strata = strata_figures(data, models[chosen], positive=positive, resamples=options.bootstrap)
     summary = {"experiment": folder.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "finalize_options": asdict(options), "search": {k: record.get(k) for k in ("space", "profile", "options")},
                "warm_start": record.get("warm_start"), "stop_rule": _stop_rule(folder),
@@ -89,7 +91,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
                "selection": {"mode": "cross-validation" if folds else "validation split", "folds": n_folds,
                              "images": int(len(selection)), "where": where},
                "audit": _audit_summary(folder, search),
-               "chosen": chosen, "choice": choice, "choice_margin": margin, "failed_members": failed,
+               "chosen": chosen, "choice": choice, "choice_margin": margin, "failed_members": failed, "strata": strata,
                "models": {n: {k: v for k, v in m.items() if not k.endswith("_probs")} for n, m in models.items()}}
     final = write_final(folder, summary=summary, models=models, members=members, board=board, data=data,
                         selection=selection)
@@ -165,7 +167,8 @@ def _search_data(record: dict, moved_to: str | None) -> Dataset:
                             seed=o["seed"], group_column=o.get("group_column"),
                             skip_corrupt=o.get("skip_corrupt", False), subset=o.get("subset"),
                             fingerprint=record["data"]["fingerprint"], ct_window=o.get("ct_window", "lung"),
-                            store=record["data"].get("store", {}).get("store", "memory"), cache=o.get("data_cache"))
+                            store=record["data"].get("store", {}).get("store", "memory"), cache=o.get("data_cache"),
+                            strata_columns=tuple(o.get("strata") or ()))
     return audited(data, dedupe=True)[0] if o.get("dedupe") else data
 
 

@@ -130,6 +130,9 @@ class SearchOptions(SharedOptions):
     ct_window: str = option("lung", "window of CT DICOM images in HU: lung (centre -600, width 1500), mediastinum "
                                     "(40, 400), file (the file's own), or 'centre,width'")
     group_column: str | None = option(None, "manifest column of patient ids (detected by name when obvious)")
+    strata: list[str] | None = option(None, "manifest column (a site, a scanner) to break the final report's test "
+                                            "figures down by (repeatable); DICOM headers' manufacturer, model, sex, "
+                                            "age and view are used without asking", repeat=True)
     skip_corrupt: bool = option(False, "leave unreadable images out, with a warning")
     dedupe: bool = option(True, "keep a file that appears in two splits in both (by default only the copy in the "
                                 "later split stays: train, then val, then test; the audit names them)")
@@ -194,7 +197,15 @@ def resolve_early_size(early_size: int | str, *, image_size: int, grace_period: 
     rung to make cheap: FIFO, or a grace period as long as the trial."""
     if scheduler != "asha" or grace_period >= max_epochs:
         return 0
-    return max(8, image_size // 2) if early_size == "auto" else int(early_size)
+    size = max(8, image_size // 2) if early_size == "auto" else int(early_size)
+    if size >= image_size:
+        raise UserError(f"--early-size {size} must be below the image size {image_size} (0 turns it off)")
+    return size
+
+
+def early_rung(o: SearchOptions) -> dict:
+    """The trial config keys of a cheap first rung: its epochs (the grace period) at `--early-size`."""
+    return {"early_size": o.early_size, "early_epochs": o.grace_period} if o.early_size else {}
 
 
 def resolve_stop_patience(patience: int | None, num_samples: int) -> int:
@@ -288,6 +299,8 @@ def check_search(o: SearchOptions) -> None:
         raise UserError("--resume needs --name: the experiment to continue")
     if o.weights_dir and not Path(o.weights_dir).expanduser().is_dir():
         raise UserError(f"--weights-dir {o.weights_dir!r} is not a folder")
+    if o.strata is not None and (isinstance(o.strata, str) or not all(isinstance(c, str) and c for c in o.strata)):
+        raise UserError(f"--strata must be a list of manifest column names, got {o.strata!r}")
     if o.warm_start is not None and (isinstance(o.warm_start, str) or not all(isinstance(w, str) for w in o.warm_start)):
         raise UserError(f"--warm-start must be a list of experiment folders, got {o.warm_start!r}")
     if o.warm_start and get_space(o.space).fixed:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from search.strata import strata_lines
 from trainables.ingest.leakage import probe_lines
 
 KEY_PARAMS = ("lr", "head_lr_ratio", "optimizer", "weight_decay", "schedule", "dropout", "freeze_depth",
@@ -24,10 +25,13 @@ def render_report(folder: Path, summary: dict, models: dict, board: pd.DataFrame
     metric = summary["search"]["options"]["metric"]
     sections = [_headline(folder, summary, models), _models_table(summary, models, metric), _siblings(siblings),
                 ["![ROC curves](roc.png)"], _per_class(summary["chosen"], models[summary["chosen"]]["test"]),
-                _confusion(models[summary["chosen"]]["test"]), _calibration(summary, models),
+                _confusion(models[summary["chosen"]]["test"]),
+                strata_lines(summary.get("strata") or {}, models[summary["chosen"]]["test"]),
+                _calibration(summary, models),
                 _members(models, metric, summary.get("failed_members", [])),
                 _search(summary, board, metric), _importance(summary.get("importance")),
-                _data(summary["data"], summary.get("audit")), _saliency(summary.get("saliency") or {}, summary.get("audit") or {}), _method(summary),
+                _data(summary["data"], summary.get("audit")),
+                _saliency(summary.get("saliency") or {}, summary.get("audit") or {}), _method(summary),
                 _use(folder, summary["versions"])]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 

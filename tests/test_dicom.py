@@ -2,6 +2,7 @@
 X-rays, MONOCHROME1 inverted), files found without an extension, objects without an image counted
 and not read, patients from PatientID, and a real search + finalize + predict on a folder that mixes
 DICOM and PNG. Every file is built here with pydicom."""
+import json
 import subprocess
 import sys
 
@@ -20,15 +21,20 @@ from trainables.ingest.image_file import decode_image
 
 
 def _dicom(path, pixels: np.ndarray, *, modality="DX", photometric="MONOCHROME2", bits=16, slope=None,
-           intercept=None, window=None, patient="", frames=1, syntax=ExplicitVRLittleEndian, preamble=True):
+           intercept=None, window=None, patient="", frames=1, syntax=ExplicitVRLittleEndian, preamble=True,
+           **header):
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPClassUID = {"CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+                                    "SR": "1.2.840.10008.5.1.4.1.1.88.11"}.get(modality,  # Basic Text SR Storage
+                                                                               "1.2.840.10008.5.1.4.1.1.1.1")  # DX
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = DicomDataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID = modality, patient
+    for keyword, value in header.items():  # Manufacturer, PatientSex, PatientAge ...
+        setattr(ds, keyword, value)
     if pixels is not None:
         stack = pixels if frames == 1 else np.stack([pixels] * frames)
         ds.set_pixel_data(stack, photometric, bits)
@@ -150,23 +156,28 @@ def mixed_folder(tmp_path_factory, pneumonia_npz):
         for k, i in enumerate(idx):
             x = arrays["train_images"][i].astype(np.int32)
             kind = k % 4
+            # two scanner makers and both sexes, as the headers of a multi-site export say
+            header = dict(Manufacturer=("Acme Medical", "Globex")[k // 4 % 2], PatientSex="MF"[k % 2], PatientAge="061Y")
             if kind == 0:
-                _ct(root / name / f"ct{k}.dcm", (x * 1500 / 255 - 1350).astype(np.int16))
+                _ct(root / name / f"ct{k}.dcm", (x * 1500 / 255 - 1350).astype(np.int16), **header)
             elif kind == 1:
                 _dicom(root / name / f"m1_{k}.dcm", ((255 - x) * 16).astype(np.uint16), photometric="MONOCHROME1",
-                       bits=12, window=(2040, 4080))
+                       bits=12, window=(2040, 4080), **header)
             elif kind == 2:
-                _dicom(root / name / f"m2_{k}", (x * 257).astype(np.uint16), bits=16)  # no extension
+                _dicom(root / name / f"m2_{k}", (x * 257).astype(np.uint16), bits=16, **header)  # no extension
             else:
                 Image.fromarray(x.astype(np.uint8)).save(root / name / f"png{k}.png")
     return root
 
 
-def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_pixels(mixed_folder, tmp_path):
+def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_pixels(mixed_folder, tmp_path,
+                                                                                        monkeypatch):
+    from search import strata
     from search.experiment import run_search
     from search.options import SearchOptions
     from search.saved_model import load_model
     from trainables.ingest.decoding import decode_images
+    monkeypatch.setattr(strata, "MIN_IMAGES", 3)  # this test split holds 12 images: strata of 3 shown
     folder = run_search(SearchOptions(space="tiny", data=str(mixed_folder), storage=str(tmp_path), name="dicom", stop_rule=False,
                                       num_samples=2, max_epochs=2, grace_period=1, image_size=28, folds=1, top_k=1,
                                       warm_restart="none", cpus_per_trial=1, seed=0))
@@ -181,6 +192,16 @@ def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_
     report = (folder / "data_report.md").read_text()  # the audit shows what the trials see, beside the report
     assert "`data_preview.png`" in report and (folder / "data_preview.png").stat().st_size > 5000
     final = folder / "final"
+    # the test figures by what the DICOM headers record: a table per manufacturer, sex and age band
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert set(metrics["strata"]) == {"manufacturer", "sex", "age band"}
+    assert set(metrics["strata"]["manufacturer"]) == {"Acme Medical", "Globex"}
+    tested = data.strata["manufacturer"][data.indices("test")]
+    for maker, figures in metrics["strata"]["manufacturer"].items():
+        assert figures["images"] == int((tested == maker).sum())  # the PNGs ("" : unrecorded) are in no stratum
+    final_report = (final / "report.md").read_text()
+    assert "## Test figures by stratum" in final_report and "**manufacturer**" in final_report
+    assert "| Acme Medical |" in final_report and "| Globex |" in final_report and "| 60-69 |" in final_report
     record = load_model(final / "ensemble").record
     assert record["preprocessing"]["ct_window"] == "lung"
     out = tmp_path / "predictions.csv"

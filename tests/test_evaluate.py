@@ -168,3 +168,46 @@ def test_an_imbalanced_read_out_gives_pr_auc_balanced_accuracy_and_the_majority_
     assert out["pr_auc"] == pytest.approx(average_precision_score(labels == 1, p)) and out["pr_auc_chance"] == pytest.approx(30 / 630)
     assert out["per_class"]["normal"]["pr_auc"] == pytest.approx(average_precision_score(labels == 0, 1 - p))
     assert "Accuracy is no better than calling every image normal (0.952)" in _majority(out)
+
+
+def test_a_manifest_site_column_breaks_the_test_figures_down_by_site_and_flags_a_worse_site(tmp_path, pneumonia_npz):
+    """`--strata site`: the manifest's column recorded per image; per site the AUC and sensitivity with their
+    intervals, as sklearn computes them on that site's images; a site whose interval lies below is flagged."""
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from search.strata import strata_figures, strata_lines
+    from trainables.ingest.dataset import load_dataset
+    arrays = np.load(pneumonia_npz)
+    rows = []
+    for label, name in enumerate(("normal", "pneumonia")):
+        (tmp_path / name).mkdir()
+        for k, i in enumerate(np.flatnonzero(arrays["train_labels"].ravel() == label)[:400]):
+            Image.fromarray(arrays["train_images"][i]).save(tmp_path / name / f"{k}.png")
+            rows.append(f"{name}/{k}.png,{name},{'north' if k % 3 else 'south'}")
+    (tmp_path / "m.csv").write_text("path,label,site\n" + "\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"unknown column\(s\) \['site'\].*named as strata"):
+        load_dataset(tmp_path / "m.csv", image_size=28)
+    with pytest.raises(UserError, match=r"strata column\(s\) \['scanner'\] are not columns of .*columns: \['path', 'label', 'site'\]"):
+        load_dataset(tmp_path / "m.csv", image_size=28, strata_columns=("scanner",))
+    with pytest.raises(UserError, match=r"strata columns \['site'\] are columns of a CSV manifest"):
+        load_dataset(pneumonia_npz, image_size=28, strata_columns=("site",))
+    data = load_dataset(tmp_path / "m.csv", image_size=28, strata_columns=("site",))
+    test = data.indices("test")
+    labels, site = data.labels[test], data.strata["site"][test]
+    # a score that is good on the north site and chance on the south one
+    rng = np.random.default_rng(0)
+    score = np.where(site == "north", labels * 0.8 + rng.random(len(test)) * 0.3, rng.random(len(test)))
+    probs = np.column_stack([1 - score, score])
+    from search.evaluate import evaluate
+    model = {"test_probs": probs, "val": {"threshold": 0.5},
+             "test": evaluate(labels, probs, data.class_names, positive=1, threshold=0.5, resamples=200)}
+    figures = strata_figures(data, model, positive=1, resamples=200)["site"]
+    assert set(figures) == {"north", "south"}
+    for name, f in figures.items():
+        mask = site == name
+        assert f["images"] == mask.sum() and f["auc"] == pytest.approx(roc_auc_score(labels[mask], score[mask]))
+        assert f["ci"]["auc"][0] <= f["auc"] <= f["ci"]["auc"][1]
+    assert figures["north"]["below_whole"] == [] and "auc" in figures["south"]["below_whole"]
+    lines = "\n".join(strata_lines({"site": figures}, model["test"]))
+    assert "**site**" in lines and "| south |" in lines and "**auc" in lines

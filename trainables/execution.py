@@ -6,7 +6,7 @@ float32 and slower in bfloat16 (its depthwise convolutions), ResNet18 and DenseN
 bfloat16, the small CNN 2.6x in bfloat16 channels-last; on an Intel CPU without bf16 units bfloat16
 is slower for all of them (BENCHMARKS.md, "Trials at the hardware's speed"). So "auto" measures: a
 few training steps of a copy of the model per candidate, on random images of the trial's shape, once
-per backbone, input size, batch size, threads, device and library versions, cached in
+per backbone, input size, batch size, device and library versions, cached in
 `$LUNG_SEARCH_CACHE/execution.json` (default `~/.cache/lung-search`) so that every later trial and
 search on the machine reads the choice instead of measuring again.
 
@@ -86,10 +86,10 @@ def choose_execution(model: torch.nn.Module, *, backbone: str, device: torch.dev
     pairs = candidates(device, precision, memory_format)
     if len(pairs) == 1:
         return {"precision": pairs[0][0], "memory_format": pairs[0][1], "images_per_s": {}, "key": ""}
-    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    # not keyed by the thread count: a trial retrained on more cores (finalize, shared idle cores) must run at
+    # the precision its search trial ran at, or its numbers would differ
     key = " ".join(map(str, (device_name(device), f"torch {torch.__version__}", f"timm {version('timm')}", backbone,
-                             f"{input_size}px", f"{channels}ch", f"batch {batch_size}", f"{threads} threads",
-                             f"{precision}/{memory_format}")))
+                             f"{input_size}px", f"{channels}ch", f"batch {batch_size}", f"{precision}/{memory_format}")))
     path = cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

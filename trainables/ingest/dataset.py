@@ -50,6 +50,9 @@ class Dataset:
     file_infos: list[dict] | None = None  # per image file: sha256, format, mode, size (from decoding)
     unread: Counter = field(default_factory=Counter)  # files under the data that were not read, by kind
     store: dict = field(default_factory=dict)  # where the decoded images live: store, bytes, cache, reused
+    # per image, what is recorded of it beyond its label (a DICOM header's manufacturer, sex, age band ...,
+    # a manifest's strata columns): {attribute: values, "" where unknown}; the report breaks test figures down by it
+    strata: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def on_disk(self) -> bool:
@@ -127,7 +130,7 @@ class Dataset:
 def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channels: int = 1, seed: int = 0,
                  group_column: str | None = None, skip_corrupt: bool = False, subset: int | None = None,
                  ct_window: str = "lung", store: str | Callable[[int], str] = "memory", cache: str | None = None,
-                 run_chunks: Callable | None = None) -> Dataset:
+                 run_chunks: Callable | None = None, strata_columns: tuple[str, ...] = ()) -> Dataset:
     """Load, validate and split a data set; every image is decoded and resized here, once.
 
     Args:
@@ -144,6 +147,8 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
             decoded size in bytes that picks one.
         cache: folder of decoded data sets, reused when the same files are decoded the same way.
         run_chunks: how decoding chunks run (`trainables.ingest.decoding.Decoding`; default local threads).
+        strata_columns: manifest columns recorded per image as strata (DICOM attributes are recorded
+            without asking).
 
     Raises:
         UserError: naming the bad path, image, column, class or split.
@@ -159,13 +164,15 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
     decoding = Decoding(image_size=image_size, channels=channels, ct_window=ct_window, store=store,
                         cache=Path(cache) if cache else None, run_chunks=run_chunks)
     loader, _ = _source(path)
-    raw = loader(path, decoding=decoding, group_column=group_column, skip_corrupt=skip_corrupt)
+    _check_strata_source(path, strata_columns)
+    extra = {"strata_columns": tuple(strata_columns)} if strata_columns else {}
+    raw = loader(path, decoding=decoding, group_column=group_column, skip_corrupt=skip_corrupt, **extra)
     data = _finish(raw, seed=seed, subset=subset)
     data.store = dict(decoding.chosen)
     return data
 
 
-def check_data(path: str | os.PathLike, *, group_column: str | None = None) -> None:
+def check_data(path: str | os.PathLike, *, group_column: str | None = None, strata_columns: tuple[str, ...] = ()) -> None:
     """What `load_dataset` checks before it decodes anything (the path, a folder's layout, a
     manifest's columns, files and splits), in seconds: a search runs it before it starts Ray.
 
@@ -174,7 +181,14 @@ def check_data(path: str | os.PathLike, *, group_column: str | None = None) -> N
     """
     path = Path(path).expanduser()
     _, check = _source(path)
-    check(path, group_column)
+    _check_strata_source(path, strata_columns)
+    check(path, group_column, *([tuple(strata_columns)] if strata_columns else []))
+
+
+def _check_strata_source(path: Path, strata_columns) -> None:
+    if strata_columns and path.suffix.lower() != ".csv":
+        raise UserError(f"strata columns {list(strata_columns)} are columns of a CSV manifest; {path} is not one "
+                        f"(a folder or .npz records no attribute per image but what DICOM headers say)")
 
 
 def _source(path: Path):
@@ -212,9 +226,32 @@ def _finish(raw: Raw, *, seed: int, subset: int | None) -> Dataset:
         split = _subsample(split, labels, subset, seed=seed)
     data = Dataset(images=raw.images, labels=labels, class_names=class_names, split=split,
                    groups=raw.groups, paths=raw.paths, fingerprint=raw.fingerprint, source=raw.source,
-                   split_kind=kind, root=raw.root, file_infos=raw.file_infos, unread=raw.unread)
+                   split_kind=kind, root=raw.root, file_infos=raw.file_infos, unread=raw.unread,
+                   strata={**dicom_strata(raw.file_infos), **{k: np.asarray(v, dtype=str) for k, v in raw.strata.items()}})
     check_every_split_has_every_class(data)
     return data
+
+
+def dicom_strata(infos: list[dict] | None) -> dict[str, np.ndarray]:
+    """What DICOM headers record of each image (manufacturer, model, station, view, sex, age band),
+    for the attributes at least one image has."""
+    if not infos:
+        return {}
+    out = {}
+    for key in ("manufacturer", "model", "station", "view", "sex", "age"):
+        values = [age_band(i.get(key, "")) if key == "age" else str(i.get(key, "")) for i in infos]
+        if any(values):
+            out["age band" if key == "age" else key] = np.asarray(values, dtype=str)
+    return out
+
+
+def age_band(age: str) -> str:
+    """A DICOM PatientAge ("045Y", "018M", "003W", "010D") as a decade band ("40-49"); "" if unreadable."""
+    age = str(age).strip().upper()
+    if len(age) != 4 or not age[:3].isdigit() or age[3] not in "DWMY":
+        return ""
+    years = int(age[:3]) if age[3] == "Y" else 0
+    return f"{years // 10 * 10}-{years // 10 * 10 + 9}"
 
 
 def check_every_split_has_every_class(data: Dataset, *, after: str = "") -> None:

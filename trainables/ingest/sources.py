@@ -46,6 +46,7 @@ class Raw:
     root: str | None = None
     file_infos: list[dict] | None = None  # per image file: sha256, format, mode, size (the decoding pass's)
     unread: Counter = field(default_factory=Counter)  # files under the data left unread, by kind
+    strata: dict[str, list[str]] = field(default_factory=dict)  # manifest columns recorded per image
 
 
 def _list_folder(root: Path):
@@ -189,7 +190,7 @@ def _load_npz(path: Path, *, decoding: Decoding, group_column, skip_corrupt) -> 
                paths=None, fingerprint=fingerprint, source=f"npz:{path}", class_names=names)
 
 
-def _read_manifest(path: Path, group_column: str | None):
+def _read_manifest(path: Path, group_column: str | None, strata_columns: tuple[str, ...] = ()):
     """The manifest's table, checked (columns, rows, listed files, split values) without decoding an
     image; with the files it lists, its group column and the given split per row."""
     try:
@@ -207,12 +208,15 @@ def _read_manifest(path: Path, group_column: str | None):
     if group_column is not None and group_column not in columns:
         raise UserError(f"--group-column {group_column!r} is not a column of {path}; columns: {columns}")
     group = group_column or next((c for c in GROUP_COLUMN_NAMES if c in columns), None)
-    allowed = {"path", "label", "split", group}
+    absent = [c for c in strata_columns if c not in columns]
+    if absent:
+        raise UserError(f"strata column(s) {absent} are not columns of {path}; columns: {columns}")
+    allowed = {"path", "label", "split", group, *strata_columns}
     unknown = [c for c in columns if c not in allowed]
     if unknown:
-        raise UserError(f"manifest {path} has unknown column(s) {unknown}; allowed: path, label, split "
-                        f"and one group column ({', '.join(GROUP_COLUMN_NAMES)}, or name it with "
-                        f"--group-column)")
+        raise UserError(f"manifest {path} has unknown column(s) {unknown}; allowed: path, label, split, "
+                        f"one group column ({', '.join(GROUP_COLUMN_NAMES)}, or name it with --group-column) "
+                        f"and the columns named as strata (--strata)")
     if table.empty:
         raise UserError(f"manifest {path} has no rows")
     check_spellings(list(table["label"]), f"the label column of manifest {path}")
@@ -259,8 +263,8 @@ def _native(folder: Path, listed: str) -> str:
     return listed
 
 
-def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt) -> Raw:
-    table, files, group, given = _read_manifest(path, group_column)
+def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt, strata_columns=()) -> Raw:
+    table, files, group, given = _read_manifest(path, group_column, strata_columns)
     decoded, kept, unread = _decode(path.parent, files, decoding, skip_corrupt, Counter())
     table, infos = table.iloc[kept], decoded.infos
     paths = list(table["path"])
@@ -270,7 +274,8 @@ def _load_manifest(path: Path, *, decoding: Decoding, group_column, skip_corrupt
     return Raw(images=decoded.images, labels=list(table["label"]),
                given_split=given[kept] if given is not None else None, groups=groups, paths=paths,
                fingerprint=_sha256_file(path)[:16] + decoded.fingerprint[:16],
-               source=f"manifest:{path}{how}", root=str(path.parent), file_infos=infos, unread=unread)
+               source=f"manifest:{path}{how}", root=str(path.parent), file_infos=infos, unread=unread,
+               strata={c: [str(v).strip() for v in table[c]] for c in strata_columns})
 
 
 def _check_npz(path: Path, group_column) -> None:
@@ -281,7 +286,7 @@ def _check_npz(path: Path, group_column) -> None:
 
 
 # name: (whether a path is this source, its loader, its checks that decode nothing)
-DATA_SOURCES: dict[str, tuple[Callable[[Path], bool], Callable[..., Raw], Callable[[Path, str | None], object]]] = {
+DATA_SOURCES: dict[str, tuple[Callable[[Path], bool], Callable[..., Raw], Callable[..., object]]] = {
     "folder": (lambda p: p.is_dir(), _load_folder, lambda p, group_column: _list_folder(p)),
     "npz": (lambda p: p.suffix.lower() == ".npz", _load_npz, _check_npz),
     "manifest": (lambda p: p.suffix.lower() == ".csv", _load_manifest, _read_manifest),
