@@ -194,14 +194,14 @@ def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_
     final = folder / "final"
     # the test figures by what the DICOM headers record: a table per manufacturer, sex and age band
     metrics = json.loads((final / "metrics.json").read_text())
-    assert set(metrics["strata"]) == {"manufacturer", "sex", "age band"}
-    assert set(metrics["strata"]["manufacturer"]) == {"Acme Medical", "Globex"}
     tested = data.strata["manufacturer"][data.indices("test")]
+    makers = {m for m in ("Acme Medical", "Globex") if (tested == m).sum() >= 3}  # the test split's strata of 3+
+    assert makers and set(metrics["strata"]["manufacturer"]) == makers and "age band" in metrics["strata"]
     for maker, figures in metrics["strata"]["manufacturer"].items():
         assert figures["images"] == int((tested == maker).sum())  # the PNGs ("" : unrecorded) are in no stratum
     final_report = (final / "report.md").read_text()
     assert "## Test figures by stratum" in final_report and "**manufacturer**" in final_report
-    assert "| Acme Medical |" in final_report and "| Globex |" in final_report and "| 60-69 |" in final_report
+    assert all(f"| {m} |" in final_report for m in makers) and "| 60-69 |" in final_report
     record = load_model(final / "ensemble").record
     assert record["preprocessing"]["ct_window"] == "lung"
     out = tmp_path / "predictions.csv"

@@ -41,18 +41,18 @@ def test_leaderboard_has_one_row_per_trial_sorted_by_the_metric(tiny_search):
 
 
 def test_a_cheap_first_rung_trains_and_judges_every_trial_at_one_size_then_promotes_at_full_size(tmp_path, pneumonia_npz):
-    folder = _run(tmp_path, space="tiny", data=str(pneumonia_npz), num_samples=4, subset=300, name="early", early_size=14)
+    folder = _run(tmp_path, space="tiny", data=str(pneumonia_npz), num_samples=4, subset=300, name="early", early_size=16)
     record = json.loads((folder / "search_config.json").read_text())
-    assert record["options"]["early_size"] == 14
+    assert record["options"]["early_size"] == 16
     epochs = [json.loads(line) for path in folder.glob("trial_*/result.json") for line in path.read_text().splitlines()]
     sizes = {}
     for e in epochs:
         sizes.setdefault(e["training_iteration"], set()).add(e["input_size"])
-        assert e["config"]["early_size"] == 14 and e["config"]["early_epochs"] == 1
-    assert sizes[1] == {14} and sizes.get(2, {28}) == {28} and sizes.get(3, {28}) == {28} and len(sizes) >= 2
+        assert e["config"]["early_size"] == 16 and e["config"]["early_epochs"] == 1
+    assert sizes[1] == {16} and sizes.get(2, {28}) == {28} and sizes.get(3, {28}) == {28} and len(sizes) >= 2
     execution = json.loads((folder / "timings.json").read_text())["execution"]
     assert execution and all(v.split("/")[0] in ("fp32", "bf16") for v in execution.values())
-    assert any(k.endswith(" 14px") for k in execution) and any(k.endswith(" 28px") for k in execution)
+    assert any(k.endswith(" 16px") for k in execution) and any(k.endswith(" 28px") for k in execution)
 
 
 def test_asha_stops_some_trials_early(tiny_search):
@@ -501,7 +501,7 @@ def test_the_stop_rule_ends_a_search_whose_proposals_add_nothing_validation_reso
     assert stop["trials_run"] == len(board) < 16 and stop["trials_unspent"] == 16 - len(board)
     fit = json.loads((folder / "timings.json").read_text())["fit_seconds"]
     assert stop["budget_unspent_seconds"] == pytest.approx(600 - fit, abs=1)
-    said = {"stagnation": "stop rule: the last 2 trials the sampler proposed did not beat the best",
+    said = {"stagnation": "stop rule: the last 2 trials the sampler proposed did not beat the last resolved improvement",
             "ceiling": f"stop rule: the best trial ({stop['best_trial']}, val_auc {stop['best']:.4f}) is within its "
                        f"validation error"}[stop["bound"]]
     assert out.count(said) == 1 and "the running ones stop where they are" in out

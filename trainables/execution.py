@@ -57,10 +57,11 @@ def candidates(device: torch.device, precision: str, memory_format: str) -> list
     "auto" is kept as given."""
     if device.type == "cuda":
         half = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        pairs = [(half, "channels_last"), (half, "contiguous"), ("fp32", "channels_last"), ("fp32", "contiguous")]
+        precisions, formats = (half, "fp32"), ("channels_last", "contiguous")
     else:
-        pairs = [("fp32", "contiguous"), ("fp32", "channels_last"), ("bf16", "contiguous"), ("bf16", "channels_last")]
-    return [(p, m) for p, m in pairs if precision in ("auto", p) and memory_format in ("auto", m)]
+        precisions, formats = ("fp32", "bf16"), ("contiguous", "channels_last")
+    return [(p, m) for p in (precisions if precision == "auto" else (precision,))
+            for m in (formats if memory_format == "auto" else (memory_format,))]
 
 
 def resolve(device: torch.device, precision: str, memory_format: str) -> tuple[tuple[bool, torch.dtype], bool]:

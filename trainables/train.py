@@ -139,7 +139,10 @@ class Training:
                    "execution": f"{self.execution['precision']}/{self.execution['memory_format']}"}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        return predict_proba(self.model, self.prep, images)
+        """Class probabilities at the config's own precision ("auto": the device's default, as a saved
+        model predicts), whatever precision training was measured fastest at."""
+        return predict_proba(self.model, self.prep, images,
+                             autocast=resolve(self.device, self.config["precision"], self.config["memory_format"])[0])
 
 
 class Preprocess:
@@ -239,10 +242,12 @@ class _BatchRows(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, prep: Preprocess, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (N, num_classes) for uint8 images (N, H, W, C)."""
+def predict_proba(model: nn.Module, prep: Preprocess, images: np.ndarray, *, batch_size: int = 256,
+                  autocast: tuple[bool, torch.dtype] | None = None) -> np.ndarray:
+    """Class probabilities (N, num_classes) for uint8 images (N, H, W, C); `autocast` (enabled, dtype)
+    in place of the preprocessing's."""
     model.eval()
-    amp, dtype = prep.autocast
+    amp, dtype = autocast or prep.autocast
     out = []
     for start in range(0, len(images), batch_size):
         x = prep(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])))
