@@ -68,7 +68,7 @@ def train(job: tuple) -> dict:
             "val_auc_by_epoch": " ".join(f"{a:.4f}" for a in aucs), "seconds": round(time.time() - started, 1)}
 
 
-def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+def summarise(rows: pd.DataFrame, image_size: int) -> pd.DataFrame:
     """Per set and first-rung size: Spearman with the final score, and ASHA's keep at that rung."""
     from scipy.stats import spearmanr
     out = []
@@ -80,7 +80,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
             first = arm.set_index(["backbone", "lr"])["val_auc_by_epoch"].map(lambda s: float(s.split()[0]))
             first = first.reindex(final.index)
             keep = first.sort_values(ascending=False).index[:max(1, len(first) // 3)]
-            out.append({"data": name, "first rung": f"{early} px" if early else f"{len(final) and 96} px (full)",
+            out.append({"data": name, "first rung": f"{early} px" if early else f"{image_size} px (full)",
                         "trials": len(first), "spearman with final": round(spearmanr(first, final).statistic, 3),
                         "top 1/3 at the rung holds the final best": best in keep,
                         "first-rung seconds (sum)": round(arm["seconds"].sum() if early else np.nan, 1)})
@@ -116,7 +116,7 @@ def main() -> None:
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True) if len(done) else pd.DataFrame([row])
             done.to_csv(out, index=False)
             print(row, flush=True)
-    table = summarise(done[done["data"].isin(sets)])
+    table = summarise(done[done["data"].isin(sets)], args.image_size)
     print(table.to_string(index=False))
     common.finish("rung_ranks", table, started=started, benchmarks=args.benchmarks,
                   section="Does a cheap first rung rank trials as the full size does (issue 50)",
