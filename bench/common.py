@@ -76,12 +76,18 @@ def to_markdown(table: pd.DataFrame, *, settings: str, elapsed: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def finish(name: str, table: pd.DataFrame, *, settings: str, started: float, benchmarks: bool,
-           section: str) -> str:
-    """Print `table`, write its CSV, and with `benchmarks` add it to `section` of BENCHMARKS.md."""
+def results_csv(name: str) -> Path:
+    """`bench/results/<name>-<date>-<time>.csv` (or under $BENCH_RESULTS), its folder made."""
     out = Path(os.environ.get("BENCH_RESULTS", ROOT / "bench" / "results"))
     out.mkdir(parents=True, exist_ok=True)
-    csv = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    return out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+
+
+def finish(name: str, table: pd.DataFrame, *, settings: str, started: float, benchmarks: bool,
+           section: str, csv: Path | None = None) -> str:
+    """Print `table`, write its CSV (`csv`: the one its rows were written to as they landed), and with
+    `benchmarks` add it to `section` of BENCHMARKS.md."""
+    csv = csv or results_csv(name)
     table.to_csv(csv, index=False)
     markdown = to_markdown(table, settings=settings, elapsed=time.time() - started)
     print(f"\n{markdown}\nwritten: {csv}")

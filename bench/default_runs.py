@@ -2,14 +2,15 @@
 --weights random`, search and finalize, with nothing else set. Per run: the wall time, the final
 model's test figures, how the search selected (one validation split or K folds), whether every
 backbone was tried, and what the sampler heard (PRUNED / COMPLETE trials, and whether every
-stopped trial reached Optuna with its score at the epoch it stopped).
+stopped trial reached Optuna with its score at the epoch it stopped). Each CT set is also tested on
+the other (`--external`, issue 51): their final models' figures on data from elsewhere.
 
     python bench/default_runs.py                                        # the four data sets, seed 0
     python bench/default_runs.py --datasets covid19-xray-3class --seeds 0,1,2 --folds 1,auto
 
 `--seeds` and `--folds` make a grid (the seed studies of selection: one validation split against
-cross-validation). Prints the table, writes bench/results/default_runs-<stamp>.csv, and with
-`--benchmarks` adds it to BENCHMARKS.md.
+cross-validation). Prints the table, writes bench/results/default_runs-<stamp>.csv row by row as runs
+land (each row with its commit, CPU and versions), and with `--benchmarks` adds it to BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from bench import common  # noqa: E402
 
 DATASETS = {"pneumoniamnist": "pneumoniamnist/pneumoniamnist.npz", "sarscov2-ct": "sarscov2-ct",
             "covid-ct-ucsd": "covid-ct-ucsd/patients.csv", "covid19-xray-3class": "covid19-xray-3class"}
+EXTERNAL = {"sarscov2-ct": "covid-ct-ucsd", "covid-ct-ucsd": "sarscov2-ct"}  # the same task from elsewhere
 
 
 def sampler_heard(folder: Path, board: pd.DataFrame) -> dict:
@@ -50,9 +52,11 @@ def run(name: str, seed: int, folds: str, args) -> dict:
     from search.experiment import run_search
     from search.options import SearchOptions
     started = time.time()
+    external = [str(Path(args.shared) / DATASETS[EXTERNAL[name]])] if args.external and name in EXTERNAL else None
     folder = run_search(SearchOptions(space="backbones", data=str(Path(args.shared) / DATASETS[name]), weights="random",
                                       seed=seed, folds=folds if folds == "auto" else int(folds), storage=args.storage,
-                                      name=f"{name}-seed{seed}-folds{folds}-{time.strftime('%Y%m%d-%H%M%S')}"))
+                                      name=f"{name}-seed{seed}-folds{folds}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      external=external))
     wall = time.time() - started
     record = json.loads((folder / "search_config.json").read_text())
     metrics = json.loads((folder / "final" / "metrics.json").read_text())
@@ -65,7 +69,21 @@ def run(name: str, seed: int, folds: str, args) -> dict:
             "accuracy": f"{final['accuracy']:.3f}", "trials": len(board),
             "backbones tried": f"{len(tried & set(record['backbones']))}/{len(record['backbones'])}",
             "test ECE before -> after scaling (T)": _calibration(metrics["models"][metrics["chosen"]]["calibration"]),
-            **sampler_heard(folder, board), "wall (search + finalize)": common.clock(wall), "experiment": folder.name}
+            **sampler_heard(folder, board), **_external(metrics.get("external") or []),
+            "wall (search + finalize)": common.clock(wall), "experiment": folder.name}
+
+
+def _external(found: list[dict]) -> dict:
+    """The final model on the other CT set: its figures and the drop from the internal test."""
+    if not found:
+        return {}
+    e = found[0]
+    return {"external set": e["name"], "external AUC (95% CI)": f"{e['auc']:.3f} ({e['ci']['auc'][0]:.3f}-"
+                                                               f"{e['ci']['auc'][1]:.3f})",
+            "external accuracy": f"{e['accuracy']:.3f}",
+            "external sensitivity / specificity": " / ".join("n/a" if e[k] is None else f"{e[k]:.3f}"
+                                                             for k in ("sensitivity", "specificity")),
+            "AUC drop": f"{e['drop']['auc']:.3f}"}
 
 
 def main() -> int:
@@ -75,6 +93,9 @@ def main() -> int:
     p.add_argument("--folds", default="auto", help="comma-separated --folds values (auto, 1, 5, ...)")
     p.add_argument("--shared", default=str(common.SHARED), help="the shared data folder")
     p.add_argument("--storage", default=str(ROOT / "experiments" / "default-runs"))
+    p.add_argument("--no-external", dest="external", action="store_false",
+                   help="do not test each CT set's final model on the other")
+    p.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (rows marked)")
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
@@ -90,10 +111,17 @@ def main() -> int:
     folds = [f.strip() for f in args.folds.split(",") if f.strip()]
     if any(f != "auto" and not f.isdigit() for f in folds):
         p.error(f"--folds {args.folds!r}: comma-separated 'auto' or whole numbers")
-    started = time.time()
-    rows = [run(name, seed, f, args) for name in names for f in folds for seed in seeds]
-    common.finish("default_runs", pd.DataFrame(rows), started=started, benchmarks=args.benchmarks,
-                  settings="the default command (CPU profile, --weights random), search + finalize",
+    provenance, started, csv, rows = common.provenance(allow_dirty=args.allow_dirty), time.time(), \
+        common.results_csv("default_runs"), []
+    for name in names:
+        for f in folds:
+            for seed in seeds:
+                rows.append({**run(name, seed, f, args), **provenance})
+                pd.DataFrame(rows).to_csv(csv, index=False)
+                print(rows[-1], flush=True)
+    common.finish("default_runs", pd.DataFrame(rows), started=started, benchmarks=args.benchmarks, csv=csv,
+                  settings="the default command (CPU profile, --weights random), search + finalize; each CT set's "
+                           "final model also tested on the other (--external)",
                   section="Default runs (issue 15)")
     return 0
 

@@ -7,7 +7,9 @@ from-scratch small CNN, each finalized the same cheap way (`--top-k 1 --warm-res
 - `sweep`: the plain recipe once per backbone (`--space plain --num-samples 4`: fine-tuning at 1e-4);
 - `grid`: a practitioner's grid, each backbone at lr 1e-4, 3e-4 and 1e-3 fine-tuned end to end, the
   rest at the plain recipe (`--space grid`, 12 trials);
-- `default`: the default search (`--space lite`, the cpu profile's 24 trials).
+- `default`: the default search (`--space lite`, the cpu profile's 24 trials);
+- `default-no-stop`: the same with `--no-stop-rule` (not run unless named in `--arms`): how many trials
+  the budget buys when the stop rule does not end the search first.
 
 Every arm has the same time budget, image size and machine; each is one `python -m search.run`
 command, run one at a time (they are budget-bound: a second job on the cores would change what they
@@ -35,7 +37,7 @@ from bench.search_value import measure, summary  # noqa: E402
 SETS = {"covid-ct-ucsd": "covid-ct-ucsd/patients.csv", "sarscov2-ct": "sarscov2-ct"}
 ARMS = {"sweep": ["--space", "plain", "--num-samples", "4"],
         "grid": ["--space", "grid", "--num-samples", "12"],
-        "default": ["--space", "lite"]}
+        "default": ["--space", "lite"], "default-no-stop": ["--space", "lite", "--no-stop-rule"]}
 
 
 def run_arm(name: str, data: str, arm: str, seed: int, args, work: Path) -> Path:
@@ -56,7 +58,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {', '.join(SETS)}")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--arms", default="sweep,grid,default", help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--image-size", type=int, default=96, help="96: see BENCHMARKS.md, image size and cost")
     p.add_argument("--budget", type=float, default=900, help="seconds of search per arm (the cpu profile's)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"pretrained_value-{time.strftime('%Y%m%d')}.csv"))

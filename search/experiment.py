@@ -29,6 +29,7 @@ from search.cluster import check_fits, connected, engine_messages, slots
 from search.cores import ShareIdleCores, core_budget
 from search.data_setup import audited, data_path, load_search_data, write_audit
 from search.evaluate import positive_class
+from search.external import External, check_externals, like, load_externals
 from search.final_model import finalize
 from search.leaderboard import LeaderboardCallback, print_summary
 from search.options import (CHANGEABLE_ON_RESUME, FinalizeOptions, SearchOptions, SharedOptions, check_search,
@@ -73,6 +74,7 @@ class Search:
     data_seconds: float  # decoding (or reading the cache) and the audit
     earlier: list[Earlier]  # the searches it starts from (--warm-start; none when resumed: its study has them)
     skipped: list[str]  # backbones not swept because the earlier searches tried them
+    externals: list[External]  # --external sets, decoded as the data and their classes matched, before the search
     checkpoint_sizes: tuple[float, float] = (0.0, 0.0)  # bytes of one trial checkpoint: the largest, the mean
 
 
@@ -117,7 +119,7 @@ def run_search(options: SearchOptions) -> Path:
         if finished and o.finalize:
             shared = {f.name: getattr(o, f.name) for f in fields(SharedOptions)}
             try:
-                finalize(FinalizeOptions(experiment=str(folder), **shared), data=search.data)
+                finalize(FinalizeOptions(experiment=str(folder), **shared), data=search.data, externals=search.externals)
             except KeyboardInterrupt:
                 raise KeyboardInterrupt(f"interrupted while finalizing; the search is complete: finish with "
                                         f"python -m search.finalize --experiment {folder}") from None
@@ -149,6 +151,7 @@ def _check_before_ray(options: SearchOptions, folder: Path) -> None:
     profile clash answers in seconds: the data's layout, that the experiment folder can be made, and
     (on this machine, where the profile is known now) the options with the profile filled in."""
     check_data(data_path(options.data), group_column=options.group_column, strata_columns=tuple(options.strata or ()))
+    check_externals(options.external, options.class_map)
     if not options.resume:
         read_studies(options.warm_start or [], space=options.space, metric=options.metric, fingerprint="")
     writable = next(p for p in (folder, *folder.parents) if p.exists())
@@ -215,6 +218,8 @@ def _prepare(options: SearchOptions, folder: Path, saved: dict | None) -> Search
     return Search(options=o, profile=profile, folder=folder, space=space, backbones=backbones, stages=stages,
                   first=[p for p in first if p.get("backbone") not in skipped], data=data, audit=audit,
                   cluster=cluster, data_seconds=data_seconds, earlier=earlier, skipped=skipped,
+                  externals=load_externals(o.external, o.class_map, **like(data), ct_window=o.ct_window,
+                                           skip_corrupt=o.skip_corrupt),
                   slots=o.max_concurrent or slots(o.cpus_per_trial, o.gpus_per_trial))
 
 

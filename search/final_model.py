@@ -24,10 +24,11 @@ from search.cluster import check_fits, connected
 from search.data_setup import audited, load_search_data
 from search.ensemble import calibrate, choose, score_models
 from search.evaluate import decide, positive_class
+from search.external import External, check_externals, evaluate_external, file_stem, like, load_externals
 from search.importance import importances, plot_importance
 from search.options import FinalizeOptions, check_fields
-from search.plots import (plot_calibration, plot_confusion, plot_progress, plot_roc, plot_saliency,
-                          plot_training_curves)
+from search.plots import (plot_calibration, plot_confusion, plot_external_roc, plot_progress, plot_roc,
+                          plot_saliency, plot_training_curves)
 from search.records import read_search_record, versions, write_json
 from search.report import fmt, render_report
 from search.retrain import candidates, retrain_top
@@ -41,11 +42,12 @@ from trainables.ingest.dataset import Dataset
 from trainables.metrics import METRIC_MODES
 
 
-def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
+def finalize(options: FinalizeOptions, *, data: Dataset | None = None, externals: list[External] | None = None) -> Path:
     """Retrain, ensemble, evaluate and report; returns `<experiment>/final`.
 
     `data` is the search's loaded Dataset when called from `search.experiment` (else it is loaded
-    again and checked against the search's fingerprint).
+    again and checked against the search's fingerprint); `externals` its `--external` sets, loaded
+    (else loaded here, before any retraining).
 
     Raises:
         UserError: not an experiment, no trial that reported, data changed, bad options.
@@ -59,6 +61,10 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
     if data is None:
         data = _search_data(record, options.data)
     positive = positive_class(data.class_names, options.positive_class)
+    if externals is None:
+        check_externals(options.external, options.class_map)
+        externals = load_externals(options.external, options.class_map, **like(data),
+                                   ct_window=search.get("ct_window", "lung"), skip_corrupt=search.get("skip_corrupt", False))
     found = candidates(folder, board, metric=metric, epochs=options.epochs, warm_restart=options.warm_restart)
     n_folds = int(search.get("folds") or 1)
     if n_folds > 1 and options.refit_on_val:
@@ -94,7 +100,7 @@ def finalize(options: FinalizeOptions, *, data: Dataset | None = None) -> Path:
                "chosen": chosen, "choice": choice, "choice_margin": margin, "failed_members": failed, "strata": strata,
                "models": {n: {k: v for k, v in m.items() if not k.endswith("_probs")} for n, m in models.items()}}
     final = write_final(folder, summary=summary, models=models, members=members, board=board, data=data,
-                        selection=selection)
+                        selection=selection, externals=externals)
     if options.keep_checkpoints == "used":
         remove_unused_checkpoints(folder, board, keep={m["trial_id"] for m in members})
     if search.get("mlflow") is not None:
@@ -173,7 +179,7 @@ def _search_data(record: dict, moved_to: str | None) -> Dataset:
 
 
 def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict], board: pd.DataFrame,
-                data: Dataset, selection: np.ndarray) -> Path:
+                data: Dataset, selection: np.ndarray, externals: list[External] = ()) -> Path:
     """`folder/final/`, built in a temporary folder and renamed into place; an older `final/` is
     kept as `final-<date>-<time>/`."""
     final, tmp = folder / "final", folder / f".final.tmp-{os.getpid()}"
@@ -181,7 +187,7 @@ def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict
     tmp.mkdir()
     try:
         _write_into(tmp, folder, summary=summary, models=models, members=members, board=board, data=data,
-                    selection=selection)
+                    selection=selection, externals=externals)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -195,12 +201,14 @@ def write_final(folder: Path, *, summary: dict, models: dict, members: list[dict
 
 
 def _write_into(tmp: Path, folder: Path, *, summary: dict, models: dict, members: list[dict], board: pd.DataFrame,
-                data: Dataset, selection: np.ndarray) -> None:
+                data: Dataset, selection: np.ndarray, externals: list[External]) -> None:
     chosen, names = summary["chosen"], data.class_names
     positive = names.index(summary["positive_class"])
     metric = summary["search"]["options"]["metric"]
     _save_models(tmp, folder, summary, models, members, data)
     summary["saliency"] = _saliency(tmp, data, models[chosen], positive)
+    summary["external"] = _external(tmp, externals, data, models[chosen], positive,
+                                    resamples=summary["finalize_options"]["bootstrap"])
     summary["importance"] = importances(load_study(folder)) if (folder / STUDY_FILE).is_file() else None
     if summary["importance"] and summary["importance"]["values"]:
         plot_importance(summary["importance"]["values"], board, metric, tmp / "importance.png")
@@ -239,6 +247,26 @@ def _saliency(tmp: Path, data: Dataset, model: dict, positive: int, *, per_row: 
         plot_saliency(panels, f"where the final model looks when it says {name} (Grad-CAM)", tmp / file_name(name))
         shown[name] = {"file": file_name(name), **{row.replace(" ", "_"): idx.tolist() for row, idx in rows.items()}}
     return shown
+
+
+def _external(tmp: Path, externals: list[External], data: Dataset, model: dict, positive: int, *,
+              resamples: int) -> list[dict]:
+    """The saved final model (as `search.predict` loads it) on each external set: its read-out,
+    `external_<set>_predictions.csv`, and `external_roc.png` beside the internal test's curve."""
+    if not externals:
+        return []
+    saved, names = load_model(tmp / "ensemble"), data.class_names
+    curves = [("internal test", data.arrays("test")[1] == positive, model["test_probs"][:, positive], model["test"])]
+    out = []
+    for ext in externals:
+        figures, probs = evaluate_external(saved, ext, internal=model["test"], resamples=resamples)
+        read = {"test_probs": probs, "val": model["val"], "test": {"positive_class": names[positive]}}
+        _predictions(ext.data, "test", ext.data.indices("test"), read).to_csv(
+            tmp / f"external_{file_stem(ext.name)}_predictions.csv", index=False)
+        curves.append((ext.name, ext.data.labels == positive, probs[:, positive], figures))
+        out.append(figures)
+    plot_external_roc(curves, names[positive], tmp / "external_roc.png")
+    return out
 
 
 def _save_models(tmp: Path, folder: Path, summary: dict, models: dict, members: list[dict], data: Dataset) -> None:
@@ -316,5 +344,9 @@ def _print_summary(final: Path, summary: dict) -> None:
         print(f" {mark} {name:40s} test AUC {t['auc']:.4f} [{t['ci']['auc'][0]:.3f}, {t['ci']['auc'][1]:.3f}]  "
               f"acc {t['accuracy']:.3f}  sens {fmt(t['sensitivity'])}  spec {fmt(t['specificity'])}  "
               f"(validation {metric} {m['val'][metric]:.4f})")
+    for e in summary.get("external") or []:
+        print(f"   external {e['name']:31s} AUC {e['auc']:.4f} [{e['ci']['auc'][0]:.3f}, {e['ci']['auc'][1]:.3f}]  "
+              f"acc {e['accuracy']:.3f}  sens {fmt(e['sensitivity'])}  spec {fmt(e['specificity'])}  "
+              f"({e['images']} images; the internal test's threshold)")
     print(f"chosen: {summary['chosen']}: {summary['choice']}")
     print(f"report: {final / 'report.md'}; model: {final / 'ensemble'}")

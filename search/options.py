@@ -71,6 +71,12 @@ class SharedOptions:
                                        "train-only models)")
     positive_class: str | None = option(None, "class the threshold, sensitivity and specificity are for "
                                               "(default: the COVID class, or the abnormal one of two)")
+    external: list[str] | None = option(None, "a labelled data set from elsewhere (image folder, .npz or CSV manifest) "
+                                              "the final model is tested on as on the internal test, its threshold "
+                                              "unchanged (repeatable): a report section per set (search/external.py)",
+                                        repeat=True)
+    class_map: list[str] | None = option(None, "THEIRS=OURS: the model's class for an external set's class whose name "
+                                               "differs beyond case, spaces and punctuation (repeatable)", repeat=True)
     keep_checkpoints: str = option("used", "after finalize, the trial checkpoints kept: used (the members' trials "
                                            "and unfinished ones --resume continues; the rest are removed) or all",
                                    choices=("used", "all"))

@@ -52,6 +52,24 @@ def plot_roc(models: dict, chosen: str, test_y, names, positive: int, path: Path
     save(fig, path)
 
 
+def plot_external_roc(curves: list[tuple[str, np.ndarray, np.ndarray, dict]], positive_name: str, path: Path) -> None:
+    """The positive class against the rest on the internal test and on each external set: (label, is
+    positive, probability of the positive class, read-out) per curve, the model's threshold marked on each."""
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    for k, (label, is_positive, scores, figures) in enumerate(curves):
+        fpr, tpr, _ = roc_curve(is_positive, scores)
+        line, = ax.plot(fpr, tpr, lw=2.2 if k == 0 else 1.6, ls="-" if k == 0 else "--",
+                        label=f"{label}: AUC {figures['per_class'][positive_name]['auc']:.3f}")
+        if figures["sensitivity"] is not None and figures["specificity"] is not None:
+            ax.plot(1 - figures["specificity"], figures["sensitivity"], "o", color=line.get_color())
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           title=f"{positive_name} vs rest, internal and external (dots: the model's threshold)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    save(fig, path)
+
+
 def plot_confusion(matrix: list[list[int]], names: list[str], title: str, path: Path) -> None:
     """Counts, with each row's share (the per-class recall on the diagonal)."""
     m = np.asarray(matrix)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from search.external import external_lines
 from search.strata import strata_lines
 from trainables.ingest.leakage import probe_lines
 
@@ -27,6 +28,7 @@ def render_report(folder: Path, summary: dict, models: dict, board: pd.DataFrame
                 ["![ROC curves](roc.png)"], _per_class(summary["chosen"], models[summary["chosen"]]["test"]),
                 _confusion(models[summary["chosen"]]["test"]),
                 strata_lines(summary.get("strata") or {}, models[summary["chosen"]]["test"]),
+                external_lines(summary.get("external") or [], models[summary["chosen"]]["test"], plot="external_roc.png"),
                 _calibration(summary, models),
                 _members(models, metric, summary.get("failed_members", [])),
                 _search(summary, board, metric), _importance(summary.get("importance")),

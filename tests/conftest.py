@@ -7,8 +7,11 @@ in-process searches run on 2 CPUs whatever the cores, and Ray's temporary files 
 removed at the end. Set here, before any test module imports torch, timm or huggingface_hub; the
 commands the tests start inherit them.
 """
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -76,3 +79,55 @@ def png_folder(tmp_path_factory, pneumonia_npz) -> Path:
             size = int(rng.integers(28, 90))
             Image.fromarray(arrays["train_images"][i]).resize((size, size + k % 7)).save(folder / f"x ray {k}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def keras_folder(tmp_path_factory, png_folder):
+    """The PNG X-rays in Keras' flow_from_directory layout: train/ and validation/, no test/."""
+    root = tmp_path_factory.mktemp("keras")
+    for cls in sorted(d for d in png_folder.iterdir() if d.is_dir()):
+        for k, image in enumerate(sorted(cls.iterdir())):
+            target = root / ("validation" if k % 5 == 0 else "train") / cls.name
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, target / image.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def experiment(tmp_path_factory, keras_folder):
+    """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble;
+    no warm restart, so a member's first seed is its trial's network as it stands. Logged to MLflow."""
+    from search.experiment import run_search
+    from search.options import SearchOptions
+    storage = tmp_path_factory.mktemp("exp")
+    folder = run_search(SearchOptions(space="tiny", data=str(keras_folder), storage=str(storage), name="pipeline", folds=1, stop_rule=False,
+                                      num_samples=4, max_epochs=3, grace_period=3, image_size=28, seed=0,
+                                      cpus_per_trial=1, top_k=2, seeds=2, warm_restart="none", mlflow="experiment"))
+    return folder, json.loads((folder / "final" / "metrics.json").read_text())
+
+
+def run_cli(module, *args):
+    """`python -m module args`; search.predict runs with Ray made unimportable, as on a machine without it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", module, *args]
+    if module == "search.predict":
+        command = [sys.executable, "-c", "import runpy, sys; sys.modules['ray'] = None; sys.argv[0] = 'predict'; "
+                                         "runpy.run_module('search.predict', run_name='__main__')", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def run_in_process(module, capsys, *args):
+    """`module.main(args)` in this process, as the command line calls it: each error test runs its
+    first case as the real command (`run_cli`) and the rest here, without a new Python's start-up."""
+    import importlib
+    capsys.readouterr()
+    code = importlib.import_module(module).main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def one_error(result, message):
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -1,9 +1,6 @@
 """Search -> finalize -> predict on real X-rays (PNG files), on the CPU with a tiny budget."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,35 +9,12 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
-from conftest import ROOT
+from conftest import one_error, run_cli, run_in_process
 from search.experiment import run_search
 from search.final_model import finalize
 from search.options import FinalizeOptions, SearchOptions
 from search.retrain import outcome, retrain
 from trainables import UserError
-
-
-@pytest.fixture(scope="module")
-def keras_folder(tmp_path_factory, png_folder):
-    """The PNG X-rays in Keras' flow_from_directory layout: train/ and validation/, no test/."""
-    root = tmp_path_factory.mktemp("keras")
-    for cls in sorted(d for d in png_folder.iterdir() if d.is_dir()):
-        for k, image in enumerate(sorted(cls.iterdir())):
-            target = root / ("validation" if k % 5 == 0 else "train") / cls.name
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copy(image, target / image.name)
-    return root
-
-
-@pytest.fixture(scope="module")
-def experiment(tmp_path_factory, keras_folder):
-    """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble;
-    no warm restart, so a member's first seed is its trial's network as it stands. Logged to MLflow."""
-    storage = tmp_path_factory.mktemp("exp")
-    folder = run_search(SearchOptions(space="tiny", data=str(keras_folder), storage=str(storage), name="pipeline", folds=1, stop_rule=False,
-                                      num_samples=4, max_epochs=3, grace_period=3, image_size=28, seed=0,
-                                      cpus_per_trial=1, top_k=2, seeds=2, warm_restart="none", mlflow="experiment"))
-    return folder, json.loads((folder / "final" / "metrics.json").read_text())
 
 
 def test_mlflow_keeps_the_leaderboard_report_and_final_model_on_the_parent_run(experiment):
@@ -160,7 +134,7 @@ def test_predict_on_png_files_agrees_with_finalize(experiment, keras_folder, tmp
         (images / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(keras_folder / rel, images / rel)
     out = tmp_path / "preds.csv"
-    result = _cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
+    result = run_cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
                   "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ray" not in result.stderr.lower()
@@ -270,44 +244,17 @@ def test_refit_on_val_keeps_validation_predictions_from_the_train_only_model(png
     assert not np.allclose(plain["test"], refit["test"])  # the saved model saw validation too
 
 
-def _cli(module, *args):
-    """`python -m module args`; search.predict runs with Ray made unimportable, as on a machine without it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", module, *args]
-    if module == "search.predict":
-        command = [sys.executable, "-c", "import runpy, sys; sys.modules['ray'] = None; sys.argv[0] = 'predict'; "
-                                         "runpy.run_module('search.predict', run_name='__main__')", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-
-
-def _in_process(module, capsys, *args):
-    """`module.main(args)` in this process, as the command line calls it: each error test runs its
-    first case as the real command (`_cli`) and the rest here, without a new Python's start-up."""
-    import importlib
-    capsys.readouterr()
-    code = importlib.import_module(module).main(list(args))
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-
-def _one_error(result, message):
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-
-
 def test_finalize_errors(experiment, tmp_path, capsys):
     folder, _ = experiment
-    _one_error(_cli("search.finalize", "--experiment", str(tmp_path / "nope")), "does not exist")
-    _one_error(_in_process("search.finalize", capsys, "--experiment", str(tmp_path)), "is not an experiment folder")
+    one_error(run_cli("search.finalize", "--experiment", str(tmp_path / "nope")), "does not exist")
+    one_error(run_in_process("search.finalize", capsys, "--experiment", str(tmp_path)), "is not an experiment folder")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     shutil.copy(folder / "search_config.json", unfinished)
     (unfinished / "leaderboard.csv").write_text("rank,trial_id,status,val_auc\n1,abc,RUNNING,\n")
-    _one_error(_in_process("search.finalize", capsys, "--experiment", str(unfinished)),
+    one_error(run_in_process("search.finalize", capsys, "--experiment", str(unfinished)),
                "no trial of unfinished has reported val_auc")
-    _one_error(_in_process("search.finalize", capsys, "--experiment", str(folder), "--seeds", "0"),
+    one_error(run_in_process("search.finalize", capsys, "--experiment", str(folder), "--seeds", "0"),
                "--seeds must be at least 1")
     with pytest.raises(UserError, match="unknown warm restart 'top'; choose one of best, all, none"):
         finalize(FinalizeOptions(experiment=str(folder), warm_restart="top"))
@@ -319,15 +266,15 @@ def test_predict_errors(experiment, tmp_path, capsys):
     folder, _ = experiment
     model = str(folder / "final" / "ensemble")
     out = str(tmp_path / "p.csv")
-    _one_error(_cli("search.predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", out),
+    one_error(run_cli("search.predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", out),
                "is not a model directory (no model.json)")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_error(_in_process("search.predict", capsys, "--model", model, "--images", str(empty), "--out", out), "no images")
+    one_error(run_in_process("search.predict", capsys, "--model", model, "--images", str(empty), "--out", out), "no images")
     (empty / "scan.png").write_bytes(b"not an image at all")
-    _one_error(_in_process("search.predict", capsys, "--model", model, "--images", str(empty), "--out", out),
+    one_error(run_in_process("search.predict", capsys, "--model", model, "--images", str(empty), "--out", out),
                "1 image(s) could not be read")
-    _one_error(_in_process("search.predict", capsys, "--model", model, "--images", str(tmp_path / "missing"),
+    one_error(run_in_process("search.predict", capsys, "--model", model, "--images", str(tmp_path / "missing"),
                            "--out", out), "does not exist")
     assert not (tmp_path / "p.csv").exists()
     cut = tmp_path / "cut"
@@ -335,7 +282,7 @@ def test_predict_errors(experiment, tmp_path, capsys):
     record = json.loads((cut / "model.json").read_text())
     del record["preprocessing"]
     (cut / "model.json").write_text(json.dumps(record))
-    _one_error(_in_process("search.predict", capsys, "--model", str(cut), "--images", str(empty), "--out", out),
+    one_error(run_in_process("search.predict", capsys, "--model", str(cut), "--images", str(empty), "--out", out),
                "model.json is incomplete (KeyError: 'preprocessing')")
 
 
@@ -346,7 +293,7 @@ def test_predict_with_skip_corrupt_predicts_the_readable_images_and_names_the_ot
     shutil.copytree(keras_folder / "validation", images)
     (images / "broken.png").write_bytes(b"not an image at all")
     out = tmp_path / "p.csv"
-    result = _cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
+    result = run_cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
                   "--out", str(out), "--skip-corrupt")
     assert result.returncode == 0, result.stderr[-2000:]
     table = pd.read_csv(out, keep_default_na=False)
@@ -410,7 +357,7 @@ def test_cross_validated_model_predicts_like_finalize(cv_experiment, tmp_path):
         (images / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(shared("covid19-xray-3class") / rel, images / rel)
     out = tmp_path / "preds.csv"
-    result = _cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
+    result = run_cli("search.predict", "--model", str(folder / "final" / "ensemble"), "--images", str(images),
                   "--out", str(out), "--saliency", str(tmp_path / "maps"))
     assert result.returncode == 0, result.stderr[-2000:]
     preds = pd.read_csv(out).set_index("path").loc[table["path"]]

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SHARED_DATA
 from search.experiment import run_search
 from search.options import SearchOptions
 
@@ -254,6 +254,10 @@ def _main(capsys, *args):
     (["--folds", "2000"], "--folds 2000: a class of train+val has only"),
     (["--space", "tiny", "--positive-class", "covid"],
      "--positive-class 'covid' is not a class of this data; classes: ['normal', 'pneumonia']"),
+    (["--external", "/no/such/set"], "--external '/no/such/set' does not exist"),
+    (["--class-map", "a=b"], "--class-map applies to the sets given with --external; none was given"),
+    (["--space", "tiny", "--external", str(SHARED_DATA / "pneumoniamnist" / "pneumoniamnist.npz")],
+     "is the data the model was trained and tested on (same fingerprint)"),
     (["--mlflow", "ftp://host/x"], "--mlflow 'ftp://host/x' is not a tracking URI; give none"),
     (["--mlflow", "mlruns"], "--mlflow 'mlruns' is not a tracking URI"),
     (["--mlflow", "http://127.0.0.1:9"], "--mlflow http://127.0.0.1:9: the tracking server does not answer"),

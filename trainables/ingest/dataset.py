@@ -172,6 +172,30 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
     return data
 
 
+def load_labelled(path: str | os.PathLike, *, image_size: int, channels: int, ct_window: str = "lung",
+                  group_column: str | None = None, skip_corrupt: bool = False) -> Dataset:
+    """Every image of a labelled data set in the test split (a split it gives is ignored): a set from
+    elsewhere to test a finished model on, decoded as the model's own data was.
+
+    Example:
+        >>> external = load_labelled("../shared/data/covid-ct-ucsd/patients.csv", image_size=96, channels=1)
+        >>> external.class_names, len(external.indices("test"))
+        (['COVID', 'NonCOVID'], 746)
+
+    Raises:
+        UserError: as `load_dataset` for the same path.
+    """
+    path = Path(path).expanduser()
+    loader, _ = _source(path)
+    decoding = Decoding(image_size=image_size, channels=channels, ct_window=ct_window, store="memory", cache=None)
+    raw = loader(path, decoding=decoding, group_column=group_column, skip_corrupt=skip_corrupt)
+    labels, class_names = _label_ids(raw)
+    return Dataset(images=raw.images, labels=labels, class_names=class_names,
+                   split=np.full(len(labels), SPLITS.index("test")), groups=raw.groups, paths=raw.paths,
+                   fingerprint=raw.fingerprint, source=raw.source, split_kind="external (every image tested)",
+                   root=raw.root, file_infos=raw.file_infos, unread=raw.unread, strata=dicom_strata(raw.file_infos))
+
+
 def check_data(path: str | os.PathLike, *, group_column: str | None = None, strata_columns: tuple[str, ...] = ()) -> None:
     """What `load_dataset` checks before it decodes anything (the path, a folder's layout, a
     manifest's columns, files and splits), in seconds: a search runs it before it starts Ray.
@@ -204,21 +228,21 @@ def _source(path: Path):
 
 # ---- validation and splitting ----------------------------------------------------------------
 
-def _finish(raw: Raw, *, seed: int, subset: int | None) -> Dataset:
+def _label_ids(raw: Raw) -> tuple[np.ndarray, list[str]]:
+    """Integer labels and the class names they index."""
     if raw.class_names is not None:
-        class_names = raw.class_names
-        labels = np.asarray(raw.labels, dtype=np.int64)
-        present = sorted(set(labels.tolist()))
-        if len(present) < 2:
-            raise UserError(f"only one class ({class_names[present[0]]!r}) in {raw.source}; a classifier "
-                            f"needs images of at least two classes")
-    else:
-        names = [str(c) for c in raw.labels]
-        class_names = sorted(set(names))
-        if len(class_names) < 2:
-            raise UserError(f"only one class ({class_names[0]!r}) in {raw.source}; a classifier needs "
-                            f"images of at least two classes")
-        labels = np.array([class_names.index(n) for n in names], dtype=np.int64)
+        return np.asarray(raw.labels, dtype=np.int64), raw.class_names
+    names = [str(c) for c in raw.labels]
+    class_names = sorted(set(names))
+    return np.array([class_names.index(n) for n in names], dtype=np.int64), class_names
+
+
+def _finish(raw: Raw, *, seed: int, subset: int | None) -> Dataset:
+    labels, class_names = _label_ids(raw)
+    present = sorted(set(labels.tolist()))
+    if len(present) < 2:
+        raise UserError(f"only one class ({class_names[present[0]]!r}) in {raw.source}; a classifier "
+                        f"needs images of at least two classes")
     if raw.given_split is not None and raw.groups is not None:
         _check_groups_stay_in_their_split(raw)
     split, kind = _make_split(labels, raw.given_split, raw.groups, seed=seed)
