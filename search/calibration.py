@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from sklearn.metrics import brier_score_loss, log_loss
+from sklearn.metrics import brier_score_loss
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from search.evaluate import log_loss as mean_log_loss, paired_difference
+from search.evaluate import log_loss, paired_difference
 
 BINS = 10
 TEMPERATURES = (0.05, 20.0)  # the range fit_temperature searches
@@ -30,7 +30,7 @@ def calibration(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     brier = (brier_score_loss(labels == 1, probs[:, 1]) if probs.shape[1] == 2
              else brier_score_loss(labels, probs, labels=classes))
     return {"ece": expected_calibration_error(labels, probs), "brier": float(brier),
-            "log_loss": float(log_loss(labels, np.clip(probs, 1e-12, 1), labels=classes))}
+            "log_loss": log_loss(labels, probs)}
 
 
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = BINS) -> dict[str, np.ndarray]:
@@ -60,7 +60,7 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
     """The temperature in TEMPERATURES that minimises the log loss of `probs` on `labels`."""
-    result = minimize_scalar(lambda log_t: mean_log_loss(labels, apply_temperature(probs, np.exp(log_t))),
+    result = minimize_scalar(lambda log_t: log_loss(labels, apply_temperature(probs, np.exp(log_t))),
                              bounds=tuple(np.log(TEMPERATURES)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))
 

@@ -216,6 +216,7 @@ def evaluate_external(model, external: External, *, internal: dict | None, resam
 
 def file_stem(name: str) -> str:
     """A set's name as part of a file name: `external_<stem>_predictions.csv`."""
+    name = re.sub(r"\.(csv|tsv|txt|json)$", "", name, flags=re.IGNORECASE)
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "set"
 
 
@@ -246,6 +247,10 @@ def external_lines(externals: list[dict], internal: dict | None, *, plot: str | 
         if e.get("drop"):
             lines[-1] += (" Drop from the internal test (internal minus external; below 0: better here): "
                           + ", ".join(f"{k} {v:.3f}" for k, v in e["drop"].items()) + ".")
+        if e["auc"] < 0.5:
+            lines[-1] += (f" **AUC {e['auc']:.3f} is below chance**: the scores rank this set's classes the wrong way "
+                          f"round, so what the model learned to tell them apart on its own data points the other way "
+                          f"here (a cue of the source, not of the disease, is the likely reason).")
         if e.get("below_internal"):
             lines[-1] += (f" **Below the internal test**: the interval of {', '.join(e['below_internal'])} lies wholly "
                           f"below the internal figure.")

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+import uuid
 from importlib.metadata import version
 from pathlib import Path
 
@@ -20,10 +21,17 @@ from trainables import UserError
 
 
 def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file beside `path` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """`write(tmp)` to a temporary file beside `path`, named for no other writer, flushed to the disk,
+    then renamed into place: a reader, or a crash at any point, sees the old file or the new one whole.
+    (Not `tempfile.mkstemp`: its file is readable by its owner only, and `write` keeps that mode.)"""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ def render_report(folder: Path, summary: dict, models: dict, board: pd.DataFrame
                 ["![ROC curves](roc.png)"], _per_class(summary["chosen"], models[summary["chosen"]]["test"]),
                 _confusion(models[summary["chosen"]]["test"]),
                 strata_lines(summary.get("strata") or {}, models[summary["chosen"]]["test"]),
-                external_lines(summary.get("external") or [], models[summary["chosen"]]["test"], plot="external_roc.png"),
+                external_lines(summary.get("external") or [], _internal(models[summary["chosen"]]), plot="external_roc.png"),
                 _calibration(summary, models),
                 _members(models, metric, summary.get("failed_members", [])),
                 _search(summary, board, metric), _importance(summary.get("importance")),
@@ -124,6 +124,11 @@ def _confusion(c: dict) -> list[str]:
     lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(names, c["confusion_matrix"])]
     return lines + ["", f"Accuracy when each image simply gets its most probable class: {c['accuracy_argmax']:.3f}.",
                     "", "![confusion matrix](confusion_matrix.png)"]
+
+
+def _internal(model: dict) -> dict:
+    """The chosen model's internal test figures with its calibration, as the external table shows them."""
+    return {**model["test"], "calibration": model.get("calibration")}
 
 
 def _calibration(summary: dict, models: dict) -> list[str]:

@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from conftest import one_error, run_cli, run_in_process
-from search.external import check_externals, match_classes, parse_class_map
+from search.external import check_externals, external_lines, file_stem, match_classes, parse_class_map
 from search.final_model import finalize
 from search.options import FinalizeOptions
 from trainables import UserError
@@ -81,6 +81,18 @@ def test_predict_with_labels_agrees_with_finalize(finalized, elsewhere, tmp_path
     assert read["external"]["threshold"] == metrics["models"][metrics["chosen"]]["val"]["threshold"]
     assert "| internal test |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "elsewhere_roc.png").is_file()
+
+
+def test_a_set_scored_the_wrong_way_round_is_called_so_and_names_make_clean_file_names(finalized):
+    _, metrics = finalized
+    chosen = metrics["models"][metrics["chosen"]]
+    [ext] = metrics["external"]
+    flipped = {**ext, "auc": 1 - ext["auc"] if ext["auc"] > 0.5 else ext["auc"]}
+    said = "\n".join(external_lines([flipped], chosen["test"]))
+    assert f"**AUC {flipped['auc']:.3f} is below chance**" in said
+    assert "below chance" not in "\n".join(external_lines([{**ext, "auc": 0.5}], chosen["test"]))
+    assert file_stem("covid-ct-ucsd/patients.csv") == "covid-ct-ucsd-patients"
+    assert file_stem("sarscov2-ct") == "sarscov2-ct" and file_stem("../x y/") == "x-y" and file_stem("///") == "set"
 
 
 def test_classes_are_matched_by_name_or_refused():

@@ -1,6 +1,7 @@
 """The data paths: decoded images in memory or on disk (the cache), the cache reused by a later
 search and keyed so that edited files are new data, the fingerprint of the content, and a search
 joined to a Ray head that `ray start` started with token authentication and a small object store."""
+import errno
 import hashlib
 import os
 import pickle
@@ -123,6 +124,52 @@ def test_a_half_written_cache_entry_is_never_reused(png_folder, tmp_path, monkey
 
 def _entries(cache):
     return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_decode_cache_costs_one_warning_and_the_images_decode_into_memory(png_folder, pneumonia_npz, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """A stand-in for a full disk: every write of decoded rows fails as a full file system does (ENOSPC),
+    in the decoding tasks and in the driver; for a .npz, the entry's completion does."""
+    import trainables.ingest.decode_tasks as tasks
+    import trainables.ingest.decoding as decoding
+    monkeypatch.setattr(tasks, "write_rows", _no_space)
+    monkeypatch.setattr(decoding, "write_rows", _no_space)
+    monkeypatch.setattr(decoding, "place", _no_space)
+    expected = load_dataset(png_folder, image_size=16)
+    capsys.readouterr()
+    for store in ("memory", "disk"):
+        data = load_dataset(png_folder, image_size=16, cache=str(tmp_path), store=store)
+        warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "cannot be written (No space left on device): decoding into memory" in warnings[0]
+        assert not data.on_disk and data.store["store"] == "memory"
+        assert np.array_equal(data.images, expected.images) and _entries(tmp_path) == []
+    data = load_dataset(pneumonia_npz, image_size=28, cache=str(tmp_path), store="disk")
+    assert "keeping the images in memory" in capsys.readouterr().out and not data.on_disk
+
+
+def test_a_read_only_decode_cache_is_read_where_it_holds_the_entry_and_skipped_where_not(png_folder, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A stand-in for a read-only mount: the cache's lock cannot be opened (EROFS), as on a shared cache
+    that a cluster's nodes may only read."""
+    import trainables.ingest.decoding as decoding
+    first = load_dataset(png_folder, image_size=16, cache=str(tmp_path / "shared"))
+    monkeypatch.setattr(decoding, "key_lock", lambda *a: _raises(OSError(errno.EROFS, "Read-only file system")))
+    capsys.readouterr()
+    again = load_dataset(png_folder, image_size=16, cache=str(tmp_path / "shared"), store="disk")
+    out = capsys.readouterr().out
+    assert "cannot be written (Read-only file system): reading the entry it already holds" in out
+    assert again.on_disk and again.store["reused"] and np.array_equal(np.asarray(again.images[:]), first.images)
+    fresh = load_dataset(png_folder, image_size=24, cache=str(tmp_path / "shared"))
+    assert "decoding into memory" in capsys.readouterr().out and not fresh.store["reused"]
+    assert fresh.images.shape[1:] == (24, 24, 1) and _entries(tmp_path / "shared") == [first.store["cache"].split("/")[-1]]
+
+
+def _raises(exc):
+    raise exc
 
 
 def test_a_failure_outside_the_file_is_tried_again_and_never_kept(png_folder, tmp_path, monkeypatch, capsys):

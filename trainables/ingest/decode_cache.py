@@ -12,7 +12,6 @@ Example:
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 BLOCK_ROWS = 1024  # rows per checksum
 # the packages whose versions decide what a file decodes to: a cache made by other versions is not reused
@@ -43,20 +43,19 @@ def decoder_versions() -> dict[str, str]:
 
 @contextmanager
 def key_lock(cache: Path, key: str):
-    """Hold `<cache>/.<key>.lock` (an flock, which NFS v4 honours too); says so when another search
-    holds it and waits for it."""
+    """Hold `<cache>/.<key>.lock` (filelock: an flock on POSIX, which NFS v4 honours too); says so when
+    another search holds it and waits for it."""
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f".{key}.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"decoded images: another search is decoding these files into {cache / key}; waiting for it",
-                  flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = FileLock(cache / f".{key}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"decoded images: another search is decoding these files into {cache / key}; waiting for it", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def fresh_folder(folder: Path) -> Path:

@@ -23,6 +23,7 @@ Example:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -49,6 +50,9 @@ DECODER_VERSION = 3  # bump when a decoding rule changes: caches of older rules 
 # files per decoding task: large enough that Ray's cost per task is small (200,000 files on 2 cores: 25 s in
 # chunks of 256, 20 s in chunks of 1024), and at least 16 chunks so that small data still spreads over the cores
 CHUNK, MIN_CHUNKS = 1024, 16
+# a decode cache that cannot take an entry: full, over quota, read-only, not ours. The search goes on without it
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
 
 @dataclass
 class Decoding:
@@ -103,15 +107,26 @@ def decode_files(files: list[Path], root: Path | None, decoding: Decoding) -> De
         return _decode(files, root, decoding, out=None)
     cache, key = Path(decoding.cache).expanduser(), _listing_key(files, root, decoding)
     folder = cache / key
-    with key_lock(cache, key):
-        record, wrong = whole_entry(folder)
-        if wrong:
-            print(f"warning: the decoded images cached in {folder} cannot be used ({wrong}); decoding again", flush=True)
-        decoding.chosen["reused"] = record is not None
-        if record is None:
-            folder = _decode_into_cache(files, root, decoding, folder)
-        else:
-            print(f"decoded images: reused {folder} ({len(files):,} files)", flush=True)
+    try:
+        with key_lock(cache, key):
+            record, wrong = whole_entry(folder)
+            if wrong:
+                print(f"warning: the decoded images cached in {folder} cannot be used ({wrong}); decoding again",
+                      flush=True)
+            decoding.chosen["reused"] = record is not None
+            if record is None:
+                folder = _decode_into_cache(files, root, decoding, folder)
+            else:
+                print(f"decoded images: reused {folder} ({len(files):,} files)", flush=True)
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        if whole_entry(folder)[0] is None:  # entries never change once in place: one is read safely without the lock
+            _unwritable(cache, exc, "decoding into memory")
+            decoding.chosen.update(store="memory", reused=False)
+            return _decode(files, root, decoding, out=None)
+        _unwritable(cache, exc, f"reading the entry it already holds, {folder.name}")
+        decoding.chosen["reused"] = True
     decoding.chosen["cache"] = str(folder)
     decoded = _from_cache(folder, store)
     if store == "memory" and folder.name.startswith("."):  # a decode not kept: nothing reads it later
@@ -124,18 +139,34 @@ def cache_arrays(images: np.ndarray, fingerprint: str, decoding: Decoding) -> Di
     and the decoding options, for the disk store."""
     key = "arrays-" + hashlib.sha256(json.dumps([fingerprint, decoding.options(), DECODER_VERSION]).encode()).hexdigest()[:24]
     cache = Path(decoding.cache).expanduser()
-    with key_lock(cache, key):
-        record, _ = whole_entry(cache / key)
-        decoding.chosen.update(cache=str(cache / key), reused=record is not None)
-        if record is None:
-            tmp = fresh_folder(cache / key)
-            try:
-                np.save(tmp / "images.npy", images)
-                place(tmp, cache / key, {"fingerprint": fingerprint, "options": decoding.options()})
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+    try:
+        with key_lock(cache, key):
+            record, _ = whole_entry(cache / key)
+            decoding.chosen.update(cache=str(cache / key), reused=record is not None)
+            if record is None:
+                tmp = fresh_folder(cache / key)
+                try:
+                    np.save(tmp / "images.npy", images)
+                    place(tmp, cache / key, {"fingerprint": fingerprint, "options": decoding.options()})
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        if whole_entry(cache / key)[0] is None:
+            _unwritable(cache, exc, "keeping the images in memory")
+            decoding.chosen.update(store="memory", reused=False, cache=None)
+            return images
+        _unwritable(cache, exc, f"reading the entry it already holds, {key}")
+        decoding.chosen.update(cache=str(cache / key), reused=True)
     return DiskImages(cache / key / "images.npy")
+
+
+def _unwritable(cache: Path, exc: OSError, instead: str) -> None:
+    print(f"warning: the decode cache {cache} cannot be written ({exc.strerror or exc}): {instead}; these decoded "
+          f"images are not kept for later searches (free space there, or give --data-cache a writable folder)",
+          flush=True)
 
 
 # ---- decoding ----------------------------------------------------------------------------------

@@ -129,11 +129,10 @@ def read_npy(path: Path, *, threads: int = 4, block: int = 16 << 20) -> np.ndarr
 
 
 def npy_for_rows(path: Path, shape: tuple[int, ...]):
-    """An open `.npy` file of uint8 `shape` (zeros) and the byte offset of its first row."""
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-        offset = f.tell()
-        f.truncate(offset + int(np.prod(shape)))
+    """An open `.npy` file of uint8 `shape` (zeros, not yet written to disk) and the byte offset of its first row."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    offset = array.offset
+    del array
     return open(path, "r+b"), offset
 
 
