@@ -2,8 +2,8 @@
 stopping. Reports the trial-epochs and wall time each spent, and the compute each needed to first
 reach the FIFO run's final best validation AUC.
 
-    python bench/asha_vs_fifo.py                                   # CPU: 12 trials x 8 epochs
-    python bench/asha_vs_fifo.py --profile gpu --num-samples 32 --max-epochs 30
+    python -m bench.asha_vs_fifo                                   # CPU: 12 trials x 8 epochs
+    python -m bench.asha_vs_fifo --profile gpu --num-samples 32 --max-epochs 30
 
 "Compute to reach" counts the trial-epochs (and wall seconds) spent, in the order the epochs
 finished, until some trial first reported a validation AUC at least FIFO's best.
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import common
+from bench.overhead import trial_results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
-from bench.overhead import trial_results  # noqa: E402
 
 
 def epochs_in_order(folder: Path) -> pd.DataFrame:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+
+from core.formatting import clock  # noqa: F401  (the benchmarks' tables write their walls with it)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHARED_DATA", str(ROOT.parent / "shared" / "data")))
@@ -64,13 +67,34 @@ def provenance(*, allow_dirty: bool = False, root: Path = ROOT) -> dict:
             "versions": " ".join(f"{name} {version(name)}" for name in ("torch", "timm", "ray", "optuna"))}
 
 
-def clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+def add_arm_flags(parser, *, results: str, work: str) -> None:
+    """The flags every benchmark of search arms takes: `--out` (its rows, `bench/results/<results>-<date>.csv`),
+    `--work` (its experiments, under ~/.cache/lung-search-bench/<work>), `--allow-dirty`, `--benchmarks`,
+    and more `search.run` flags for every arm after `--`."""
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / f"{results}-{time.strftime('%Y%m%d')}.csv"))
+    parser.add_argument("--work", default=str(Path(f"~/.cache/lung-search-bench/{work}").expanduser()))
+    parser.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (rows marked)")
+    parser.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
+    parser.add_argument("extra", nargs="*", help="more search.run flags for every arm (after --)")
+
+
+def run_search(folder: Path, flags: list[str], label: str) -> None:
+    """One arm: `python -m search.run FLAGS --storage <folder's parent> --name <folder's name>`, its
+    output in `<folder>.log` beside it. A folder left by an arm cut short is removed first: an arm runs
+    whole, its budget is its measure. A failed arm ends the benchmark with a line naming its log."""
+    shutil.rmtree(folder, ignore_errors=True)
+    command = [sys.executable, "-m", "search.run", *flags, "--storage", str(folder.parent), "--name", folder.name]
+    print(f"[{time.strftime('%H:%M:%S')}] {label}: {' '.join(command[1:])}", flush=True)
+    log = folder.parent / f"{folder.name}.log"
+    with open(log, "w") as out:
+        done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"{label} failed ({done.returncode}); see {log}")
 
 
 def to_markdown(table: pd.DataFrame, *, settings: str, elapsed: float) -> str:
     lines = [f"### {time.strftime('%Y-%m-%d')}, commit {commit()}, {machine()}, total {clock(elapsed)}", "",
-             f"Command: `python {' '.join(sys.argv)}`", "", f"Settings: {settings}", "",
+             f"Command: `python -m bench.{Path(sys.argv[0]).stem} {' '.join(sys.argv[1:])}`", "", f"Settings: {settings}", "",
              "| " + " | ".join(map(str, table.columns)) + " |", "|" + " --- |" * len(table.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines) + "\n"
@@ -92,7 +116,7 @@ def finish(name: str, table: pd.DataFrame, *, settings: str, started: float, ben
     markdown = to_markdown(table, settings=settings, elapsed=time.time() - started)
     print(f"\n{markdown}\nwritten: {csv}")
     if benchmarks:
-        mark = f"<!-- {name}: newest first; bench/{name}.py --benchmarks adds a table here -->"
+        mark = f"<!-- {name}: newest first; bench/{Path(sys.argv[0]).stem}.py --benchmarks adds a table here -->"
         path = ROOT / "BENCHMARKS.md"
         text = path.read_text()
         if mark not in text:

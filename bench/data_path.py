@@ -1,8 +1,8 @@
 """Data set-up per trial: the decoded arrays shared through Ray's object store (what the search
 does) against each trial decoding the image folder itself, in real Ray Tune trials.
 
-    python bench/data_path.py --folder ../shared/data/sarscov2-ct
-    python bench/data_path.py --folder /tmp/pneumonia-pngs --image-size 224 --scales 1,10
+    python -m bench.data_path --folder ../shared/data/sarscov2-ct
+    python -m bench.data_path --folder /tmp/pneumonia-pngs --image-size 224 --scales 1,10
 
 Each trial times its own set-up, from its first line to the train tensors being ready: either
 `ray.get` of the shared `Dataset` (put once by the driver, as `tune.with_parameters` does) or
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
 
 
 def _tensors(data) -> float:

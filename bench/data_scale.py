@@ -1,7 +1,7 @@
 """Both data paths at scale: a synthetic folder of N gray PNGs, decoded and searched with the
 decoded images in memory (the Ray object store) and on disk (the cache, read batch by batch).
 
-    python bench/data_scale.py --sizes 20000,200000 --benchmarks
+    python -m bench.data_scale --sizes 20000,200000 --benchmarks
 
 Per N and path: decode wall and images/s with 1 and 2 Ray workers (the fastest of `--repeats` runs,
 each on a fresh Ray of that many CPUs and a fresh cache, which a search decodes into on both paths;
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import SHARED, finish
+from bench.common import SHARED, finish
 
 PYTHON = sys.executable
 # the searches decode every image but train their one epoch on this many images per split: the epoch over

@@ -5,8 +5,8 @@ backbone was tried, and what the sampler heard (PRUNED / COMPLETE trials, and wh
 stopped trial reached Optuna with its score at the epoch it stopped). Each CT set is also tested on
 the other (`--external`, issue 51): their final models' figures on data from elsewhere.
 
-    python bench/default_runs.py                                        # the four data sets, seed 0
-    python bench/default_runs.py --datasets covid19-xray-3class --seeds 0,1,2 --folds 1,auto
+    python -m bench.default_runs                                        # the four data sets, seed 0
+    python -m bench.default_runs --datasets covid19-xray-3class --seeds 0,1,2 --folds 1,auto
 
 `--seeds` and `--folds` make a grid (the seed studies of selection: one validation split against
 cross-validation). Prints the table, writes bench/results/default_runs-<stamp>.csv row by row as runs
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
 
 DATASETS = {"pneumoniamnist": "pneumoniamnist/pneumoniamnist.npz", "sarscov2-ct": "sarscov2-ct",
             "covid-ct-ucsd": "covid-ct-ucsd/patients.csv", "covid19-xray-3class": "covid19-xray-3class"}

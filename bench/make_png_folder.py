@@ -1,6 +1,6 @@
 """Write a MedMNIST-style .npz as an image folder of PNGs, the way users' own data looks.
 
-    python bench/make_png_folder.py ../shared/data/pneumoniamnist/pneumoniamnist.npz /tmp/pneumonia-pngs
+    python -m bench.make_png_folder ../shared/data/pneumoniamnist/pneumoniamnist.npz /tmp/pneumonia-pngs
 
 Grayscale PNGs of varied sizes (each image upscaled to a random side between --min-size and
 --max-size, aspect ratio up to 1.15), class folders named with spaces, inside train/ val/ test/

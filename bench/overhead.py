@@ -3,8 +3,8 @@
 build, checkpoint, report), Ray's scheduling and idle slots, and what happens before and after
 `Tuner.fit` (Ray start, data load and audit, leaderboard and plots).
 
-    python bench/overhead.py                       # the default search on PneumoniaMNIST
-    python bench/overhead.py --num-samples 8 --max-epochs 4
+    python -m bench.overhead                       # the default search on PneumoniaMNIST
+    python -m bench.overhead --num-samples 8 --max-epochs 4
 
 Reads the experiment's `timings.json` and each trial's `result.json` (the trainable reports its own
 `train_seconds` and `eval_seconds` every epoch).
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
 
 
 def trial_results(folder: Path) -> dict[str, list[dict]]:

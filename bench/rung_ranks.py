@@ -5,7 +5,7 @@ trials (`--space grid`: EfficientNet-Lite0/1/2 from ImageNet and the small CNN, 
 the first rung (epoch 1) at full size and at each `--early-sizes` side is ranked against its final
 score (its best epoch at full size, what the leaderboard ranks by):
 
-    python bench/rung_ranks.py --sets sarscov2-ct,covid-ct-ucsd --early-sizes 48,64   # ~1 hour on 2 cores
+    python -m bench.rung_ranks --sets sarscov2-ct,covid-ct-ucsd --early-sizes 48,64   # ~1 hour on 2 cores
 
 Per set and first-rung size: Spearman's rank correlation with the final score, and whether ASHA's
 keep at that rung (the top 1/3) holds the final best trial. Trials run `--workers` at a time, one
@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
 
 SETS = {"sarscov2-ct": "sarscov2-ct", "covid-ct-ucsd": "covid-ct-ucsd/patients.csv"}
 

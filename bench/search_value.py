@@ -2,7 +2,7 @@
 machine, each finalized the same cheap way (`--top-k 1 --warm-restart none`) so that they differ
 only in their search.
 
-    python bench/search_value.py --seeds 0,1,2 --benchmarks        # ~5 hours on 2 cores, ~45 GB of checkpoints
+    python -m bench.search_value --seeds 0,1,2 --benchmarks        # ~5 hours on 2 cores, ~45 GB of checkpoints
 
 - `sweep`: the first trials alone (one per backbone at the plain recipe), at the default budget;
 - `default`: the default search at the default budget (the cpu profile's 900 s);
@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
 
 ARMS = ("default", "warm", "sweep", "default-3x", "random-3x")  # the order they run in: the warm arm needs the default
 
@@ -54,15 +51,9 @@ def run_arm(arm: str, seed: int, flags: list[str], args, work: Path) -> Path:
     folder = work / f"{arm}-seed{seed}"
     if (folder / "final" / "metrics.json").is_file():
         return folder
-    shutil.rmtree(folder, ignore_errors=True)  # an arm cut short is run again whole: its budget is its measure
-    command = [sys.executable, "-m", "search.run", "--space", args.space, "--data", args.data, "--weights", "random",
-               "--seed", str(seed), "--top-k", "1", "--warm-restart", "none", "--storage", str(work),
-               "--name", folder.name, "--keep-checkpoints", "all", *flags, *args.extra]
-    print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: {' '.join(command[1:])}", flush=True)
-    with open(work / f"{folder.name}.log", "w") as log:
-        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"{arm} seed {seed} failed ({done.returncode}); see {work / f'{folder.name}.log'}")
+    common.run_search(folder, ["--space", args.space, "--data", args.data, "--weights", "random", "--seed", str(seed),
+                               "--top-k", "1", "--warm-restart", "none", "--keep-checkpoints", "all", *flags, *args.extra],
+                      f"{arm} seed {seed}")
     return folder
 
 

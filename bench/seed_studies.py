@@ -2,8 +2,8 @@
 `--space recipes`) and a budgeted `backbones` search, both finalized on the same split (same seed,
 same data), in one table.
 
-    python bench/seed_studies.py --weights random                  # CPU, all four data sets
-    python bench/seed_studies.py --datasets sarscov2-ct --gpu      # full resolution on a GPU
+    python -m bench.seed_studies --weights random                  # CPU, all four data sets
+    python -m bench.seed_studies --datasets sarscov2-ct --gpu      # full resolution on a GPU
 
 Prints the table, writes `bench/results/seed_studies-<date>.csv`, and with `--benchmarks` puts the
 table at the top of the "Seed studies" section of BENCHMARKS.md (older tables stay below it).
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
 
 STUDIES = {
     "pneumoniamnist": {

@@ -2,7 +2,7 @@
 For searches already run (by default the arms of `bench/search_value.py`, each finalized with
 `--top-k 1 --warm-restart none`), each rule's pick is scored on test as the model it would ship.
 
-    python bench/selection_rules.py                      # reads ~/.cache/lung-search-bench/search-value
+    python -m bench.selection_rules                      # reads ~/.cache/lung-search-bench/search-value
 
 Rules (each sees validation only):
 - `peak_last` (today's): rank by the trial's best validation AUC over its epochs (the leaderboard's
@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
-from search.checkpoints import newest_readable, registered  # noqa: E402
+from search.checkpoints import newest_readable, registered
 
 RULES = ("peak_last", "peak_best", "last")
 

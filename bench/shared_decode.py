@@ -1,7 +1,7 @@
 """Two searches started one second apart on the same new folder of N PNGs, with one --data-cache:
 the first decodes, the second waits on the key's lock and reuses the first one's entry.
 
-    python bench/shared_decode.py --images 50000 --benchmarks
+    python -m bench.shared_decode --images 50000 --benchmarks
 
 Each search is the real command (`--space tiny --backbones small_cnn`, one trial of one epoch on
 `--subset 2000` images per split after decoding all N, no finalize). Printed and recorded: each
@@ -24,11 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import ROOT, commit, finish, machine
+from bench.common import ROOT, commit, finish, machine
 from data_scale import SUBSET, make_folder, read_all
 
-sys.path.insert(0, str(ROOT))
-from trainables.ingest.decode_cache import whole_entry  # noqa: E402
+from trainables.ingest.decode_cache import whole_entry
 
 
 def search(folder: Path, cache: Path, storage: Path, name: str) -> list:
@@ -89,7 +88,7 @@ def main() -> None:
     shared = (row["first_rc"] == row["second_rc"] == 0 and row["entries"] == row["whole_entries"] == 1
               and row["temporary_folders"] == 0 and (row["first_reused"] != row["second_reused"]))
     print(f"one decode shared: {'yes' if shared else 'NO'}")
-    finish("shared_decode", pd.DataFrame([row]), settings=f"`python bench/shared_decode.py --images {args.images}`",
+    finish("shared_decode", pd.DataFrame([row]), settings=f"`python -m bench.shared_decode --images {args.images}`",
            started=started, benchmarks=args.benchmarks, section="Two searches of the same new data (issue 38)")
     if not shared:
         raise SystemExit(1)

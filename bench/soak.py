@@ -3,14 +3,21 @@ that `ray start` runs on this machine (a head and worker nodes of one CPU each, 
 docs/cluster.md's manual flow, as written), run undisturbed and then through faults of every kind at random moments
 drawn from a fixed seed; the two compared.
 
-    python bench/soak.py --benchmarks                   # 24 trials at 40 px through 24 faults (about 25 minutes on 2 cores)
-    python bench/soak.py --trials 6 --faults 6          # short: one fault of each kind
+    python -m bench.soak --benchmarks                   # 24 trials at 40 px through 24 faults (about 25 minutes on 2 cores)
+    python -m bench.soak --trials 6 --faults 6          # short: one fault of each kind
+    python -m bench.soak --paired --benchmarks          # two faults at once, 12 times
 
 The faults: a trial's worker process killed (SIGKILL) while it trains (`worker_train`) or while its
 checkpoint is being saved (`worker_save`); a worker node lost, its raylet killed, and a new node
 joining (`node_lost`); the driver interrupted (SIGINT, `driver_sigint`) or killed (SIGKILL,
 `driver_sigkill`), then `--resume`; the experiment moved to another storage folder while the driver
-is down and resumed there (`moved`). Trials run one at a time, so the sampler and ASHA see the same
+is down and resumed there (`moved`). With `--paired`, two faults land within one trial's epoch: its
+worker killed and its node lost at once (`worker_and_node`), or the driver killed while a trial's
+checkpoint is being saved (`driver_during_save`). A kill aimed at a save counts only where it
+landed there: the checkpoint folder it found unregistered was never registered (`save_kills_landed`
+of `worker_save` + `driver_during_save`; the rest landed just after the save). Every trial may be
+struck by every fault, one at a time, so the search runs with `--max-retries` faults + 2 (the
+default, 2, would fail a trial struck a third time, as designed); the row records it. Trials run one at a time, so the sampler and ASHA see the same
 results in the same order in both runs and their decisions can be compared exactly.
 
 One row per soak in `bench/results/soak-<stamp>.csv`: `faults` and the count of each kind, `trials`,
@@ -28,27 +35,26 @@ new epoch while a driver ran).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
+from bench import common
+from bench.soak_checks import compare, epochs_seen, results
+from bench.soak_cluster import Nodes, trial_workers
 
-BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("worker_train", "worker_save", "node_lost", "driver_sigint", "driver_sigkill", "moved")
-NODE_SIZE = "--disable-usage-stats --object-store-memory=200000000"
+# two faults within one trial's epoch: its worker killed while its node is being lost; the driver killed
+# while a trial's checkpoint is being saved
+PAIRED = ("worker_and_node", "driver_during_save")
 READER = """
 import sys
 from optuna.storages import JournalStorage
@@ -59,87 +65,6 @@ while sys.stdin.readline().strip() == "read":
     print(trials, flush=True)
 """
 STALL_LIMIT = 240  # seconds a search may go without a new epoch while its driver runs (a resume included)
-
-
-def manual_flow() -> list[str]:
-    """The commands of docs/cluster.md's manual cluster flow, as written (the bash block after
-    `<!-- manual-flow`): the token, the head, a worker, the search."""
-    text = (ROOT / "docs" / "cluster.md").read_text()
-    block = text.split("<!-- manual-flow", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    return [line.split(" #")[0].strip() for line in block.splitlines() if line.split(" #")[0].strip()]
-
-
-class Nodes:
-    """A head with no CPUs (the driver's node: trials run on workers) and worker nodes of 1 CPU,
-    started by the commands of docs/cluster.md's manual flow as written (with this machine's paths,
-    a free port and the nodes' sizes added); stopped together."""
-
-    def __init__(self, work: Path, workers: int):
-        home = work / "home"
-        home.mkdir(parents=True, exist_ok=True)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        self.env.update(HOME=str(home), PYTHONPATH=str(ROOT))
-        self.temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
-        port = str(6900 + os.getpid() % 300)
-        self.address = f"127.0.0.1:{port}"
-        token, head, self.worker, _ = [c.replace(".venv/bin/", f"{BIN}/").replace("<head-ip>", "127.0.0.1")
-                                       .replace("6379", port) for c in manual_flow()]
-        try:
-            self._shell(token)
-            self._shell(f"{head} --num-cpus=0 {NODE_SIZE} --include-dashboard=false --temp-dir={self.temp}")
-            for _ in range(workers):
-                self.add_worker()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _shell(self, command: str) -> None:
-        done = subprocess.run(command, shell=True, env=self.env, capture_output=True, text=True, timeout=180)
-        if done.returncode:
-            raise RuntimeError(f"{command} failed: {done.stdout[-1000:]} {done.stderr[-2000:]}")
-
-    def add_worker(self) -> None:
-        self._shell(f"{self.worker} --num-cpus=1 {NODE_SIZE}")
-
-    def raylets(self) -> dict[str, tuple[int, bool]]:
-        """Node id -> (its raylet's pid, whether it is the head), of this cluster's live nodes."""
-        out = {}
-        for pid, args in _processes():
-            node = re.search(r"--node_id=(\w+)", args)
-            if node and self.temp in args and args.split()[0].endswith("raylet"):
-                out[node.group(1)] = (pid, "node:__internal_head__" in args)
-        return out
-
-    def lose_node(self, raylet: int) -> None:
-        """A node's raylet killed (its workers go with it), and a new worker node joins."""
-        os.kill(raylet, signal.SIGKILL)
-        self.add_worker()
-
-    def stop(self) -> None:
-        subprocess.run(["pkill", "-9", "-f", self.temp])
-        shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def _processes() -> list[tuple[int, str]]:
-    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [(int(line.split(None, 1)[0]), line.split(None, 1)[1]) for line in ps.splitlines() if len(line.split(None, 1)) == 2]
-
-
-def trial_workers() -> dict[int, int]:
-    """The processes running a trial (Ray names them after the function trainable's actor), each with
-    its parent: the raylet of the node it runs on."""
-    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    rows = [line.split(None, 2) for line in ps.splitlines()]
-    return {int(r[0]): int(r[1]) for r in rows if len(r) == 3 and r[2].startswith("ray::ImplicitFunc")}
-
-
-def results(folder: Path) -> dict[str, list[dict]]:
-    from search.checkpoints import results as trial_results
-    return {t.name[len("trial_"):]: trial_results(t) for t in sorted(folder.glob("trial_*"))}
-
-
-def epochs_seen(folder: Path) -> int:
-    return sum(len(rows) for rows in results(folder).values())
 
 
 class JournalReader:
@@ -178,6 +103,7 @@ class Soak:
         self.exits_ok, self.torn_appends = True, 0  # every driver stop ended as it should; half lines appended
         self._progress = (0, time.time())
         self.reader, self._read_at = None, 0.0
+        self.aimed_saves: list[tuple[str, str]] = []  # (trial, checkpoint) a kill aimed at, found mid-save
 
     @property
     def folder(self) -> Path:
@@ -233,30 +159,37 @@ class Soak:
             self.log.write(f"journal not readable: {type(exc).__name__}: {exc}\n")
 
     def inject(self, kind: str) -> bool:
-        """One fault; whether it struck (a worker fault needs a trial running)."""
-        if kind in ("worker_train", "worker_save", "node_lost"):
+        """One fault (with `PAIRED` kinds, two at once); whether it struck (a worker fault needs a trial
+        running, a fault aimed at a save a save under way)."""
+        if kind in ("worker_train", "worker_save", "node_lost", "worker_and_node"):
             if not trial_workers():
                 self.log.write(f"soak: no trial running for {kind}; the next epoch\n")
                 return False
-            if kind == "worker_save":
-                self._wait_for_a_save(timeout=60)
-            if kind == "node_lost":
+            if kind == "worker_save" and not self._aim_at_a_save(timeout=60):
+                return False
+            if kind in ("node_lost", "worker_and_node"):
                 workers = {pid for pid, head in self.nodes.raylets().values() if not head}
-                nodes = [raylet for raylet in trial_workers().values() if raylet in workers]
-                if not nodes:
-                    self.log.write(f"soak: no trial running on a worker node for node_lost ({trial_workers()} "
+                on_workers = {pid: raylet for pid, raylet in trial_workers().items() if raylet in workers}
+                if not on_workers:
+                    self.log.write(f"soak: no trial running on a worker node for {kind} ({trial_workers()} "
                                    f"{self.nodes.raylets()}); the next epoch\n")
                     return False
-                self.nodes.lose_node(nodes[0])
+                pid, raylet = next(iter(on_workers.items()))
+                if kind == "worker_and_node":
+                    os.kill(pid, signal.SIGKILL)  # the worker first, its node a moment later: one epoch, two faults
+                self.nodes.lose_node(raylet)
             else:
                 for pid in trial_workers():
                     os.kill(pid, signal.SIGKILL)
             self.struck_at.append(time.time())
             self.check_journal()
             return True
-        self.driver.send_signal(signal.SIGKILL if kind == "driver_sigkill" else signal.SIGINT)
+        if kind == "driver_during_save" and not self._aim_at_a_save(timeout=60):
+            return False
+        killed = kind in ("driver_sigkill", "driver_during_save")
+        self.driver.send_signal(signal.SIGKILL if killed else signal.SIGINT)
         code = self.driver.wait(timeout=300)
-        self.exits_ok &= code == (-signal.SIGKILL if kind == "driver_sigkill" else 130)
+        self.exits_ok &= code == (-signal.SIGKILL if killed else 130)
         self.struck_at.append(time.time())
         self.check_journal()
         journal_file = self.folder / "optuna.journal"
@@ -275,16 +208,32 @@ class Soak:
         self.start(resume=True)
         return True
 
-    def _wait_for_a_save(self, timeout: float) -> None:
-        """Until a trial's checkpoint folder exists that its result.json does not name yet: the save is
-        under way (Ray copies the checkpoint before it registers it)."""
-        deadline = time.time() + timeout
+    def _aim_at_a_save(self, timeout: float) -> bool:
+        """Until a trial's checkpoint folder exists that its result.json does not name yet (Ray copies the
+        checkpoint before it registers it): whether one was found, and it is noted to check at the end
+        that the kill landed before its registration."""
+        deadline, stale = time.time() + timeout, set(self._unregistered())  # left by an earlier fault: no save
         while time.time() < deadline and self.watch():
-            for trial in self.folder.glob("trial_*"):
-                named = {r.get("checkpoint_dir_name") for r in results(self.folder).get(trial.name[6:], [])}
-                if any(c.name not in named for c in trial.glob("checkpoint_*")):
-                    return
+            under_way = [found for found in self._unregistered() if found not in stale]
+            if under_way:
+                self.aimed_saves.append(under_way[0])
+                return True
             time.sleep(0.02)
+        self.log.write("soak: no save under way in time; the next epoch\n")
+        return False
+
+    def _unregistered(self) -> list[tuple[str, str]]:
+        """(trial, checkpoint folder) of every checkpoint folder its trial's result.json does not name."""
+        found, rows = [], results(self.folder)
+        for trial in self.folder.glob("trial_*"):
+            named = {r.get("checkpoint_dir_name") for r in rows.get(trial.name[6:], [])}
+            found += [(trial.name[6:], c.name) for c in trial.glob("checkpoint_*") if c.name not in named]
+        return found
+
+    def save_kills_landed(self) -> int:
+        """The kills aimed at a save whose checkpoint was never registered: they landed in the save."""
+        registered = {(t, r.get("checkpoint_dir_name")) for t, rows in results(self.folder).items() for r in rows}
+        return sum(aimed not in registered for aimed in self.aimed_saves)
 
     def finish(self) -> float:
         while self.watch():
@@ -309,83 +258,26 @@ class Soak:
                 "engine_lines": sum(ln.startswith("engine: ") and "(details: " in ln for ln in lines)}
 
 
-def schedule(faults: int, rng: random.Random) -> list[str]:
+def schedule(faults: int, rng: random.Random, kinds_of: tuple[str, ...] = KINDS) -> list[str]:
     """Every kind at least once (when there are as many faults), the rest drawn, in a drawn order."""
-    kinds = list(KINDS[:faults]) + [rng.choice(KINDS) for _ in range(faults - len(KINDS))]
+    kinds = list(kinds_of[:faults]) + [rng.choice(kinds_of) for _ in range(faults - len(kinds_of))]
     rng.shuffle(kinds)
     return kinds
 
 
-def outcome(board: pd.DataFrame) -> list[tuple]:
-    return sorted(zip(board["backbone"], board["lr"].round(10), board["epochs"], board["stopped_early"]))
-
-
-def mlflow_runs_ok(folder: Path, board: pd.DataFrame) -> bool:
-    """One MLflow run per trial under one parent, each FINISHED with one value per epoch it ran and
-    ASHA's stop tagged, whatever the faults did."""
-    from mlflow.tracking import MlflowClient
-
-    from search.tracking import tracking_uri
-    client = MlflowClient(tracking_uri(folder, "experiment"))
-    runs = client.search_runs([client.get_experiment_by_name(folder.name).experiment_id])
-    by_trial = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
-    if len(runs) != len(board) + 1 or set(by_trial) != set(board["trial_id"]):
-        return False
-    for row in board.to_dict("records"):
-        run = by_trial[row["trial_id"]]
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auc"))
-        if (run.info.status != "FINISHED" or steps != list(range(1, row["epochs"] + 1))
-                or run.data.tags.get("stopped_early") != str(bool(row["stopped_early"])).lower()):
-            return False
-    return True
-
-
-def compare(whole: Path, soaked: Path, *, trials: int, max_epochs: int, struck_at: list[float]) -> dict:
-    """The soaked search against the undisturbed one (see the module docstring). An epoch may be
-    trained again once per fault that struck between the trial's first and last report (the epoch
-    in flight, or one whose checkpoint the fault kept from being registered)."""
-    from search.checkpoints import registered
-    from search.tuner import load_study
-    board, reference = pd.read_csv(soaked / "leaderboard.csv"), pd.read_csv(whole / "leaderboard.csv")
-    ended = board[board["status"] == "TERMINATED"]
-    study = load_study(soaked).get_trials(deepcopy=False)
-    ray_ids = [t.user_attrs.get("ray_trial_id") for t in study]
-    journal_ok = (all(t.state.name in ("COMPLETE", "PRUNED") for t in study)
-                  and all(sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1)) for t in study))
-    duplicated = (len(board) - board["trial_id"].nunique()) + (len(ray_ids) - len(set(ray_ids))) \
-        + len(set(ray_ids) ^ set(board["trial_id"]))
-    continuity, held = [], set(board["trial_id"])
-    trial_rows = results(soaked)
-    orphans = sorted(set(trial_rows) - held)  # started by a driver killed before it recorded them
-    for trial_id, rows in [(t, r) for t, r in trial_rows.items() if t in held]:
-        epochs = [r["epoch"] for r in rows]
-        saved = registered(soaked / f"trial_{trial_id}")  # newest first
-        last_saved = max((r["epoch"] for r in rows if saved and r.get("checkpoint_dir_name") == saved[0].name), default=0)
-        continuity.append(bool(epochs) and sorted(set(epochs)) == list(range(1, max(epochs) + 1))
-                          and len(epochs) - len(set(epochs)) <= _faults_within(rows, struck_at)
-                          and last_saved == max(epochs))
-    return {"trials": int(ended["trial_id"].nunique()), "lost": trials - int(ended["trial_id"].nunique()),
-            "duplicated": int(duplicated), "journal_ok": bool(journal_ok), "continuity_ok": all(continuity),
-            "orphans": len(orphans),
-            "asha_same": outcome(board) == outcome(reference) and int(board["epochs"].max()) <= max_epochs,
-            "mlflow_ok": mlflow_runs_ok(soaked, board)}
-
-
-def _faults_within(rows: list[dict], struck_at: list[float]) -> int:
-    first, last = rows[0]["timestamp"] - 1, rows[-1]["timestamp"] + 1  # Ray's timestamps are whole seconds
-    return sum(first <= moment <= last for moment in struck_at)
-
-
 def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, seed: int, fault_seed: int,
-        gap: tuple[int, int] = (1, 2), subset: int | None = 400, image_size: int = 28) -> dict:
+        gap: tuple[int, int] = (1, 2), subset: int | None = 400, image_size: int = 28,
+        kinds: tuple[str, ...] = KINDS) -> dict:
     """The undisturbed search and the soaked one, on one cluster; the comparison's row. `subset`: images
     per split (None: the whole packaged set, whose epochs outweigh a restart as a real search's do). `gap`: the
-    fewest and most epochs reported between two faults (drawn)."""
+    fewest and most epochs reported between two faults (drawn). `kinds`: of `KINDS` and `PAIRED`, each struck
+    once before any is drawn again."""
+    max_retries = faults + 2
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     data = ROOT / "search" / "default_data" / "pneumoniamnist.npz"
     search = ["--data", str(data), "--space", "tiny", "--num-samples", str(trials), "--max-epochs", str(max_epochs),
-              "--grace-period", "1", "--max-concurrent", "1", "--cpus-per-trial", "1", "--max-retries", str(faults + 2),
+              "--grace-period", "1", "--max-concurrent", "1", "--cpus-per-trial", "1", "--max-retries", str(max_retries),
               *(["--subset", str(subset)] if subset else []), "--image-size", str(image_size), "--folds", "1", "--no-finalize", "--no-stop-rule",
               "--seed", str(seed), "--mlflow"]
     nodes = Nodes(work, workers)
@@ -396,7 +288,7 @@ def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, 
         soak = Soak(nodes, [work / "a", work / "b"], "soak", search, work / "soak.log")
         rng, struck = random.Random(fault_seed), []
         soak.start()
-        for kind in schedule(faults, rng):
+        for kind in schedule(faults, rng, kinds):
             for _ in range(3):  # a worker fault finds no trial running now and then: the next epoch, again
                 if not soak.wait_for_epochs(rng.randint(*gap)):
                     break  # the search ended before this fault
@@ -407,11 +299,13 @@ def run(work: Path, *, trials: int, faults: int, max_epochs: int, workers: int, 
         soak_s = soak.finish()
     finally:
         nodes.stop()
-    row = {"faults": len(struck), **{k: struck.count(k) for k in KINDS}}
+    mode = "single" if set(kinds) <= set(KINDS) else "paired" if set(kinds) <= set(PAIRED) else "single + paired"
+    row = {"mode": mode, "faults": len(struck), **{k: struck.count(k) for k in kinds},
+           "save_kills_landed": soak.save_kills_landed(), "max_retries": max_retries}
     row.update(compare(whole.folder, soak.folder, trials=trials, max_epochs=max_epochs, struck_at=soak.struck_at))
     console = soak.console()
     row["journal_ok"] = (row["journal_ok"] and soak.journal_ok and console["cut_short_lines"] == soak.torn_appends)
-    row["drivers_ok"] = soak.exits_ok and console["interrupted_lines"] == row["driver_sigint"] + row["moved"]
+    row["drivers_ok"] = soak.exits_ok and console["interrupted_lines"] == row.get("driver_sigint", 0) + row.get("moved", 0)
     row["engine_lines"] = console["engine_lines"]
     row.update(wall_ratio=round(soak_s / whole_s, 2), max_stall_s=round(max(soak.max_stall, whole.max_stall)),
                undisturbed_s=round(whole_s), soak_s=round(soak_s), seed=seed, fault_seed=fault_seed,
@@ -429,18 +323,22 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=40, help="pixels (the packaged files are 28 px: upsampled)")
     p.add_argument("--seed", type=int, default=0, help="the search's seed")
     p.add_argument("--fault-seed", type=int, default=0, help="seed of the faults' kinds and moments")
+    p.add_argument("--paired", action="store_true", help="two faults at once: " + ", ".join(PAIRED))
     p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/soak").expanduser()))
     p.add_argument("--benchmarks", action="store_true")
     args = p.parse_args()
     started = time.time()
     row = run(Path(args.work), trials=args.trials, faults=args.faults, max_epochs=args.max_epochs,
-              workers=args.workers, seed=args.seed, fault_seed=args.fault_seed, subset=args.subset or None, image_size=args.image_size)
+              workers=args.workers, seed=args.seed, fault_seed=args.fault_seed, subset=args.subset or None, image_size=args.image_size,
+              kinds=PAIRED if args.paired else KINDS)
     row.update(subset=args.subset or "all", image_size=args.image_size)
     common.finish("soak", pd.DataFrame([row]), started=started, benchmarks=args.benchmarks,
                   section="A search through many faults (issue 39)",
                   settings=f"{args.trials} trials of --space tiny ({args.image_size} px, {args.subset or 'all'} images a split, at most {args.max_epochs} "
                            f"epochs, ASHA grace 1, one at a time) on a head and {args.workers} worker nodes of 1 CPU "
-                           f"started by `ray start`; stall limit {STALL_LIMIT} s")
+                           f"started by `ray start`; {'paired' if args.paired else 'single'} faults; the search's "
+                           f"--max-retries {row['max_retries']} (faults + 2: one trial may be struck by all); "
+                           f"stall limit {STALL_LIMIT} s")
     ok = (row["lost"] == 0 and row["duplicated"] == 0 and row["journal_ok"] and row["continuity_ok"] and row["asha_same"]
           and row["mlflow_ok"] and row["drivers_ok"] and row["wall_ratio"] <= 2.5 and row["max_stall_s"] <= STALL_LIMIT)
     raise SystemExit(0 if ok else 1)

@@ -2,7 +2,7 @@
 shared data set, per seed with the rule (the default) and without it (`--no-stop-rule`), each
 finalized the same way (the default finalize), one after the other on one machine:
 
-    python bench/stop_rule.py --datasets pneumoniamnist,sarscov2-ct,covid19-xray-3class,covid-ct-ucsd --seeds 0,1,2
+    python -m bench.stop_rule_savings --datasets pneumoniamnist,sarscov2-ct,covid19-xray-3class,covid-ct-ucsd --seeds 0,1,2
 
 One row per data set and seed in `--out` (`full_search_s`, `stopped_search_s`, `full_test_auc`,
 `stopped_test_auc`, what each ran, the stop rule's outcome, and each arm's own commit and machine),
@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
 
 ARMS = {"full": ["--no-stop-rule"], "stopped": []}
 DATASETS = {"pneumoniamnist": "pneumoniamnist/pneumoniamnist.npz", "sarscov2-ct": "sarscov2-ct",
@@ -39,15 +36,8 @@ def run(arm: str, name: str, seed: int, work: Path, extra: list[str], provenance
     a folder to run it again)."""
     folder = work / f"{name}-{arm}-seed{seed}"
     if not (folder / "final" / "metrics.json").is_file():
-        shutil.rmtree(folder, ignore_errors=True)  # a run cut short is run again whole: its time is its measure
-        command = [sys.executable, "-m", "search.run", "--space", "backbones", "--weights", "random", "--seed",
-                   str(seed), "--data", str(common.SHARED / DATASETS[name]), "--storage", str(work),
-                   "--name", folder.name, *ARMS[arm], *extra]
-        print(f"[{time.strftime('%H:%M:%S')}] {name} {arm} seed {seed}: {' '.join(command[1:])}", flush=True)
-        with open(work / f"{folder.name}.log", "w") as log:
-            done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        if done.returncode:
-            raise SystemExit(f"{name} {arm} seed {seed} failed ({done.returncode}); see {work / f'{folder.name}.log'}")
+        common.run_search(folder, ["--space", "backbones", "--weights", "random", "--seed", str(seed), "--data",
+                                   str(common.SHARED / DATASETS[name]), *ARMS[arm], *extra], f"{name} {arm} seed {seed}")
         (folder / "provenance.json").write_text(json.dumps(provenance))
     ran_at = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").is_file() \
         else {"commit": "unknown (ran before provenance was recorded)"}
@@ -65,11 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="pneumoniamnist", help=f"comma-separated: {', '.join(DATASETS)}")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"stop_rule-{time.strftime('%Y%m%d')}.csv"))
-    p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/stop-rule").expanduser()))
-    p.add_argument("--allow-dirty", action="store_true", help="run from a tree with uncommitted changes (rows marked)")
-    p.add_argument("--benchmarks", action="store_true")
-    p.add_argument("extra", nargs="*", help="more search.run flags for both runs (after --)")
+    common.add_arm_flags(p, results="stop_rule", work="stop-rule")
     args = p.parse_args()
     names = [n for n in args.datasets.split(",") if n]
     if unknown := [n for n in names if n not in DATASETS]:

@@ -1,8 +1,8 @@
 """Training throughput: one trial's training loop (trainables.train) against the fastest bare timm loop
 found on the same machine, model, batch size, resolution and data, in images per second.
 
-    python bench/throughput.py                                  # CPU profile: `backbones` at 64 px, `lite` at 96 px
-    python bench/throughput.py --sets lite:96 --device cuda --batch-size 128
+    python -m bench.throughput                                  # CPU profile: `backbones` at 64 px, `lite` at 96 px
+    python -m bench.throughput --sets lite:96 --device cuda --batch-size 128
 
 The bare loops are what a user would write by hand: `timm.create_model`, AdamW, cross-entropy, the
 images already normalised float tensors on the device, in each memory layout x precision (fp32,
@@ -24,9 +24,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from bench import common
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench import common  # noqa: E402
 
 CPU_SETS = "backbones:64,lite:96"  # the CPU profile's sizes: 64 px for CT and X-ray folders, 96 for `lite`
 

@@ -18,7 +18,8 @@ import json
 import shutil
 from pathlib import Path
 
-from trainables import UserError
+from core.formatting import size
+from core.errors import UserError
 from trainables.models import num_params
 from trainables.trainable import CHECKPOINT_FILE, read_checkpoint
 
@@ -86,12 +87,12 @@ def check_free_space(storage: Path, *, sizes: tuple[float, float], num_samples: 
     largest, typical = sizes
     free = _free(storage)
     if free < in_hand(largest, slots):
-        raise UserError(f"{storage} has {_size(free)} free; the first {slots} trials' checkpoints alone take up to "
-                        f"{_size(in_hand(largest, slots))} ({_size(largest)} each): free space there, or choose "
+        raise UserError(f"{storage} has {size(free)} free; the first {slots} trials' checkpoints alone take up to "
+                        f"{size(in_hand(largest, slots))} ({size(largest)} each): free space there, or choose "
                         f"another --storage")
     need = num_samples * typical
-    line = (f"storage: {_size(free)} free under {storage}; this search's checkpoints take about {_size(need)} "
-            f"({num_samples} trials x {_size(typical)}; finalize removes the unused ones)")
+    line = (f"storage: {size(free)} free under {storage}; this search's checkpoints take about {size(need)} "
+            f"({num_samples} trials x {size(typical)}; finalize removes the unused ones)")
     return line if free >= need else (f"warning: {line}: the disk may fill up; the search then stops before it is "
                                       f"full, and --resume goes on once there is room")
 
@@ -108,7 +109,7 @@ def low_space(storage: Path, reserve: float):
     def check() -> str | None:
         free = _free(storage)
         if free < reserve:
-            return (f"{storage} has {_size(free)} free, less than the {_size(reserve)} the search keeps in hand to "
+            return (f"{storage} has {size(free)} free, less than the {size(reserve)} the search keeps in hand to "
                     f"write its checkpoints and state whole: it stopped with everything written so far")
         return None
     return check
@@ -116,10 +117,6 @@ def low_space(storage: Path, reserve: float):
 
 def _free(storage: Path) -> int:
     return shutil.disk_usage(next(p for p in (storage, *storage.parents) if p.exists())).free
-
-
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 2 ** 30:.1f} GB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.0f} MB"
 
 
 def remove_torn(folder: Path) -> None:

@@ -13,7 +13,7 @@ import sys
 import warnings
 from dataclasses import MISSING, fields
 
-from trainables import UserError
+from core.errors import UserError
 
 
 def add_flags(parser: argparse.ArgumentParser, options_class, *, only: tuple[str, ...] | None = None,

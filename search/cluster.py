@@ -16,7 +16,8 @@ from pathlib import Path
 
 import ray
 
-from trainables import UserError
+from core.formatting import duration
+from core.errors import UserError
 
 # a node that can run a trial may take this long to join a cluster (an autoscaler launching a GPU instance)
 NODE_WAIT = 1200
@@ -137,7 +138,7 @@ def check_fits(cpus: float, gpus: float, *, task: str, flags: str, cluster: bool
     from ray.autoscaler.sdk import request_resources
     request_resources(bundles=[{"CPU": cpus, "GPU": gpus}])
     print(f"no node can {task} with {need} yet (nodes: {_nodes_line()}); asked the autoscaler for one, waiting up "
-          f"to {_duration(wait)}", flush=True)
+          f"to {duration(wait)}", flush=True)
     started = last = time.time()
     try:
         while time.time() - started < wait:
@@ -150,13 +151,9 @@ def check_fits(cpus: float, gpus: float, *, task: str, flags: str, cluster: bool
                 print(f"  still waiting for a node with {need} ({last - started:.0f} s)", flush=True)
     finally:
         request_resources(bundles=[])  # the trials' own demand keeps such a node from now on
-    raise UserError(f"no node that can {task} with {need} joined in {_duration(wait)} (nodes: {_nodes_line()}); "
+    raise UserError(f"no node that can {task} with {need} joined in {duration(wait)} (nodes: {_nodes_line()}); "
                     f"a cluster without an autoscaler gets none: start one there (ray start --address <head>) or "
                     f"lower {flags}")
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 def _fits(cpus: float, gpus: float) -> bool:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import ray
 
-from search.plots import plot_saliency
+from core.choices import DATA_ENV
+from core.formatting import size
+from core.errors import UserError
+from search.plots import plot_preview
 from search.records import write_atomic, write_json
-from trainables import UserError
 from trainables.ingest.dataset import Dataset, check_every_split_has_every_class, load_dataset
 from trainables.ingest.leakage import audit_dataset, dedupe as drop_duplicates, render, summary_lines
 
@@ -25,7 +26,6 @@ from trainables.ingest.leakage import audit_dataset, dedupe as drop_duplicates, 
 # trial node's store: the rest is for checkpoints, results and the trials' own objects
 AUTO_STORE_SHARE = 0.5
 
-DATA_ENV = "SEARCH_DATA"
 # PneumoniaMNIST (2.4 MB, CC BY 4.0; default_data/README.md): the search runs anywhere, offline
 PACKAGED_DATA = Path(__file__).parent / "default_data" / "pneumoniamnist.npz"
 
@@ -78,8 +78,8 @@ def auto_store(nbytes: int, cpus: float, gpus: float) -> str:
     smallest = min(r.get("object_store_memory", 0) for r in trial_nodes or nodes)
     store = "memory" if nbytes <= AUTO_STORE_SHARE * smallest else "disk"
     which = "the smallest node that can run a trial" if trial_nodes else "the smallest node (none can run a trial yet)"
-    print(f"data store: {store} (--data-store auto): the decoded images take {_size(nbytes)}, "
-          f"{'within' if store == 'memory' else 'more than'} {AUTO_STORE_SHARE:.0%} of the {_size(smallest)} object "
+    print(f"data store: {store} (--data-store auto): the decoded images take {size(nbytes)}, "
+          f"{'within' if store == 'memory' else 'more than'} {AUTO_STORE_SHARE:.0%} of the {size(smallest)} object "
           f"store of {which}" + ("; trials read their batches from the cache on disk" if store == "disk" else ""),
           flush=True)
     return store
@@ -99,13 +99,6 @@ def ray_chunks(fn, chunks: list, kwargs: dict):
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=10)
         yield (pending.pop(ready[0]), ray.get(ready[0])) if ready else (None, None)
 
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:,.0f} {unit}" if unit == "B" else f"{nbytes:,.1f} {unit}"
-        nbytes /= 1000
-    return ""
 
 PREVIEW = "data_preview.png"
 
@@ -133,14 +126,3 @@ def write_audit(folder: Path, report: dict, data: Dataset) -> None:
     report = {**report, "preview": PREVIEW}
     write_json(folder / "data_report.json", report)
     write_atomic(folder / "data_report.md", lambda p: p.write_text(render(report)))
-
-
-def plot_preview(data: Dataset, path: Path, per_class: int = 6) -> None:
-    train, rows = data.indices("train"), {}
-    for k, name in enumerate(data.class_names):
-        chosen = train[data.labels[train] == k][:per_class]
-        images = data.images[chosen] if len(chosen) else []
-        rows[name] = [(np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image,
-                       Path(data.paths[i]).name[-24:] if data.paths else f"#{i}") for image, i in zip(images, chosen)]
-    side = data.images.shape[1]
-    plot_saliency(rows, f"What the trials see: training images per class ({side} px, before augmentation)", path)

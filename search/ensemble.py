@@ -19,7 +19,7 @@ import numpy as np
 from search.calibration import TEMPERATURES, apply_temperature, at_a_bound, calibration, choose_temperature
 from search.evaluate import auc, evaluate, paired_difference, score, youden_threshold
 from trainables.ingest.dataset import Dataset
-from trainables.metrics import METRIC_MODES
+from core.choices import METRIC_MODES
 
 
 def ensemble_weights(val_probs: list[np.ndarray], labels: np.ndarray, metric: str, *, rounds: int = 20) -> np.ndarray:

@@ -21,7 +21,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, classification_report,
                              confusion_matrix, roc_auc_score, roc_curve)
 
-from trainables import UserError
+from core.errors import UserError
 
 NEGATIVE_NAMES = re.compile(r"(^|[^a-z])((normal|negative|healthy|benign|control)($|[^a-z])|non|no[-_ ])", re.IGNORECASE)
 

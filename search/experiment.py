@@ -24,6 +24,7 @@ import ray
 import torch
 from ray import tune
 
+from core.errors import UserError
 from search.checkpoints import check_free_space, checkpoint_sizes, in_hand, low_space, remove_torn
 from search.cluster import check_fits, connected, engine_messages, slots
 from search.cores import ShareIdleCores, core_budget
@@ -43,10 +44,9 @@ from search.tuner import (SchedulerState, bind_space, fit, make_scheduler, make_
                           with_data)
 from search.warm_start import SCORED_BY, Earlier, read_studies, translate, tried_backbones
 from spaces import Space, get_space
-from trainables import UserError
-from trainables.config import validate_config
+from trainables.config import check_backbone_names, validate_config
 from trainables.ingest.dataset import Dataset, check_data
-from trainables.metrics import METRIC_MODES
+from core.choices import METRIC_MODES
 from trainables.models import num_stages, weights_source
 from trainables.trainable import train_classifier
 
@@ -152,6 +152,7 @@ def _check_before_ray(options: SearchOptions, folder: Path) -> None:
     (on this machine, where the profile is known now) the options with the profile filled in."""
     check_data(data_path(options.data), group_column=options.group_column, strata_columns=tuple(options.strata or ()))
     check_externals(options.external, options.class_map)
+    check_backbone_names(options.backbones or "")
     if not options.resume:
         read_studies(options.warm_start or [], space=options.space, metric=options.metric, fingerprint="")
     writable = next(p for p in (folder, *folder.parents) if p.exists())

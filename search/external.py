@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from core.formatting import figure, interval
+from core.errors import UserError
 from search.calibration import calibration
 from search.evaluate import evaluate
 from search.strata import strata_figures
-from trainables import UserError
 from trainables.ingest.dataset import Dataset, check_data, load_labelled
 
 COMPARED = ("auc", "sensitivity", "specificity", "accuracy")
@@ -236,9 +237,9 @@ def external_lines(externals: list[dict], internal: dict | None, *, plot: str | 
         ci = f["ci"]
         patients = f" ({f['patients']} patients)" if f.get("patients") else ""
         ece = f"{f['calibration']['ece']:.3f}" if f.get("calibration") else "n/a"
-        lines.append(f"| {label} | {f['images']}{patients} | {f['auc']:.3f} ({_ci(ci['auc'])}) | "
-                     f"{_fmt(f['sensitivity'])} ({_ci(ci['sensitivity'])}) | {_fmt(f['specificity'])} "
-                     f"({_ci(ci['specificity'])}) | {_fmt(f['ppv'])} | {_fmt(f['npv'])} | {f['accuracy']:.3f} | {ece} |")
+        lines.append(f"| {label} | {f['images']}{patients} | {f['auc']:.3f} ({interval(ci['auc'])}) | "
+                     f"{figure(f['sensitivity'])} ({interval(ci['sensitivity'])}) | {figure(f['specificity'])} "
+                     f"({interval(ci['specificity'])}) | {figure(f['ppv'])} | {figure(f['npv'])} | {f['accuracy']:.3f} | {ece} |")
     for e in externals:
         lines += ["", f"**{e['name']}** (`{e['path']}`, fingerprint `{e['fingerprint']}`): classes matched "
                       + ", ".join(f"{t} as {o}" for t, o in e["matched"].items()) + "."]
@@ -261,10 +262,3 @@ def external_lines(externals: list[dict], internal: dict | None, *, plot: str | 
         lines += ["", f"![ROC curves, internal and external]({plot})"]
     return lines
 
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
-def _ci(interval) -> str:
-    return f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "n/a"

@@ -19,27 +19,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.formatting import figure
+from core.errors import UserError
 from search.checkpoints import torn
 from search.cluster import check_fits, connected
 from search.data_setup import audited, load_search_data
 from search.ensemble import calibrate, choose, score_models
 from search.evaluate import decide, positive_class
 from search.external import External, check_externals, evaluate_external, file_stem, like, load_externals
-from search.importance import importances, plot_importance
+from search.importance import importances
 from search.options import FinalizeOptions, check_fields
-from search.plots import (plot_calibration, plot_confusion, plot_external_roc, plot_progress, plot_roc,
+from search.plots import (plot_calibration, plot_confusion, plot_external_roc, plot_importance, plot_progress, plot_roc,
                           plot_saliency, plot_training_curves)
 from search.records import read_search_record, versions, write_json
-from search.report import fmt, render_report
+from search.report import render_report
 from search.retrain import candidates, retrain_top
 from search.saliency import file_name, grad_cam, overlay
 from search.strata import strata_figures
 from search.saved_model import load_model, save_model
 from search.tracking import log_outputs
 from search.tuner import STUDY_FILE, load_study
-from trainables import UserError
 from trainables.ingest.dataset import Dataset
-from trainables.metrics import METRIC_MODES
+from core.choices import METRIC_MODES
 
 
 def finalize(options: FinalizeOptions, *, data: Dataset | None = None, externals: list[External] | None = None) -> Path:
@@ -342,11 +343,11 @@ def _print_summary(final: Path, summary: dict) -> None:
         t = m["test"]
         mark = "*" if name == summary["chosen"] else " "
         print(f" {mark} {name:40s} test AUC {t['auc']:.4f} [{t['ci']['auc'][0]:.3f}, {t['ci']['auc'][1]:.3f}]  "
-              f"acc {t['accuracy']:.3f}  sens {fmt(t['sensitivity'])}  spec {fmt(t['specificity'])}  "
+              f"acc {t['accuracy']:.3f}  sens {figure(t['sensitivity'])}  spec {figure(t['specificity'])}  "
               f"(validation {metric} {m['val'][metric]:.4f})")
     for e in summary.get("external") or []:
         print(f"   external {e['name']:31s} AUC {e['auc']:.4f} [{e['ci']['auc'][0]:.3f}, {e['ci']['auc'][1]:.3f}]  "
-              f"acc {e['accuracy']:.3f}  sens {fmt(e['sensitivity'])}  spec {fmt(e['specificity'])}  "
+              f"acc {e['accuracy']:.3f}  sens {figure(e['sensitivity'])}  spec {figure(e['specificity'])}  "
               f"({e['images']} images; the internal test's threshold)")
     print(f"chosen: {summary['chosen']}: {summary['choice']}")
     print(f"report: {final / 'report.md'}; model: {final / 'ensemble'}")

@@ -10,14 +10,8 @@ Example:
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import optuna
-import pandas as pd
 from optuna.importance import FanovaImportanceEvaluator, get_param_importances
-
-from search.plots import plt, save
 
 # fewer sampled trials than this that ran to the end, and the importances would be noise
 MIN_TRIALS = 10
@@ -43,34 +37,3 @@ def importances(study: optuna.Study, *, seed: int = 0) -> dict:
     found = get_param_importances(varied, evaluator=FanovaImportanceEvaluator(seed=seed))
     out["values"] = {name: float(value) for name, value in found.items()}
     return out
-
-
-def plot_importance(found: dict[str, float], board: pd.DataFrame, metric: str, path: Path) -> None:
-    """Left: the importances. Right: every trial's metric (colour) against the two most important
-    hyperparameters."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    names = list(found)[::-1]
-    left.barh(names, [found[n] for n in names])
-    left.set(xlabel="importance (fANOVA, share of the score's variance)", title="what mattered in the search")
-    first, second = list(found)[:2]
-    frame = board.dropna(subset=[metric])
-    points = right.scatter(_axis(right, frame[first], "x"), _axis(right, frame[second], "y"), c=frame[metric],
-                           cmap="viridis", s=40, edgecolors="black", linewidths=0.3)
-    fig.colorbar(points, ax=right, label=f"{metric} at the trial's best epoch")
-    right.set(xlabel=first, ylabel=second, title=f"{metric} of every trial against the two most important")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    save(fig, path)
-
-
-def _axis(ax, values: pd.Series, which: str) -> np.ndarray:
-    """Positions for a column: categories spread on ticks, wide positive ranges on a log scale."""
-    set_ticks, set_scale = (ax.set_xticks, ax.set_xscale) if which == "x" else (ax.set_yticks, ax.set_yscale)
-    numeric = pd.to_numeric(values, errors="coerce")
-    if numeric.notna().all():
-        if (numeric > 0).all() and numeric.max() / numeric.min() > 100:
-            set_scale("log")
-        return numeric.to_numpy()
-    categories = sorted(values.astype(str).unique())
-    set_ticks(range(len(categories)), categories, **({"rotation": 30} if which == "x" else {}))
-    return values.astype(str).map(categories.index).to_numpy() + np.random.default_rng(0).uniform(-0.15, 0.15, len(values))

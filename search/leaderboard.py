@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
+from core.formatting import clock
 from search.records import write_atomic
 from trainables.config import DEFAULT_CONFIG
-from trainables.metrics import METRIC_MODES
+from core.choices import METRIC_MODES
 
 VAL_METRICS = tuple(METRIC_MODES)
 KEPT = (*VAL_METRICS, *(f"{m}_std" for m in VAL_METRICS))  # of a trial's best epoch; _std: over folds
@@ -193,12 +194,6 @@ class LeaderboardCallback(tune.Callback):
                    for t in trials if t.status == "RUNNING" and t.trial_id not in self.ended]
             line += f" | in progress: {'; '.join(now)}" if now else ""
         print(line, flush=True)
-
-
-def clock(seconds: float) -> str:
-    """Seconds as m:ss, or h:mm:ss from an hour on."""
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def print_summary(board: pd.DataFrame, folder: Path, *, metric: str) -> None:

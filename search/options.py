@@ -10,19 +10,13 @@ Example:
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import timm
-
-from search.data_setup import DATA_ENV
-from search.samplers import SAMPLERS
+from core.choices import (DATA_ENV, MEMORY_FORMATS, METRIC_MODES, PRECISIONS, SAMPLER_NAMES, WEIGHTS, check_ct_window,
+                          check_image_size)
+from core.errors import UserError
 from spaces import UnknownSpace, get_space, list_spaces
-from trainables import UserError
-from trainables.ingest.dicom import check_ct_window
-from trainables.ingest.image_file import check_image_size
-from trainables.metrics import METRIC_MODES
 
 PROFILES = {
     # a laptop-class CPU: few epochs, two trials at a time on two cores; images at 32 px when they
@@ -107,20 +101,20 @@ class SearchOptions(SharedOptions):
     time_budget: float | None = option(None, "stop the search after this many seconds", type=float, above=0)
     seed: int = option(0, "seed of the split, the sampler and the trials", type=int, at_least=0)
     metric: str = option("val_auc", "validation metric to optimise", choices=tuple(METRIC_MODES))
-    sampler: str = option("tpe", "Optuna sampler", choices=tuple(SAMPLERS))
+    sampler: str = option("tpe", "Optuna sampler", choices=SAMPLER_NAMES)
     backbones: str | None = option(None, "comma-separated timm names replacing the space's backbones")
     recipes: str | None = option(None, "comma-separated recipe names: run only these of --space recipes")
     weights: str = option("imagenet", "ImageNet weights (local --weights-dir, installed package, or timm's "
-                                      "hub), or random initialisation", choices=("imagenet", "random"))
+                                      "hub), or random initialisation", choices=WEIGHTS)
     weights_dir: str | None = option(None, "folder of local checkpoints named <backbone>.pth or .safetensors")
     image_size: int | str | None = option(None, "side of the decoded images; auto: 32 px for images up to "
                                                 "48 px, else 64", type=int_or_auto)
     channels: int = option(1, "1 grayscale, 3 RGB", type=int, choices=(1, 3))
     precision: str = option("auto", "autocast of training; auto: the fastest measured on the machine for each "
                                     "backbone (trainables/execution.py; prediction: bf16 or fp16 on a GPU, fp32 on a "
-                                    "CPU)", choices=("auto", "fp32", "bf16", "fp16"))
+                                    "CPU)", choices=PRECISIONS)
     memory_format: str = option("auto", "tensor layout of the networks; auto: the faster measured on the machine for "
-                                        "each backbone", choices=("auto", "channels_last", "contiguous"))
+                                        "each backbone", choices=MEMORY_FORMATS)
     early_size: int | str | None = option(None, "side the first rung's epochs (the first --grace-period) train and "
                                                 "validate at, so that the trials ASHA stops there cost less; 0: the "
                                                 "full size throughout; auto: half the image size", type=int_or_auto)
@@ -314,7 +308,3 @@ def check_search(o: SearchOptions) -> None:
     if o.mlflow is not None:
         from search.tracking import check_mlflow  # Ray's and MLflow's imports only for a search that logs
         check_mlflow(o.mlflow)
-    if o.backbones:
-        unknown = [b for b in o.backbones.split(",") if b.strip() and not timm.is_model(b.strip())]
-        if unknown:
-            raise UserError(f"unknown backbone(s) {unknown}; use timm model names (timm.list_models())")

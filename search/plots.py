@@ -1,5 +1,6 @@
-"""The figures people would rather look at than read: the search over time, ROC curves, the
-confusion matrix, training curves. Each function writes one PNG.
+"""The figures people would rather look at than read, every one of them: the search over time, ROC
+curves, the confusion matrix, calibration, training curves, what mattered in the search, the data
+preview. Each function writes one PNG.
 
 Example:
     >>> plot_confusion([[50, 3], [4, 60]], ["normal", "pneumonia"], "ensemble-mean", Path("cm.png"))
@@ -186,3 +187,46 @@ def save(fig, path: Path) -> None:
         write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)
+
+
+def plot_importance(found: dict[str, float], board: pd.DataFrame, metric: str, path: Path) -> None:
+    """Left: the importances. Right: every trial's metric (colour) against the two most important
+    hyperparameters."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    names = list(found)[::-1]
+    left.barh(names, [found[n] for n in names])
+    left.set(xlabel="importance (fANOVA, share of the score's variance)", title="what mattered in the search")
+    first, second = list(found)[:2]
+    frame = board.dropna(subset=[metric])
+    points = right.scatter(_axis(right, frame[first], "x"), _axis(right, frame[second], "y"), c=frame[metric],
+                           cmap="viridis", s=40, edgecolors="black", linewidths=0.3)
+    fig.colorbar(points, ax=right, label=f"{metric} at the trial's best epoch")
+    right.set(xlabel=first, ylabel=second, title=f"{metric} of every trial against the two most important")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    save(fig, path)
+
+
+def _axis(ax, values: pd.Series, which: str) -> np.ndarray:
+    """Positions for a column: categories spread on ticks, wide positive ranges on a log scale."""
+    set_ticks, set_scale = (ax.set_xticks, ax.set_xscale) if which == "x" else (ax.set_yticks, ax.set_yscale)
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all():
+        if (numeric > 0).all() and numeric.max() / numeric.min() > 100:
+            set_scale("log")
+        return numeric.to_numpy()
+    categories = sorted(values.astype(str).unique())
+    set_ticks(range(len(categories)), categories, **({"rotation": 30} if which == "x" else {}))
+    return values.astype(str).map(categories.index).to_numpy() + np.random.default_rng(0).uniform(-0.15, 0.15, len(values))
+
+
+def plot_preview(data, path: Path, per_class: int = 6) -> None:
+    """A few training images per class of a `Dataset` as the trials receive them (`data_preview.png`)."""
+    train, rows = data.indices("train"), {}
+    for k, name in enumerate(data.class_names):
+        chosen = train[data.labels[train] == k][:per_class]
+        images = data.images[chosen] if len(chosen) else []
+        rows[name] = [(np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image,
+                       Path(data.paths[i]).name[-24:] if data.paths else f"#{i}") for image, i in zip(images, chosen)]
+    side = data.images.shape[1]
+    plot_saliency(rows, f"What the trials see: training images per class ({side} px, before augmentation)", path)

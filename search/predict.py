@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.formatting import figure
+from core.errors import UserError
 from search.cli import handle_errors
 from search.external import evaluate_external, external_lines, load_externals
 from search.plots import plot_external_roc
 from search.records import versions, write_atomic, write_json
-from search.report import fmt
 from search.saliency import write_overlays
 from search.saved_model import SavedModel, device_name, image_files, load_model, predict_files
-from trainables import UserError
 from trainables.ingest.decoding import decode_images
 
 
@@ -108,8 +108,8 @@ def predict_labelled(args: argparse.Namespace, model: SavedModel, out: Path) -> 
     text = "\n".join([f"# {args.model} on {ext.name}", ""] + lines) + "\n"
     write_atomic(stem.with_suffix(".md"), lambda f: f.write_text(text))
     print(f"{len(table)} image(s) of {ext.name} -> {out}: AUC {figures['auc']:.4f} "
-          f"[{figures['ci']['auc'][0]:.3f}, {figures['ci']['auc'][1]:.3f}], sensitivity {fmt(figures['sensitivity'])}, "
-          f"specificity {fmt(figures['specificity'])}"
+          f"[{figures['ci']['auc'][0]:.3f}, {figures['ci']['auc'][1]:.3f}], sensitivity {figure(figures['sensitivity'])}, "
+          f"specificity {figure(figures['specificity'])}"
           + (f" (internal test AUC {internal['auc']:.4f})" if internal else "") + f"; read-out: {stem}.md")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables import UserError
+from core.errors import UserError
 
 
 def write_atomic(path: Path, write) -> None:

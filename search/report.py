@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.formatting import figure, interval
 from search.external import external_lines
 from search.strata import strata_lines
 from trainables.ingest.leakage import probe_lines
@@ -44,12 +45,12 @@ def _headline(folder: Path, summary: dict, models: dict) -> list[str]:
     n_test = sum(summary["data"]["counts"]["test"].values())
     return [f"# Final report: {folder.name}", "",
             f"**Final model: {chosen}.** On the held-out test split ({n_test} images, never seen by the search "
-            f"or by any choice made here) it reaches **AUC {c['auc']:.3f}** (95% CI {_ci(c['ci']['auc'])}), "
+            f"or by any choice made here) it reaches **AUC {c['auc']:.3f}** (95% CI {interval(c['ci']['auc'])}), "
             f"**accuracy {c['accuracy']:.3f}**, and for **{pos}** at the threshold chosen on the "
             f"{_where(summary)} ({c['threshold']:.3f} on p({pos}), Youden's J): **sensitivity "
-            f"{fmt(c['sensitivity'])}** ({_ci(c['ci']['sensitivity'])}), **specificity {fmt(c['specificity'])}** "
-            f"({_ci(c['ci']['specificity'])}), PPV {fmt(c['ppv'])} ({_ci(c['ci']['ppv'])}), NPV {fmt(c['npv'])} "
-            f"({_ci(c['ci']['npv'])}).", "",
+            f"{figure(c['sensitivity'])}** ({interval(c['ci']['sensitivity'])}), **specificity {figure(c['specificity'])}** "
+            f"({interval(c['ci']['specificity'])}), PPV {figure(c['ppv'])} ({interval(c['ci']['ppv'])}), NPV {figure(c['npv'])} "
+            f"({interval(c['ci']['npv'])}).", "",
             f"Balanced accuracy {c['balanced_accuracy']:.3f}; precision-recall AUC for {pos} {c['pr_auc']:.3f} (chance "
             f"{c['pr_auc_chance']:.3f}, the share of {pos} images)." + _majority(c), "",
             f"Why this model: {summary['choice']}."]
@@ -84,10 +85,10 @@ def _models_table(summary: dict, models: dict, metric: str) -> list[str]:
     for name, m in models.items():
         t = m["test"]
         shown = f"**{name}** (final)" if name == summary["chosen"] else name
-        lines.append(f"| {shown} | {m['val'][metric[4:]]:.4f} | {t['auc']:.4f} ({_ci(t['ci']['auc'])}) | "
-                     f"{t['accuracy']:.3f} | {fmt(t['sensitivity'])} ({_ci(t['ci']['sensitivity'])}) | "
-                     f"{fmt(t['specificity'])} ({_ci(t['ci']['specificity'])}) | {fmt(t['ppv'])} | "
-                     f"{fmt(t['npv'])} | {t['threshold']:.3f} |")
+        lines.append(f"| {shown} | {m['val'][metric[4:]]:.4f} | {t['auc']:.4f} ({interval(t['ci']['auc'])}) | "
+                     f"{t['accuracy']:.3f} | {figure(t['sensitivity'])} ({interval(t['ci']['sensitivity'])}) | "
+                     f"{figure(t['specificity'])} ({interval(t['ci']['specificity'])}) | {figure(t['ppv'])} | "
+                     f"{figure(t['npv'])} | {t['threshold']:.3f} |")
     return lines
 
 
@@ -99,8 +100,8 @@ def _siblings(siblings: list[dict]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in siblings:
         t = s["test"]
-        lines.append(f"| {s['experiment']} | {s['space']} | {s['model']} | {t['auc']:.4f} ({_ci(t['ci']['auc'])}) | "
-                     f"{t['accuracy']:.3f} | {fmt(t['sensitivity'])} | {fmt(t['specificity'])} |")
+        lines.append(f"| {s['experiment']} | {s['space']} | {s['model']} | {t['auc']:.4f} ({interval(t['ci']['auc'])}) | "
+                     f"{t['accuracy']:.3f} | {figure(t['sensitivity'])} | {figure(t['specificity'])} |")
     return lines
 
 
@@ -326,15 +327,6 @@ def _use(folder: Path, versions: dict) -> list[str]:
             "Files: `metrics.json` (everything above), `test_predictions.csv` / `val_predictions.csv` (the final "
             "model's probabilities per image), `ensemble/` (the final model), `members/` (each member alone).", "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k in shown)]
-
-
-def fmt(x, digits: int = 3) -> str:
-    """A figure that may be missing (None: its denominator was 0)."""
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def _ci(interval) -> str:
-    return f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "n/a"
 
 
 def _param(value) -> str:

@@ -20,13 +20,14 @@ import pandas as pd
 import ray
 import torch
 
+from core.formatting import clock
+from core.errors import UserError
 from search.checkpoints import newest_readable, results
 from search.cores import core_budget, share_among_tasks
-from search.leaderboard import VAL_METRICS, clock
-from trainables import UserError
+from search.leaderboard import VAL_METRICS
 from trainables.ingest.dataset import Dataset
 from trainables.train import Training
-from trainables.trainable import allowed_threads
+from trainables.trainable import with_threads
 
 HEARTBEAT = 60  # seconds: the longest the console stays quiet while retrainings run
 
@@ -121,12 +122,7 @@ def _epochs(run: Training, epochs: int, warm_restart: int, cores, key: str):
     """The run's epochs to `epochs`, then its warm-restart cycle; before each, the threads `cores` allows."""
     own = _held_cpus() or torch.get_num_threads()
     for cycle in (run.epochs(until=epochs), *([_restarted(run, warm_restart)] if warm_restart else [])):
-        while True:
-            threads = allowed_threads(cores, key, own)
-            torch.set_num_threads(threads)
-            metrics = next(cycle, None)
-            if metrics is None:
-                break
+        for metrics, threads in with_threads(cycle, cores, key, own):
             yield {**metrics, "threads": threads}
 
 

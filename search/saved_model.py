@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.errors import UserError
 from search.calibration import apply_temperature
 from search.evaluate import decide
-from trainables import UserError
 from trainables.ingest.decoding import decode_images
 from trainables.ingest.files import IMAGE_EXTENSIONS, files_under, unread_line
 from trainables.models import build_model

@@ -25,9 +25,9 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
+from core.errors import UserError
 from search.checkpoints import results
-from trainables import UserError
-from trainables.metrics import METRIC_MODES
+from core.choices import METRIC_MODES
 
 IN_EXPERIMENT = "experiment"  # --mlflow given alone: a SQLite store inside the experiment folder
 URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")

@@ -30,12 +30,12 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from core.errors import UserError
 from search import engine_fixes
 from search.checkpoints import stand_in_for_lost
 from search.records import cut_torn_tail, write_atomic
 from search.samplers import SAMPLERS
 from search.stop_rule import StopRule, validation_error
-from trainables import UserError
 
 STUDY_FILE, STUDY_NAME = "optuna.journal", "search"
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import optuna
 
+from core.errors import UserError
 from search.records import read_search_record
 from search.tuner import STUDY_FILE, load_study
-from trainables import UserError
 
 USED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 

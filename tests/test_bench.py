@@ -49,7 +49,7 @@ def test_compute_to_reach_counts_trial_epochs_in_finishing_order(fifo_search):
 
 def test_throughput_script_compares_the_trial_loop_with_every_bare_loop(tmp_path):
     env = {**os.environ, "BENCH_RESULTS": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "bench/throughput.py", "--sets", "resnet18:32", "--steps", "2", "--warmup",
+    result = subprocess.run([sys.executable, "-m", "bench.throughput", "--sets", "resnet18:32", "--steps", "2", "--warmup",
                              "1", "--repeats", "1", "--no-compile"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -61,7 +61,7 @@ def test_throughput_script_compares_the_trial_loop_with_every_bare_loop(tmp_path
     fastest = table.loc[table["fastest bare"] == "yes", "images/s (median)"].item()
     assert table["trial loop / this"].iloc[0] == 1.0 and table.loc[table["fastest bare"] == "yes", "trial loop / this"].item() \
         == pytest.approx(table["images/s (median)"].iloc[0] / fastest, abs=2e-3)
-    bad = subprocess.run([sys.executable, "bench/throughput.py", "--sets", "nonet:32"], cwd=ROOT, env=env,
+    bad = subprocess.run([sys.executable, "-m", "bench.throughput", "--sets", "nonet:32"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "'nonet' is neither a space" in bad.stderr
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared
-from trainables import UserError
+from core.errors import UserError
 from trainables.ingest.dataset import SPLITS, load_dataset
 from trainables.ingest.image_file import decode_image
 

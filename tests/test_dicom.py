@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset as DicomDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from conftest import ROOT
-from trainables import UserError
+from core.errors import UserError
 from trainables.ingest.dataset import load_dataset
 from trainables.ingest.image_file import decode_image
 

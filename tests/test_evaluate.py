@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score, roc_curve
 
+from core.errors import UserError
 from search.ensemble import ensemble_weights
 from search.evaluate import (auc, confidence_intervals, decide, evaluate, paired_difference, positive_class, rates,
                              score, stratified_resamples, wilson, youden_threshold)
-from trainables import UserError
 
 
 def test_youden_threshold_is_j_optimal_and_in_the_middle_of_the_gap():

@@ -10,10 +10,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from conftest import one_error, run_cli, run_in_process
+from core.errors import UserError
 from search.external import check_externals, external_lines, file_stem, match_classes, parse_class_map
 from search.final_model import finalize
 from search.options import FinalizeOptions
-from trainables import UserError
 
 
 @pytest.fixture(scope="module")

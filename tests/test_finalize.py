@@ -10,11 +10,11 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
 from conftest import one_error, run_cli, run_in_process
+from core.errors import UserError
 from search.experiment import run_search
 from search.final_model import finalize
 from search.options import FinalizeOptions, SearchOptions
 from search.retrain import outcome, retrain
-from trainables import UserError
 
 
 def test_mlflow_keeps_the_leaderboard_report_and_final_model_on_the_parent_run(experiment):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainables import UserError
+from core.errors import UserError
 from trainables.config import validate_config
 from trainables.models import build_model, load_checkpoint, weights_source
 from trainables.train import class_weights, make_optimizer

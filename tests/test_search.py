@@ -399,7 +399,7 @@ def test_recipes_flag_runs_only_the_named_recipes(tmp_path, pneumonia_npz):
 
 
 def test_unknown_scheduler_in_options_is_a_user_error(tmp_path, pneumonia_npz):
-    from trainables import UserError
+    from core.errors import UserError
     with pytest.raises(UserError, match="unknown scheduler 'median'; choose one of asha, fifo"):
         _run(tmp_path, space="tiny", data=str(pneumonia_npz), scheduler="median")
     assert not any(tmp_path.iterdir())
@@ -407,7 +407,7 @@ def test_unknown_scheduler_in_options_is_a_user_error(tmp_path, pneumonia_npz):
 
 @pytest.mark.parametrize("size", ["big", 0, 12.5])
 def test_bad_image_size_in_options_is_a_user_error(tmp_path, pneumonia_npz, size):
-    from trainables import UserError
+    from core.errors import UserError
     with pytest.raises(UserError, match=f"--image-size must be 'auto' or a whole number of pixels, 8 or more; got {size!r}"):
         _run(tmp_path, space="tiny", data=str(pneumonia_npz), image_size=size)
     assert not any(tmp_path.iterdir())
@@ -569,14 +569,14 @@ def test_the_stop_rule_goes_on_through_a_run_of_small_gains_that_add_up_to_more_
 def test_the_free_space_of_the_storage_is_compared_with_what_the_checkpoints_take(tmp_path):
     import shutil
     from search.checkpoints import check_free_space, checkpoint_sizes, low_space
-    from trainables import UserError
+    from core.errors import UserError
     from trainables.models import num_params
     free = shutil.disk_usage(tmp_path).free
     one = 12 * num_params("resnet18") * 5  # 5 folds of weights and Adam's two moments, float32
     assert checkpoint_sizes(["resnet18", "small_cnn"], 5) == (one, (one + 12 * num_params("small_cnn") * 5) / 2)
     sizes = checkpoint_sizes(["resnet18"], 5)
     line = check_free_space(tmp_path / "new" / "storage", sizes=sizes, num_samples=2, slots=2)
-    assert line.startswith("storage: ") and f"2 trials x {one / 2 ** 20:.0f} MB" in line
+    assert line.startswith("storage: ") and f"2 trials x {one / 1e6:,.1f} MB" in line
     many = int(free / one) + 1  # the checkpoints of this many trials do not fit
     line = check_free_space(tmp_path, sizes=sizes, num_samples=many, slots=2)
     assert line.startswith("warning: storage: ") and "the disk may fill up" in line

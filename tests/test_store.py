@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from core.errors import UserError
 from search.options import SearchOptions, check_search
-from trainables import UserError
 from trainables.ingest.dataset import load_dataset
 import torch
 

@@ -1,20 +1,21 @@
 """The code's shape: data flows one way (no import cycles, nothing imports an entry point, the trial
-side never imports the search side, the data ingest imports none of the trial's own code), every
+side never imports the search side, the data ingest imports none of the trial's own code, the ground
+floor `core` imports nothing but the standard library), every
 module has a file name of its own, functions and modules stay short, and predict needs no Ray."""
 import ast
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 
 from conftest import ROOT
 
-PACKAGES = ("search", "trainables", "spaces")
+PACKAGES = ("core", "search", "trainables", "spaces")
 ENTRY_POINTS = {"search.run", "search.finalize", "search.predict", "search.audit"}
-# a module of the first package may import none of the second's; "trainables.ingest" may import
-# `trainables` itself (its UserError)
-FORBIDDEN = {"spaces": ("trainables", "search"), "trainables": ("search", "spaces"),
-             "trainables.ingest": ("trainables.", "search", "spaces")}
+# a module of the first package may import none of the second's
+FORBIDDEN = {"core": ("search", "trainables", "spaces"), "spaces": ("trainables", "search"),
+             "trainables": ("search", "spaces"), "trainables.ingest": ("trainables", "search", "spaces")}
 MAX_FUNCTION_LINES, MAX_MODULE_LINES = 80, 400
 
 
@@ -91,20 +92,56 @@ def test_imports_go_one_way_between_packages():
                    for p in FORBIDDEN[_package(a)])]
     assert bad == []
     assert "trainables.ingest.dataset" in graph["trainables.train"]  # the trial reads the ingest's Dataset
-    assert "trainables" in graph["trainables.ingest.dataset"]        # and the one import the other way is allowed
+    assert "core.errors" in graph["trainables.ingest.dataset"]       # and everything stands on the ground floor
+
+
+def test_the_ground_floor_imports_the_standard_library_only():
+    """`core` is what reading options or raising an error costs: no torch, Ray or matplotlib."""
+    heavy = []
+    for name, path in _modules().items():
+        if name.split(".")[0] == "core":
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and not node.level else []
+                heavy += [f"{name} imports {m}" for m in names
+                          if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "core"]
+    assert heavy == []
+    # the options and their checks stand on it alone: reading a flag's allowed values starts no library
+    heavy = "{'torch', 'ray', 'numpy', 'matplotlib', 'timm', 'optuna', 'sklearn', 'pandas', 'PIL'}"
+    code = f"import sys, core.errors, core.formatting, search.options; print(sorted({heavy} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_each_allowed_value_is_written_once_and_its_builders_agree():
+    from core import choices
+    from search.options import SearchOptions
+    from search.samplers import SAMPLERS
+    from trainables.config import CHOICES
+    assert tuple(SAMPLERS) == choices.SAMPLER_NAMES
+    assert (CHOICES["weights"], CHOICES["precision"], CHOICES["memory_format"]) == \
+        (choices.WEIGHTS, choices.PRECISIONS, choices.MEMORY_FORMATS)
+    allowed = {f.name: f.metadata.get("choices") for f in fields(SearchOptions)}
+    assert allowed["sampler"] == choices.SAMPLER_NAMES and allowed["weights"] == choices.WEIGHTS
+    assert allowed["metric"] == tuple(choices.METRIC_MODES) and allowed["precision"] == choices.PRECISIONS
 
 
 def test_no_two_modules_share_a_file_name():
+    """Across the library and the benchmarks: `bench/stop_rule.py` beside `search/stop_rule.py` sent
+    readers (and tracebacks) to the wrong file."""
     names = {}
-    for name, path in _modules().items():
+    for name, path in _with_bench().items():
         if path.name != "__init__.py":
             names.setdefault(path.name, []).append(name)
     assert {file: found for file, found in names.items() if len(found) > 1} == {}
 
 
+def _with_bench() -> dict:
+    return {**_modules(), **{f"bench.{f.stem}": f for f in sorted((ROOT / "bench").glob("*.py"))}}
+
+
 def test_functions_and_modules_stay_short():
     long = []
-    for name, path in _modules().items():
+    for name, path in _with_bench().items():
         text = path.read_text()
         if len(text.splitlines()) > MAX_MODULE_LINES:
             long.append(f"module {name}: {len(text.splitlines())} lines")

@@ -12,7 +12,8 @@ import math
 
 import timm
 
-from trainables import UserError
+from core.choices import MEMORY_FORMATS, PRECISIONS, WEIGHTS
+from core.errors import UserError
 
 DEFAULT_CONFIG = {
     "recipe": None,               # name of a fixed recipe (spaces/recipes.py), a label only
@@ -48,13 +49,13 @@ DEFAULT_CONFIG = {
 }
 
 CHOICES = {
-    "weights": ("imagenet", "random"),
+    "weights": WEIGHTS,
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("constant", "cosine", "cosine_restarts", "step"),
     "head": ("linear", "mlp"),
     "augment": ("none", "light", "medium", "heavy"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "memory_format": ("auto", "channels_last", "contiguous"),
+    "precision": PRECISIONS,
+    "memory_format": MEMORY_FORMATS,
 }
 POSITIVE = ("lr", "head_lr_ratio", "batch_size", "max_epochs", "image_size", "folds", "restart_epochs",
             "step_epochs", "step_gamma", "minority_weight", "head_hidden")
@@ -99,6 +100,13 @@ def validate_config(config: dict, *, num_classes: int) -> dict:
                         f"{out['max_epochs']}")
     parse_class_weights(out["class_weights"], num_classes)
     return out
+
+
+def check_backbone_names(names: str) -> None:
+    """Raises UserError naming the backbones of a comma-separated list that timm does not know."""
+    unknown = [b.strip() for b in names.split(",") if b.strip() and not timm.is_model(b.strip())]
+    if unknown:
+        raise UserError(f"unknown backbone(s) {unknown}; use timm model names (timm.list_models())")
 
 
 def parse_class_weights(spec: str, num_classes: int) -> list[float] | None:

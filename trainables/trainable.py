@@ -23,7 +23,7 @@ import torch
 from ray import tune
 
 from trainables.ingest.dataset import Dataset
-from trainables.metrics import METRIC_MODES
+from core.choices import METRIC_MODES
 from trainables.train import Training
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -42,13 +42,7 @@ def train_classifier(config: dict, data: Dataset, *, cores=None) -> None:
     # have every trial run that many threads on its share of the cores
     own = max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
     trial_id = tune.get_context().get_trial_id()
-    epochs = zip(*(run.epochs() for run in runs))
-    while True:
-        threads = allowed_threads(cores, trial_id, own)
-        torch.set_num_threads(threads)
-        per_fold = next(epochs, None)
-        if per_fold is None:
-            break
+    for per_fold, threads in with_threads(zip(*(run.epochs() for run in runs)), cores, trial_id, own):
         metrics = {**fold_mean(per_fold), "node_id": node_id, "threads": threads}
         if unreadable:
             metrics["checkpoint_unreadable"], unreadable = unreadable, None
@@ -105,6 +99,18 @@ def allowed_threads(cores, key: str, own: int) -> int:
         return ray.get(cores.get.remote(key), timeout=30) or own
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         return own
+
+
+def with_threads(epochs, cores, key: str, own: int):
+    """Each epoch of the iterator `epochs` with the threads it ran on: before each, torch gets the threads
+    the `cores` actor allows `key` then (`allowed_threads`), so idle cores shared out reach a running trial."""
+    while True:
+        threads = allowed_threads(cores, key, own)
+        torch.set_num_threads(threads)
+        epoch = next(epochs, None)
+        if epoch is None:
+            return
+        yield epoch, threads
 
 
 def fold_mean(per_fold: tuple[dict, ...]) -> dict:

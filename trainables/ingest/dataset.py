@@ -19,11 +19,11 @@ from typing import Callable
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-from trainables import UserError
+from core.errors import UserError
 from trainables.ingest.decoding import Decoding
-from trainables.ingest.dicom import check_ct_window
+from core.choices import check_ct_window
 from trainables.ingest.files import listing
-from trainables.ingest.image_file import check_image_size
+from core.choices import check_image_size
 from trainables.ingest.sources import DATA_SOURCES, SPLITS, Raw
 from trainables.ingest.stores import STORES, DiskImages, rows
 
@@ -142,7 +142,7 @@ def load_dataset(path: str | os.PathLike, *, image_size: int | str = 32, channel
         group_column: manifest column holding patient ids; detected by name when omitted.
         skip_corrupt: leave unreadable images out with one warning instead of failing.
         subset: keep at most this many images per split (stratified), for smoke runs.
-        ct_window: the window CT DICOM files are shown in (`trainables.ingest.dicom.check_ct_window`).
+        ct_window: the window CT DICOM files are shown in (`core.choices.check_ct_window`).
         store: "memory", "disk" (the decoded images in `cache`, read by rows), or a function of the
             decoded size in bytes that picks one.
         cache: folder of decoded data sets, reused when the same files are decoded the same way.

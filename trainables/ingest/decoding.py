@@ -39,7 +39,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from trainables import UserError
+from core.formatting import clock
+from core.errors import UserError
 from trainables.ingest.decode_cache import decoder_versions, fresh_folder, key_lock, place, whole_entry
 from trainables.ingest.decode_tasks import decode_chunk_into, retry_environment, rewrite_lost_rows
 from trainables.ingest.files import listing, relative_paths
@@ -195,7 +196,7 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
             if time.time() - last >= decoding.progress_every and done < len(files):
                 last = time.time()
                 rate = done / (last - started)
-                eta = f"ETA ~{_clock((len(files) - done) / rate)}" if rate else "waiting for CPUs to decode on"
+                eta = f"ETA ~{clock((len(files) - done) / rate)}" if rate else "waiting for CPUs to decode on"
                 print(f"decoding: {done:,}/{len(files):,} images ({rate:,.0f}/s), {eta}", flush=True)
             if chunk is None:  # nothing finished for a while
                 continue
@@ -224,7 +225,7 @@ def _decode(files: list[Path], root: Path, decoding: Decoding, *, out: Path | No
             Path(f"{out}.token").unlink(missing_ok=True)
     keep = np.array(["sha256" in r for r in flat], bool)
     if len(files) >= 1000:
-        print(f"decoded {len(files):,} images in {_clock(time.time() - started)} "
+        print(f"decoded {len(files):,} images in {clock(time.time() - started)} "
               f"({len(files) / max(time.time() - started, 1e-9):,.0f}/s)", flush=True)
     if memory is not None and not keep.all():
         memory = memory[keep]
@@ -310,11 +311,6 @@ def _from_cache(folder: Path, store: str) -> Decoded:
 
 def _relative(paths: list, root: Path | None) -> list[str]:
     return relative_paths(paths, root) if root is not None else [str(p) for p in paths]
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def decode_images(files: list[Path], *, image_size: int, channels: int, ct_window: str = "lung",

@@ -25,33 +25,13 @@ import io
 
 import numpy as np
 
-from trainables import UserError
+from core.choices import check_ct_window
+from core.errors import UserError
 from trainables.ingest.pixels import to_uint8
 
-CT_WINDOWS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0)}
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants (.7.1 to .7.4)
 FAR = np.array([-1e12, 1e12])  # inputs beyond any window: its output's ends
-
-
-def check_ct_window(value: str) -> tuple[float, float] | None:
-    """(centre, width) in HU for a `--ct-window` value, None for "file".
-
-    Raises:
-        UserError: naming the value and the allowed ones.
-    """
-    if value in CT_WINDOWS:
-        return CT_WINDOWS[value]
-    if value == "file":
-        return None
-    try:
-        centre, width = (float(v) for v in str(value).split(","))
-    except ValueError:
-        centre, width = 0.0, 0.0
-    if width <= 0:
-        raise UserError(f"--ct-window must be one of {', '.join(CT_WINDOWS)}, file, or 'centre,width' in HU with a "
-                        f"positive width (e.g. -600,1500); got {value!r}")
-    return centre, width
 
 
 # what a header says of the acquisition and the patient (the audit's shortcut probe and the report's strata)

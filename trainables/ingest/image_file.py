@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from trainables import UserError
+from core.errors import UserError
 from trainables.ingest.dicom import ACQUISITION, DICOM_EXTENSIONS, MissingDecoder, NoImage, is_dicom, read_dicom
 from trainables.ingest.files import IMAGE_EXTENSIONS
 from trainables.ingest.pixels import to_uint8
@@ -26,13 +26,6 @@ from trainables.ingest.pixels import to_uint8
 # (CT slices, full X-rays) go to 64 px, where the CT models gain 0.01-0.03 test AUC (BENCHMARKS.md)
 AUTO_SIZES = {"small": 32, "large": 64}
 AUTO_SMALL_UP_TO = 48
-
-
-def check_image_size(value) -> None:
-    """Raises UserError unless `value` is "auto" or a whole number of pixels, 8 or more."""
-    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if value != "auto" and not (whole and value >= 8):
-        raise UserError(f"--image-size must be 'auto' or a whole number of pixels, 8 or more; got {value!r}")
 
 
 def decode_image(path: str | os.PathLike, *, image_size: int, channels: int, ct_window: str = "lung") -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainables import UserError
+from core.errors import UserError
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from trainables import UserError
+from core.errors import UserError
 from trainables.ingest.decoding import Decoding, cache_arrays, decode_files, raise_unreadable
 from trainables.ingest.files import IMAGE_EXTENSIONS, files_under, listing, relative_paths, unread_line
 from trainables.ingest.image_file import auto_image_size, native_side, resize_array, to_channels

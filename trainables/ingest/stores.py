@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables import UserError
+from core.errors import UserError
 
 STORES = ("memory", "disk")
 
