@@ -67,7 +67,7 @@ def handle_errors(work, *, interrupted: str = "interrupted") -> int:
             warnings.showwarning = _one_line
             work()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{exc.flags()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(str(exc) or interrupted, file=sys.stderr)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import ray
 
-from core.formatting import duration
 from core.errors import UserError
+from core.formatting import duration
+from search.ray_internals import use_token_if_available
 
 # a node that can run a trial may take this long to join a cluster (an autoscaler launching a GPU instance)
 NODE_WAIT = 1200
@@ -62,16 +63,6 @@ def _check_reachable(address: str, timeout: float = 5) -> None:
         raise UserError(f"cannot join a Ray cluster at --address {address}: nothing answers there ({exc.strerror or exc}). "
                         f"Start one first (ray start --head, or ray up cluster.yaml) and give its head's host:6379, or "
                         f"leave --address out to run on this machine") from None
-
-
-def use_token_if_available() -> None:
-    """Token authentication for joining a cluster, as `ray start` and `ray.init(address="auto")` use
-    it: on when this machine has a token (~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)
-    and RAY_AUTH_MODE is unset. Ray does this itself only for "auto", not for an explicit host:port,
-    so a search given the head's address would be refused by a head that `ray start` started with
-    tokens on. A cluster without tokens accepts a client that sends one."""
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 @contextmanager

@@ -25,9 +25,10 @@ from pathlib import Path
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 
-from core.errors import UserError
-from search.checkpoints import results
 from core.choices import METRIC_MODES
+from core.errors import UserError
+from search import ray_internals as internals
+from search.checkpoints import results
 
 IN_EXPERIMENT = "experiment"  # --mlflow given alone: a SQLite store inside the experiment folder
 URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -61,10 +62,10 @@ class BestEpochTensorBoard(TBXLoggerCallback):
         self.metric, self.mode = metric, mode
 
     def log_trial_end(self, trial, failed: bool = False):
-        if trial in self._trial_writer:
+        if trial in internals.trial_writers(self):
             best = best_result(results(Path(trial.local_path)), self.metric, self.mode)
             if best is not None:
-                self._trial_result[trial] = {}  # Ray's own hparams (last epoch) are not written
+                internals.skip_last_hparams(self, trial)  # Ray's own hparams (last epoch) are not written
                 self._log_best(trial, best)
         super().log_trial_end(trial, failed=failed)
 
@@ -73,7 +74,7 @@ class BestEpochTensorBoard(TBXLoggerCallback):
         epoch = int(best["training_iteration"])
         metrics = {f"best/{m}": float(best[m]) for m in METRIC_MODES if isinstance(best.get(m), (int, float))}
         metrics["best/epoch"] = float(epoch)
-        writer = self._trial_writer[trial]
+        writer = internals.trial_writers(self)[trial]
         for tag, value in metrics.items():
             writer.add_scalar(tag, value, global_step=epoch)
         params = {k: v for k, v in trial.config.items() if isinstance(v, (str, bool, int, float))}

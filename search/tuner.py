@@ -31,7 +31,7 @@ from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from core.errors import UserError
-from search import engine_fixes
+from search import ray_internals as internals
 from search.checkpoints import stand_in_for_lost
 from search.records import cut_torn_tail, write_atomic
 from search.samplers import SAMPLERS
@@ -61,19 +61,19 @@ class StudySearch(OptunaSearch):
         if self.stop_rule and self.stop_rule.stopped:
             return Searcher.FINISHED
         config = super().suggest(trial_id)
-        if trial_id in self._ot_trials:
-            ot_trial = self._ot_trials[trial_id]
+        if trial_id in internals.optuna_trials(self):
+            ot_trial = internals.optuna_trials(self)[trial_id]
             ot_trial.set_user_attr("ray_trial_id", trial_id)
-            if "fixed_params" in self._ot_study.get_trials(deepcopy=False)[ot_trial.number].system_attrs:
+            if "fixed_params" in self.study.get_trials(deepcopy=False)[ot_trial.number].system_attrs:
                 self.fixed.add(trial_id)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self._completed_trials or self._runs_again(trial_id):
+        if trial_id not in internals.completed_trials(self) or self._runs_again(trial_id):
             self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials and not self._runs_again(trial_id):
+        if trial_id in internals.completed_trials(self) and not self._runs_again(trial_id):
             return
         if error or not result:
             super().on_trial_complete(trial_id, result, error)
@@ -81,51 +81,51 @@ class StudySearch(OptunaSearch):
             self._report(trial_id, result)
             values = [v for v in self.reported[trial_id].values() if not math.isnan(v)]
             if result.get("training_iteration", 0) >= self.max_epochs and values:
-                best = max(values) if self._mode == "max" else min(values)
-                self._ot_study.tell(self._ot_trials[trial_id], best, state=optuna.trial.TrialState.COMPLETE)
+                best = max(values) if self.mode == "max" else min(values)
+                self.study.tell(internals.optuna_trials(self)[trial_id], best, state=optuna.trial.TrialState.COMPLETE)
             else:
-                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
+                self.study.tell(internals.optuna_trials(self)[trial_id], state=optuna.trial.TrialState.PRUNED)
+            internals.completed_trials(self).add(trial_id)
         self.write_study()
-        if self.stop_rule and trial_id in self._completed_trials:
+        if self.stop_rule and trial_id in internals.completed_trials(self):
             self._judge(trial_id)
 
     def _runs_again(self, trial_id: str) -> bool:
         """Whether a trial Optuna was told FAIL runs again (`--resume` of a search that ended with it ERROR):
         a new Optuna trial with its parameters and epochs so far takes its results (the FAIL stays)."""
-        told = self._ot_study.get_trials(deepcopy=False)[self._ot_trials[trial_id].number]
+        told = self.study.get_trials(deepcopy=False)[internals.optuna_trials(self)[trial_id].number]
         if told.state != optuna.trial.TrialState.FAIL:
             return False
-        self._ot_study.add_trial(optuna.trial.create_trial(
+        self.study.add_trial(optuna.trial.create_trial(
             state=optuna.trial.TrialState.RUNNING, params=told.params, distributions=told.distributions,
             user_attrs=told.user_attrs, system_attrs=told.system_attrs, intermediate_values=told.intermediate_values))
-        self._ot_trials[trial_id] = optuna.Trial(self._ot_study, self._ot_study.get_trials(deepcopy=False)[-1]._trial_id)
-        self._completed_trials.discard(trial_id)
+        internals.optuna_trials(self)[trial_id] = internals.live_trial(self.study, self.study.get_trials(deepcopy=False)[-1])
+        internals.completed_trials(self).discard(trial_id)
         return True
 
     def _judge(self, trial_id: str) -> None:
         """Tell the stop rule the trial's best epoch and its error; say so when the rule stops the search."""
-        seen, errors, pick = self.reported.get(trial_id, {}), self.errors.get(trial_id, {}), max if self._mode == "max" else min
+        seen, errors, pick = self.reported.get(trial_id, {}), self.errors.get(trial_id, {}), max if self.mode == "max" else min
         steps = [s for s, v in seen.items() if not math.isnan(v)]
         step = pick(steps, key=seen.get) if steps else None
         was = self.stop_rule.stopped
         if self.stop_rule.update(trial_id, seen.get(step), errors.get(step), proposed=trial_id not in self.fixed) \
                 and not was:
-            print(f"stop rule: {self.stop_rule.reason(self._metric)}; no more trials start and the running ones stop "
+            print(f"stop rule: {self.stop_rule.reason(self.metric)}; no more trials start and the running ones stop "
                   f"where they are (--no-stop-rule runs the whole budget)", flush=True)
             os.kill(os.getpid(), signal.SIGUSR1)  # Ray's stop on a signal: running trials keep their checkpoints
 
     def _report(self, trial_id: str, result: dict) -> None:
-        step, value = int(result.get("training_iteration", 0)), result.get(self._metric)
+        step, value = int(result.get("training_iteration", 0)), result.get(self.metric)
         seen = self.reported.setdefault(trial_id, {})
         if value is not None and step not in seen:
             seen[step] = float(value)
-            self.errors.setdefault(trial_id, {})[step] = validation_error(result, self._metric, self.val_counts)
-            self._ot_trials[trial_id].report(float(value), step)
+            self.errors.setdefault(trial_id, {})[step] = validation_error(result, self.metric, self.val_counts)
+            internals.optuna_trials(self)[trial_id].report(float(value), step)
 
     @property
     def study(self) -> optuna.Study:
-        return self._ot_study
+        return internals.optuna_study(self)
 
     def write_study(self) -> None:
         """Append the trials that ended since the last call to `folder/optuna.journal` (the ones it
@@ -143,13 +143,13 @@ class StudySearch(OptunaSearch):
             print(f"warning: {path} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); kept as {damaged.name}, "
                   f"and written again from the search's own copy of the study", flush=True)
             journal, kept = self._journal(path), set()
-        for trial in self._ot_study.get_trials(deepcopy=False):
+        for trial in self.study.get_trials(deepcopy=False):
             if trial.state.is_finished() and _journal_key(trial) not in kept:
                 journal.add_trial(trial)
 
     def _journal(self, path: Path) -> optuna.Study:
         return optuna.create_study(storage=JournalStorage(JournalFileBackend(str(path))), study_name=STUDY_NAME,
-                                   direction=self._ot_study.direction, load_if_exists=True)
+                                   direction=self.study.direction, load_if_exists=True)
 
     def save(self, checkpoint_path: str):
         """The searcher's state, without its folder (a resumed copy of the experiment keeps its own),
@@ -206,20 +206,20 @@ class RecordingASHA(ASHAScheduler):
         if trial.trial_id in self.stopped:  # stopped at a rung, then run again by a fault before the stop took
             return self.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
-        epoch = result.get(self._time_attr, 0)
-        if decision == self.STOP and trial.trial_id in self.protected and epoch < min(self.first_grace, self._max_t):
-            decision, self._num_stopped = self.CONTINUE, self._num_stopped - 1
-        if decision == self.STOP and epoch < self._max_t:
+        epoch, max_t = result.get(internals.asha_time_attr(self), 0), internals.asha_max_t(self)
+        if decision == self.STOP and trial.trial_id in self.protected and epoch < min(self.first_grace, max_t):
+            decision = self.CONTINUE
+            internals.uncount_stop(self)
+        if decision == self.STOP and epoch < max_t:
             self.stopped.add(trial.trial_id)
         return decision
 
     def state(self) -> dict:
-        return {"rungs": [[[m, dict(recorded)] for m, recorded in b._rungs] for b in self._brackets],
+        return {"rungs": [[[m, recorded] for m, recorded in bracket] for bracket in internals.asha_rungs(self)],
                 "stopped": sorted(self.stopped), "protected": dict(self.protected)}
 
     def load_state(self, state: dict) -> None:
-        for bracket, rungs in zip(self._brackets, state["rungs"]):
-            bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
+        internals.set_asha_rungs(self, state["rungs"])
         self.stopped, self.protected = set(state["stopped"]), dict(state["protected"])
 
 
@@ -276,7 +276,7 @@ def with_data(trainable, data, resources: dict, **parameters):
 def make_tuner(trainable, *, searcher, scheduler, num_samples: int, storage: str, name: str, base_config: dict,
                callbacks: list, max_retries: int) -> tune.Tuner:
     """A Tuner over a trainable wrapped by `with_data`."""
-    engine_fixes.apply()
+    internals.fix_requeued_trial_failure()
     return tune.Tuner(
         trainable,
         param_space=base_config,
@@ -296,14 +296,13 @@ def restore_tuner(folder: Path, trainable, *, searcher, scheduler, callbacks: li
 
     `Tuner.restore` alone would run the ones pickled when the search started, with the folder they had
     then: a moved or copied experiment would read and write the original's files. Ray has no public
-    way to give a restored Tuner new ones, hence the attributes below (Ray 2.60's TunerInternal)."""
-    engine_fixes.apply()
+    way to give a restored Tuner new ones (`ray_internals.give_restored_tuner`)."""
+    internals.fix_requeued_trial_failure()
     check_state_files(folder)
     stand_in_for_lost(folder)
     tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
-    internal = tuner._local_tuner
-    internal._tune_config.search_alg, internal._tune_config.scheduler = _Generator(searcher, folder), scheduler
-    internal._run_config.callbacks = callbacks
+    internals.give_restored_tuner(tuner, search_alg=_Generator(searcher, folder), scheduler=scheduler,
+                                  callbacks=callbacks)
     return tuner
 
 
@@ -341,8 +340,7 @@ class _Generator(SearchGenerator):
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
-        storage = self._experiment.storage
-        storage.storage_fs_path, storage.experiment_dir_name = self.folder.parent.as_posix(), self.folder.name
+        internals.move_experiment(self, self.folder)
 
 
 def fit(tuner: tune.Tuner, *, time_budget: float | None, low_space=None) -> str | None:

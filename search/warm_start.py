@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 
 from core.errors import UserError
+from search.ray_internals import distribution_holds
 from search.records import read_search_record
 from search.tuner import STUDY_FILE, load_study
 
@@ -100,7 +101,7 @@ def translate(earlier: list[Earlier], space_fn, *, seed: int = 0) -> tuple[list[
             scratch.tell(trial, state=optuna.trial.TrialState.FAIL)
             drawn = {name: value for name, value in trial.params.items() if name in old.params}
             kept = {name: value for name, value in drawn.items() if old.params[name] == value
-                    and trial.distributions[name]._contains(trial.distributions[name].to_internal_repr(value))}
+                    and distribution_holds(trial.distributions[name], value)}
             dropped += len(drawn) - len(kept)
             if not kept:
                 continue

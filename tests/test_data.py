@@ -233,8 +233,9 @@ def test_cv_folds_partition_train_and_val_stratified_and_keep_test_out(source):
 def test_cv_folds_too_many_for_the_patients_is_a_clear_error(tmp_path):
     root = _folder(tmp_path, {"train/a": 20, "train/b": 3, "val/a": 2, "val/b": 1, "test/a": 2, "test/b": 1})
     data = load_dataset(root, image_size=8, seed=0)
-    with pytest.raises(UserError, match=r"--folds 8: a class of train\+val has only 4 images, too few for 8 folds"):
+    with pytest.raises(UserError, match=r"a class of train\+val has only 4 images, too few for 8 folds") as raised:
         data.cv_folds(8, seed=0)
+    assert raised.value.flags() == " (--folds)"  # the library names the option; the command line its flag
 
 
 def test_per_patient_sub_folders_are_groups_and_never_cross_splits(tmp_path):

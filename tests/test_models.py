@@ -113,8 +113,9 @@ def test_unreachable_imagenet_weights_fail_instead_of_random(monkeypatch):
     from trainables import models
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models.hub_weights_reachable.cache_clear()
-    with pytest.raises(UserError, match="no ImageNet weights reachable for resnet18.*--weights random"):
+    with pytest.raises(UserError, match="no ImageNet weights reachable for resnet18.*train from scratch") as raised:
         build_model({"backbone": "resnet18", "weights": "imagenet"}, num_classes=2, in_chans=1)
+    assert raised.value.flags() == " (--weights-dir, --weights)"
     models.hub_weights_reachable.cache_clear()
 
 

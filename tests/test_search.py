@@ -238,7 +238,7 @@ def _main(capsys, *args):
     (["--sampler", "bogus"], "unknown sampler 'bogus'; choose one of tpe, random, qmc, gp"),
     (["--weights-dir", "/no/dir"], "--weights-dir '/no/dir' is not a folder"),
     (["--reduction-factor", "1"], "--reduction-factor must be at least 2, got 1.0"),
-    (["--subset", "1"], "--subset 1 is too small"),
+    (["--subset", "1"], "a subset of 1 image(s) per split is too small: keep at least two images per class (--subset)"),
     (["--resume"], "--resume needs --name"),
     (["--resume", "--name", "never-ran"], "never-ran does not exist"),
     (["--space", "recipes", "--backbones", "resnet18"], "--backbones does not apply to the fixed space 'recipes'"),
@@ -251,7 +251,7 @@ def _main(capsys, *args):
     (["--space", "tiny", "--recipes", "resnet50_finetune"], "--recipes applies to --space recipes, not 'tiny'"),
     (["--warm-restart", "twice"], "unknown warm restart 'twice'; choose one of best, all, none"),
     (["--folds", "0"], "--folds must be 'auto' or a whole number, 1 (no cross-validation) or more; got 0"),
-    (["--folds", "2000"], "--folds 2000: a class of train+val has only"),
+    (["--folds", "2000"], "a class of train+val has only"),
     (["--space", "tiny", "--positive-class", "covid"],
      "--positive-class 'covid' is not a class of this data; classes: ['normal', 'pneumonia']"),
     (["--external", "/no/such/set"], "--external '/no/such/set' does not exist"),
@@ -388,7 +388,7 @@ def test_cli_manifest_group_column_must_exist(tmp_path, capsys):
     from conftest import shared
     result = _main(capsys, "--data", str(shared("covid-ct-ucsd", "patients.csv")), "--group-column", "hospital",
                    "--storage", str(tmp_path))
-    assert result.returncode == 2 and "--group-column 'hospital' is not a column" in result.stderr
+    assert result.returncode == 2 and "the group column 'hospital' is not a column" in result.stderr
 
 
 def test_recipes_flag_runs_only_the_named_recipes(tmp_path, pneumonia_npz):

@@ -204,3 +204,53 @@ def test_every_command_has_a_console_script_installed():
     assert all(callable(importlib.import_module(module).main) for module in scripts.values())
     missing = [name for name in scripts if not (Path(sys.executable).parent / name).is_file()]
     assert not missing, f"not installed: {missing}"
+
+
+def _private_uses(path) -> list[str]:
+    """Attributes whose name starts with one underscore, read or set on anything but the module's own
+    objects (an attribute its class's `__init__` sets, or a method it defines), and imports of a private
+    module of Ray or Optuna."""
+    tree, own, found = ast.parse(path.read_text()), set(), []
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for item in cls.body:
+            if isinstance(item, ast.FunctionDef):
+                own.add(item.name)
+                if item.name == "__init__":
+                    own |= {n.attr for n in ast.walk(item) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)
+                            and isinstance(n.value, ast.Name) and n.value.id == "self"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            mine = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls") and node.attr in own
+            found += [] if mine else [f"{path.name}:{node.lineno} .{node.attr}"]
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{path.name}:{node.lineno} import {m}" for m in names
+                      if m.split(".")[0] in ("ray", "optuna") and any(p.startswith("_") for p in m.split("."))]
+    return found
+
+
+def test_every_private_attribute_of_ray_or_optuna_is_reached_through_one_module():
+    door = ROOT / "search" / "ray_internals.py"
+    assert _private_uses(door)  # the check sees what it looks for
+    elsewhere = [use for name, path in _modules().items() if path != door for use in _private_uses(path)]
+    assert elsewhere == []
+
+
+def _messages(path) -> list[str]:
+    """The string literals of a module that are not docstrings (f-strings' constant parts included)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings]
+
+
+def test_the_ingest_words_its_messages_in_the_datas_terms_and_the_command_line_adds_flags():
+    import re
+    flag = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
+    assert flag.search("pass --data-cache") and not flag.search("a-b --")  # the check sees what it looks for
+    named = [f"{path.relative_to(ROOT)}: {text!r}" for name, path in _modules().items()
+             if name.startswith("trainables.ingest") or name == "trainables.models"
+             for text in _messages(path) if flag.search(text)]
+    assert named == []

@@ -193,10 +193,10 @@ def weights_source(backbone: str, weights: str, weights_dir: str | None = None) 
             pass
     if hub_weights_reachable(backbone):
         return "hub"
-    where = f"{weights_dir}/{backbone}.pth" if weights_dir else f"--weights-dir DIR holding {backbone}.pth"
+    where = f"{weights_dir}/{backbone}.pth" if weights_dir else f"a weights folder holding {backbone}.pth"
     raise UserError(f"no ImageNet weights reachable for {backbone}: not in the Hugging Face cache and the "
-                    f"hub cannot be reached; give a local checkpoint ({where}), or pass --weights random "
-                    f"to train from scratch")
+                    f"hub cannot be reached; give a local checkpoint ({where}), or train from scratch with random "
+                    f"weights", option=("weights_dir", "weights"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -91,8 +91,8 @@ class Dataset:
         units = pool if self.groups is None else self.groups[pool]  # what a fold holds whole: images, or patients
         fewest = min(len(np.unique(units[y == c])) for c in np.unique(y))
         if fewest < k:
-            raise UserError(f"--folds {k}: a class of train+val has only {fewest} "
-                            f"{'images' if self.groups is None else 'patients'}, too few for {k} folds; use fewer folds")
+            raise UserError(f"a class of train+val has only {fewest} {'images' if self.groups is None else 'patients'}, "
+                            f"too few for {k} folds; use fewer folds", option="folds")
         if self.groups is None:
             parts = StratifiedKFold(k, shuffle=True, random_state=seed).split(pool, y)
         else:
@@ -102,8 +102,8 @@ class Dataset:
             lacking = sorted(set(self.class_names) - {self.class_names[c] for c in self.labels[held_out]})
             if lacking:
                 patients = f"{len(np.unique(self.groups[pool]))} patients, " if self.groups is not None else ""
-                raise UserError(f"--folds {k}: fold {n + 1} of train+val ({patients}{len(pool)} images) holds no "
-                                f"image of {lacking}; use fewer folds")
+                raise UserError(f"fold {n + 1} of {k} of train+val ({patients}{len(pool)} images) holds no image of "
+                                f"{lacking}; use fewer folds", option="folds")
         return folds
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -217,8 +217,8 @@ def _check_strata_source(path: Path, strata_columns) -> None:
 
 def _source(path: Path):
     if not path.exists():
-        raise UserError(f"data path {str(path)!r} does not exist; pass --data with an image folder, "
-                        f"a .npz file or a .csv manifest")
+        raise UserError(f"data path {str(path)!r} does not exist; give an image folder, a .npz file or a .csv "
+                        f"manifest", option="data")
     for matches, loader, check in DATA_SOURCES.values():
         if matches(path):
             return loader, check
@@ -345,7 +345,8 @@ def _split_off(idx: np.ndarray, labels: np.ndarray, groups, share: float, seed: 
 
 def _subsample(split: np.ndarray, labels: np.ndarray, limit: int, *, seed: int) -> np.ndarray:
     if limit < 2 * (labels.max() + 1):
-        raise UserError(f"--subset {limit} is too small: keep at least two images per class")
+        raise UserError(f"a subset of {limit} image(s) per split is too small: keep at least two images per class",
+                        option="subset")
     out = np.full_like(split, 255)  # 255: left out
     for code in range(len(SPLITS)):
         idx = np.flatnonzero(split == code)

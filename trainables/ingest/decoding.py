@@ -60,7 +60,7 @@ class Decoding:
     """How files become arrays, and where they are kept.
 
     `store`: "memory" or "disk", or a function of the decoded size in bytes that picks one (the
-    search's `--data-store auto`). `cache`: folder of decoded data sets (needed by the disk store;
+    search's automatic choice). `cache`: folder of decoded data sets (needed by the disk store;
     None decodes in memory and keeps nothing). `run_chunks(fn, chunks, kwargs)`: yields
     `(k, fn(chunks[k], **kwargs))` as chunks finish, in any order (default: local threads).
     """
@@ -102,7 +102,7 @@ def decode_files(files: list[Path], root: Path | None, decoding: Decoding) -> De
     if store not in STORES:
         raise UserError(f"unknown data store {store!r}; choose one of {', '.join(STORES)}")
     if store == "disk" and decoding.cache is None:
-        raise UserError("the disk data store needs a cache folder (--data-cache)")
+        raise UserError("the disk data store needs a cache folder", option="data_cache")
     decoding.chosen.update(store=store, bytes=nbytes)
     if decoding.cache is None:
         return _decode(files, root, decoding, out=None)
@@ -166,7 +166,7 @@ def cache_arrays(images: np.ndarray, fingerprint: str, decoding: Decoding) -> Di
 
 def _unwritable(cache: Path, exc: OSError, instead: str) -> None:
     print(f"warning: the decode cache {cache} cannot be written ({exc.strerror or exc}): {instead}; these decoded "
-          f"images are not kept for later searches (free space there, or give --data-cache a writable folder)",
+          f"images are not kept for later searches (free space there, or give the decode cache a writable folder)",
           flush=True)
 
 
@@ -326,7 +326,7 @@ def decode_images(files: list[Path], *, image_size: int, channels: int, ct_windo
     decoded = decode_files(files, None, Decoding(image_size=image_size, channels=channels, ct_window=ct_window))
     if decoded.errors and not skip_corrupt:
         raise UserError(f"{len(decoded.errors)} image(s) could not be read: {listing(decoded.errors)}; fix or "
-                        f"remove them, or pass --skip-corrupt to predict the others")
+                        f"remove them, or skip them to predict the others", option="skip_corrupt")
     if decoded.errors:
         warnings.warn(f"{len(decoded.errors)} unreadable image(s) have no prediction (their rows say why): "
                       f"{listing(decoded.errors)}", stacklevel=2)
@@ -337,15 +337,15 @@ def decode_images(files: list[Path], *, image_size: int, channels: int, ct_windo
     return decoded.images, [f for f, k in zip(files, decoded.keep) if k], dict(zip(failed, decoded.errors))
 
 
-def raise_unreadable(decoded: Decoded, *, skip_corrupt: bool,
-                     fix: str = "fix or remove them, or pass --skip-corrupt to leave them out") -> None:
+def raise_unreadable(decoded: Decoded, *, skip_corrupt: bool) -> None:
     """The unreadable files, all named in one error, or (`skip_corrupt`) in one warning.
 
     Raises:
         UserError: some file is unreadable and `skip_corrupt` is off, or no file is readable.
     """
     if decoded.errors and not skip_corrupt:
-        raise UserError(f"{len(decoded.errors)} image(s) could not be read: {listing(decoded.errors)}; {fix}")
+        raise UserError(f"{len(decoded.errors)} image(s) could not be read: {listing(decoded.errors)}; fix or remove "
+                        f"them, or skip them to leave them out", option="skip_corrupt")
     if decoded.errors:
         warnings.warn(f"left out {len(decoded.errors)} unreadable image(s): {'; '.join(decoded.errors)}", stacklevel=2)
     if not decoded.keep.any():

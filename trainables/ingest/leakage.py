@@ -123,7 +123,7 @@ def _duplicates(data: Dataset, digests: list[str], used: np.ndarray, warnings: l
         listed = "; ".join(" = ".join(f"{f} [{s}]" for f, s in zip(g["files"], g["splits"])) for g in across[:10])
         warnings.append(f"LEAK: {len(across)} file(s) appear in more than one split{given} (identical bytes): "
                         f"{listed}{' ...' if len(across) > 10 else ''}; a search keeps only the copy in the later split "
-                        f"(--no-dedupe keeps all)")
+                        f"(unless told to keep duplicates)")
     conflicting = [g for g in out["groups"] if len(set(g["labels"])) > 1]
     if conflicting:
         warnings.append(f"{len(conflicting)} identical file(s) carry different labels: "

@@ -184,7 +184,7 @@ def _load_npz(path: Path, *, decoding: Decoding, group_column, skip_corrupt) -> 
     decoding.chosen.update(store=store, bytes=int(images.nbytes))
     if store == "disk":
         if decoding.cache is None:
-            raise UserError("the disk data store needs a cache folder (--data-cache)")
+            raise UserError("the disk data store needs a cache folder", option="data_cache")
         images = cache_arrays(images, fingerprint, decoding)
     return Raw(images=images, labels=list(y), given_split=np.array(given), groups=None,
                paths=None, fingerprint=fingerprint, source=f"npz:{path}", class_names=names)
@@ -206,7 +206,8 @@ def _read_manifest(path: Path, group_column: str | None, strata_columns: tuple[s
         raise UserError(f"manifest {path} lacks column(s) {missing}; it needs path,label and may have "
                         f"split and a group column, found {columns}")
     if group_column is not None and group_column not in columns:
-        raise UserError(f"--group-column {group_column!r} is not a column of {path}; columns: {columns}")
+        raise UserError(f"the group column {group_column!r} is not a column of {path}; columns: {columns}",
+                        option="group_column")
     group = group_column or next((c for c in GROUP_COLUMN_NAMES if c in columns), None)
     absent = [c for c in strata_columns if c not in columns]
     if absent:
@@ -215,8 +216,8 @@ def _read_manifest(path: Path, group_column: str | None, strata_columns: tuple[s
     unknown = [c for c in columns if c not in allowed]
     if unknown:
         raise UserError(f"manifest {path} has unknown column(s) {unknown}; allowed: path, label, split, "
-                        f"one group column ({', '.join(GROUP_COLUMN_NAMES)}, or name it with --group-column) "
-                        f"and the columns named as strata (--strata)")
+                        f"one group column ({', '.join(GROUP_COLUMN_NAMES)}, or one named as the group column) "
+                        f"and the columns named as strata", option=("group_column", "strata"))
     if table.empty:
         raise UserError(f"manifest {path} has no rows")
     check_spellings(list(table["label"]), f"the label column of manifest {path}")
