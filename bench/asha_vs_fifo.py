@@ -55,7 +55,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
-    from search.experiment import run_search
+    from search.run import run_search
     from search.options import SearchOptions
     started = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -39,7 +39,7 @@ def shared_trial(config: dict, refs: list) -> None:
 
     import torch  # noqa: F401  (imported before the clock: a trial's own module has them loaded already)
 
-    import trainables.ingest.dataset  # noqa: F401
+    import ingest.dataset  # noqa: F401
     start = time.perf_counter()
     data = ray.get(refs[0])
     _tensors(data)
@@ -50,7 +50,7 @@ def decoding_trial(config: dict) -> None:
     import torch  # noqa: F401
     from ray import tune
 
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     start = time.perf_counter()
     data = load_dataset(config["folder"], image_size=config["image_size"], channels=1, seed=0)
     _tensors(data)
@@ -84,7 +84,7 @@ def main() -> int:
     import ray
     from ray import tune
 
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     started = time.time()
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     t0 = time.perf_counter()

@@ -94,7 +94,7 @@ def run_measured(command: list[str]) -> tuple[float, float, str]:
 def decode_only(folder: str, workers: int, store: str, cache: str | None) -> None:
     """(child) Decode `folder` by Ray tasks on `workers` CPUs; print the decode seconds as JSON."""
     import ray
-    from search.data_setup import load_search_data
+    from search.data.search_data import load_search_data
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     started = time.time()
     data = load_search_data(Path(folder), image_size=64, channels=1, seed=0, store=store, cache=cache)
@@ -104,7 +104,7 @@ def decode_only(folder: str, workers: int, store: str, cache: str | None) -> Non
 def throughput(folder: Path, cache: Path, steps: int) -> dict[str, float]:
     """Images per second of a trial's training steps on each path, the same rows on both."""
     import torch
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     from trainables.train import Training
     torch.set_num_threads(1)
     out = {}

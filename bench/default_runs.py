@@ -34,7 +34,7 @@ EXTERNAL = {"sarscov2-ct": "covid-ct-ucsd", "covid-ct-ucsd": "sarscov2-ct"}  # t
 def sampler_heard(folder: Path, board: pd.DataFrame) -> dict:
     """PRUNED / COMPLETE counts of the kept study, and whether every ASHA-stopped trial holds its
     score at the epoch it stopped."""
-    from search.tuner import load_study
+    from search.engine.tuner import load_study
     study = {t.user_attrs.get("ray_trial_id"): t for t in load_study(folder).trials}
     stopped = board[board["stopped_early"]]
     heard = all(row["epochs"] in study[row["trial_id"]].intermediate_values for row in stopped.to_dict("records"))
@@ -49,7 +49,7 @@ def _calibration(calibration: dict) -> str:
 
 
 def run(name: str, seed: int, folds: str, args) -> dict:
-    from search.experiment import run_search
+    from search.run import run_search
     from search.options import SearchOptions
     started = time.time()
     external = [str(Path(args.shared) / DATASETS[EXTERNAL[name]])] if args.external and name in EXTERNAL else None

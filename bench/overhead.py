@@ -37,7 +37,7 @@ def breakdown(folder: Path) -> tuple[pd.DataFrame, dict]:
     slots = timings["trial_slots"]
     results = trial_results(folder)
     epochs = [r for rs in results.values() for r in rs]
-    # an epoch run on shared idle cores (search/cores.py) held `threads` slots instead of one
+    # an epoch run on shared idle cores (search/engine/cores.py) held `threads` slots instead of one
     train = sum(r["train_seconds"] * r.get("threads", 1) for r in epochs)
     evaluate = sum(r["eval_seconds"] * r.get("threads", 1) for r in epochs)
     in_trials = sum(rs[-1]["time_total_s"] + sum(r["time_this_iter_s"] * (r.get("threads", 1) - 1) for r in rs)
@@ -87,7 +87,7 @@ def main() -> int:
         if not (folder / "timings.json").exists():
             p.error(f"--experiment {folder}: no timings.json there (not a finished search of this version)")
     else:
-        from search.experiment import run_search
+        from search.run import run_search
         from search.options import SearchOptions
         folder = run_search(SearchOptions(space=args.space, data=args.data, weights=args.weights, finalize=False,
                                           num_samples=args.num_samples, max_epochs=args.max_epochs,

@@ -33,8 +33,8 @@ def test_auc(run, data) -> float:
 
 def tune_arm(label: str, options, data) -> dict:
     """Run a search (no finalize) and evaluate its best trial's last checkpoint on test."""
-    from search.checkpoints import newest_readable
-    from search.experiment import run_search
+    from search.engine.checkpoints import newest_readable
+    from search.run import run_search
     from trainables.train import Training
     started = time.time()
     folder = run_search(options)
@@ -117,7 +117,7 @@ def main() -> int:
     p.add_argument("--benchmarks", action="store_true", help="add the table to BENCHMARKS.md")
     args = p.parse_args()
     from search.options import PROFILES, SearchOptions, resolve_batch_size
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     profile = PROFILES[args.profile]
     size = args.image_size or profile["image_size"]
     max_epochs = args.max_epochs or profile["max_epochs"]

@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(Path("~/.cache/lung-search-bench/decoded").expanduser()))
     p.add_argument("--benchmarks", action="store_true")
     args = p.parse_args()
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     torch.set_num_threads(args.threads)
     started, rows = time.time(), []
     for name in args.sets.split(","):

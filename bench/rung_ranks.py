@@ -36,7 +36,7 @@ def grid_configs() -> list[dict]:
 
 def load(name: str, size: int, seed: int):
     from search.options import resolve_batch_size, resolve_folds
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     data = load_dataset(common.SHARED / SETS[name], image_size=size, channels=1, seed=seed)
     pool = len(data.indices("train")) + len(data.indices("val"))
     folds = resolve_folds("auto", pool)

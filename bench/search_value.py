@@ -58,7 +58,7 @@ def run_arm(arm: str, seed: int, flags: list[str], args, work: Path) -> Path:
 
 
 def measure(folder: Path, arm: str, seed: int) -> dict:
-    from search.tuner import load_study
+    from search.engine.tuner import load_study
     board = pd.read_csv(folder / "leaderboard.csv")
     own = [t for t in load_study(folder).trials if "warm_start_from" not in t.user_attrs]
     metrics = json.loads((folder / "final" / "metrics.json").read_text())

@@ -39,7 +39,7 @@ STUDIES = {
 
 
 def run_study(name: str, study: dict, args) -> list[dict]:
-    from search.experiment import run_search
+    from search.run import run_search
     from search.options import SearchOptions
     data = str(Path(args.shared) / study["data"])
     shared_options = dict(data=data, storage=args.storage, seed=args.seed, weights=args.weights,

@@ -31,7 +31,7 @@ import torch
 from bench import common
 
 ROOT = Path(__file__).resolve().parents[1]
-from search.checkpoints import newest_readable, registered
+from search.engine.checkpoints import newest_readable, registered
 
 RULES = ("peak_last", "peak_best", "last")
 
@@ -56,7 +56,7 @@ def epochs_of(folder: Path) -> pd.DataFrame:
 def model_at(folder: Path, trial_id: str, epoch: int, data) -> dict:
     """Validation and test AUC of the trial's network at `epoch`: its last checkpoint if it is at
     `epoch`, else trained on from that checkpoint (if earlier) or from scratch."""
-    from search.evaluate import score
+    from search.outputs.evaluate import score
     from trainables.train import Training
     trial = folder / f"trial_{trial_id}"
     run = Training(json.loads((trial / "params.json").read_text()), data)
@@ -85,8 +85,8 @@ def main() -> None:
     p.add_argument("--work", default=str(Path("~/.cache/lung-search-bench/search-value").expanduser()))
     p.add_argument("--benchmarks", action="store_true")
     args = p.parse_args()
-    from search.final_model import _search_data
-    from search.records import read_search_record
+    from search.final.pipeline import _search_data
+    from search.outputs.records import read_search_record
     work = Path(args.work)
     cache_file = work / "selection-scores.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}

@@ -27,7 +27,7 @@ import pandas as pd
 from bench.common import ROOT, commit, finish, machine
 from data_scale import SUBSET, make_folder, read_all
 
-from trainables.ingest.decode_cache import whole_entry
+from ingest.decode_cache import whole_entry
 
 
 def search(folder: Path, cache: Path, storage: Path, name: str) -> list:

@@ -150,7 +150,7 @@ class Soak:
                 self.reader = None
 
     def check_journal(self) -> None:
-        from search.tuner import load_study
+        from search.engine.tuner import load_study
         try:
             if (self.folder / "optuna.journal").is_file():
                 load_study(self.folder)

@@ -7,7 +7,7 @@ import pandas as pd
 
 
 def results(folder: Path) -> dict[str, list[dict]]:
-    from search.checkpoints import results as trial_results
+    from search.engine.checkpoints import results as trial_results
     return {t.name[len("trial_"):]: trial_results(t) for t in sorted(folder.glob("trial_*"))}
 
 
@@ -24,7 +24,7 @@ def mlflow_runs_ok(folder: Path, board: pd.DataFrame) -> bool:
     ASHA's stop tagged, whatever the faults did."""
     from mlflow.tracking import MlflowClient
 
-    from search.tracking import tracking_uri
+    from search.engine.tracking import tracking_uri
     client = MlflowClient(tracking_uri(folder, "experiment"))
     runs = client.search_runs([client.get_experiment_by_name(folder.name).experiment_id])
     by_trial = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
@@ -43,8 +43,8 @@ def compare(whole: Path, soaked: Path, *, trials: int, max_epochs: int, struck_a
     """The soaked search against the undisturbed one (see the module docstring). An epoch may be
     trained again once per fault that struck between the trial's first and last report (the epoch
     in flight, or one whose checkpoint the fault kept from being registered)."""
-    from search.checkpoints import registered
-    from search.tuner import load_study
+    from search.engine.checkpoints import registered
+    from search.engine.tuner import load_study
     board, reference = pd.read_csv(soaked / "leaderboard.csv"), pd.read_csv(whole / "leaderboard.csv")
     ended = board[board["status"] == "TERMINATED"]
     study = load_study(soaked).get_trials(deepcopy=False)

@@ -175,7 +175,7 @@ def main() -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     gpu = torch.cuda.is_available() and args.device != "cpu"
     targets = backbones_at(args.sets, gpu, p.error)
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     started, rows, datasets = time.time(), [], {}
     for backbone, size in targets:
         if size not in datasets:

@@ -13,7 +13,7 @@ from core.errors import UserError
 
 DATA_ENV = "SEARCH_DATA"  # the data a search runs on when --data is not given
 METRIC_MODES = {"val_auc": "max", "val_acc": "max", "val_f1": "max", "val_loss": "min"}
-SAMPLER_NAMES = ("tpe", "random", "qmc", "gp")  # search.samplers builds each
+SAMPLER_NAMES = ("tpe", "random", "qmc", "gp")  # search.engine.samplers builds each
 WEIGHTS = ("imagenet", "random")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: the fastest measured on the device (trainables.execution)
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")

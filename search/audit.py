@@ -1,4 +1,4 @@
-"""Audit a data set without searching: counts, duplicate files, shortcuts (see trainables/ingest/leakage.py).
+"""Audit a data set without searching: counts, duplicate files, shortcuts (see ingest/leakage.py).
 
     python -m search.audit --data ../shared/data/covid-ct-ucsd/patients.csv --out audit/
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from search.cli import add_flags, from_flags, handle_errors
-from search.data_setup import PREVIEW, audited, data_path, load_search_data, write_audit
+from search.data.search_data import PREVIEW, audited, data_path, load_search_data, write_audit
 from search.options import SearchOptions
 
 FLAGS = ("data", "image_size", "channels", "group_column", "strata", "seed", "skip_corrupt", "ct_window")

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from search.cli import add_flags, from_flags, handle_errors
-from search.final_model import finalize
+from search.final.pipeline import finalize
 from search.options import FinalizeOptions
 
 

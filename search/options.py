@@ -20,7 +20,7 @@ from spaces import UnknownSpace, get_space, list_spaces
 
 PROFILES = {
     # a laptop-class CPU: few epochs, two trials at a time on two cores; images at 32 px when they
-    # are MedMNIST-sized, else at 64 px (see trainables.ingest.image_file.auto_image_size)
+    # are MedMNIST-sized, else at 64 px (see ingest.image_file.auto_image_size)
     "cpu": dict(image_size="auto", max_epochs=8, grace_period=1, num_samples=24, batch_size="auto",
                 cpus_per_trial=1, gpus_per_trial=0, time_budget=900, early_size=0),
     # GPU workers: ImageNet resolution and a longer search
@@ -67,7 +67,7 @@ class SharedOptions:
                                               "(default: the COVID class, or the abnormal one of two)")
     external: list[str] | None = option(None, "a labelled data set from elsewhere (image folder, .npz or CSV manifest) "
                                               "the final model is tested on as on the internal test, its threshold "
-                                              "unchanged (repeatable): a report section per set (search/external.py)",
+                                              "unchanged (repeatable): a report section per set (search/final/external.py)",
                                         repeat=True)
     class_map: list[str] | None = option(None, "THEIRS=OURS: the model's class for an external set's class whose name "
                                                "differs beyond case, spaces and punctuation (repeatable)", repeat=True)
@@ -143,7 +143,7 @@ class SearchOptions(SharedOptions):
     max_retries: int = option(2, "retries of a trial whose worker fails", type=int, at_least=0)
     stop_rule: bool = option(True, "run the whole budget (by default the search stops once the best trial is within "
                                    "its validation error of the metric's ceiling, or --stop-patience trials the sampler "
-                                   "proposed in a row have not beaten it by more than that: search/stop_rule.py)")
+                                   "proposed in a row have not beaten it by more than that: search/engine/stop_rule.py)")
     stop_patience: int | None = option(None, "proposed trials in a row that add nothing before the stop rule ends "
                                              "the search (default: a sixth of --num-samples, at least 4)",
                                        type=int, above=0)
@@ -306,5 +306,5 @@ def check_search(o: SearchOptions) -> None:
     if o.warm_start and get_space(o.space).fixed:
         raise UserError(f"--warm-start applies to a space the sampler searches, not the fixed space {o.space!r}")
     if o.mlflow is not None:
-        from search.tracking import check_mlflow  # Ray's and MLflow's imports only for a search that logs
+        from search.engine.tracking import check_mlflow  # Ray's and MLflow's imports only for a search that logs
         check_mlflow(o.mlflow)

@@ -5,9 +5,9 @@
 
 Writes a CSV with `path`, `p_<class>` per class (calibrated probabilities) and `predicted` (the
 class at the model's threshold); with `--saliency DIR` also a Grad-CAM overlay per image. The model
-directory format is described in `search/saved_model.py`.
+directory format is described in `search/final/saved_model.py`.
 
-With labels, a test on data from elsewhere (`search/external.py`): the CSV gains `label`, and beside it
+With labels, a test on data from elsewhere (`search/final/external.py`): the CSV gains `label`, and beside it
 `<out>.md` (the final report's read-out, the drop from the internal test), `<out>.json` and `<out>_roc.png`:
 
     python -m search.predict --model experiments/lite-x/final/ensemble \
@@ -26,12 +26,13 @@ import pandas as pd
 from core.formatting import figure
 from core.errors import UserError
 from search.cli import handle_errors
-from search.external import evaluate_external, external_lines, load_externals
-from search.plots import plot_external_roc
-from search.records import versions, write_atomic, write_json
-from search.saliency import write_overlays
-from search.saved_model import SavedModel, device_name, image_files, load_model, predict_files
-from trainables.ingest.decoding import decode_images
+from search.data.external_sets import load_externals
+from search.final.external import evaluate_external, external_lines
+from search.outputs.plots import plot_external_roc
+from search.outputs.records import versions, write_atomic, write_json
+from search.final.saliency import write_overlays
+from search.final.saved_model import SavedModel, device_name, image_files, load_model, predict_files
+from ingest.decoding import decode_images
 
 
 def build_parser() -> argparse.ArgumentParser:

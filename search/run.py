@@ -8,16 +8,33 @@
 Writes `<storage>/<name>/`: Ray Tune's results, `leaderboard.csv` and
 `leaderboard_by_backbone.csv` (rewritten as trials end), `optuna_trials.csv`,
 `search_progress.png` and `search_config.json` (options, versions, data fingerprint); then, unless
-`--no-finalize`, `final/` (see search/final_model.py): the retrained top-k, the ensemble, the report.
+`--no-finalize`, `final/` (see search/final/pipeline.py): the retrained top-k, the ensemble, the report.
+
+In Python:
+
+    >>> folder = run_search(SearchOptions(space="tiny", data="pneumoniamnist.npz", num_samples=4))
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
+from pathlib import Path
 
 from search.cli import add_flags, from_flags, handle_errors
-from search.experiment import run_search
-from search.options import PROFILES, SearchOptions
+from search.engine.experiment import run_experiment
+from search.final.pipeline import finalize
+from search.options import PROFILES, FinalizeOptions, SearchOptions, SharedOptions
+
+
+def run_search(options: SearchOptions) -> Path:
+    """Search (or resume a search), then finalize it unless `options.finalize` is False; the experiment folder."""
+    return run_experiment(options, finalize=_finalize)
+
+
+def _finalize(folder: Path, options: SearchOptions, data, externals) -> None:
+    shared = {f.name: getattr(options, f.name) for f in fields(SharedOptions)}
+    finalize(FinalizeOptions(experiment=str(folder), **shared), data=data, externals=externals)
 
 
 def build_parser() -> argparse.ArgumentParser:

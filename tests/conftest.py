@@ -97,7 +97,7 @@ def keras_folder(tmp_path_factory, png_folder):
 def experiment(tmp_path_factory, keras_folder):
     """A tiny search whose end runs finalize: 2 distinct configurations x 2 seeds, and the ensemble;
     no warm restart, so a member's first seed is its trial's network as it stands. Logged to MLflow."""
-    from search.experiment import run_search
+    from search.run import run_search
     from search.options import SearchOptions
     storage = tmp_path_factory.mktemp("exp")
     folder = run_search(SearchOptions(space="tiny", data=str(keras_folder), storage=str(storage), name="pipeline", folds=1, stop_rule=False,

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, shared
-from trainables.ingest.dataset import load_dataset
-from trainables.ingest.leakage import audit_dataset, dedupe
+from ingest.dataset import load_dataset
+from ingest.leakage import audit_dataset, dedupe
 
 
 @pytest.fixture
@@ -76,8 +76,8 @@ def _jpegs(root, pneumonia_npz, qualities):
 
 def test_the_shortcut_probe_warns_where_the_files_encoding_gives_the_label_away_and_not_where_saved_alike(
         tmp_path, pneumonia_npz, capsys):
-    from search.data_setup import audited
-    from trainables.ingest.leakage import render
+    from search.data.search_data import audited
+    from ingest.leakage import render
     leaky = audit_dataset(load_dataset(_jpegs(tmp_path / "leaky", pneumonia_npz, (95, 60)), image_size=32, seed=0))
     probe = leaky["probe"]["acquisition"]
     assert probe["shortcut"] and probe["auc"] >= 0.95 and probe["strongest"][0]["property"] == "JPEG quantization"

@@ -12,7 +12,7 @@ import torch
 from bench.asha_vs_fifo import epochs_in_order, reach
 from bench.overhead import breakdown
 from conftest import ROOT
-from search.experiment import run_search
+from search.run import run_search
 from search.options import SearchOptions
 
 
@@ -89,8 +89,8 @@ def test_a_benchmark_row_names_a_clean_commit_and_refuses_a_dirty_tree(tmp_path)
 
 def test_selection_rules_train_each_trial_again_to_the_network_it_reported(fifo_search):
     from bench.selection_rules import epochs_of, model_at, pick
-    from search.final_model import _search_data
-    from search.records import read_search_record
+    from search.final.pipeline import _search_data
+    from search.outputs.records import read_search_record
     trials = epochs_of(fifo_search).set_index("trial_id", drop=False)
     board = pd.read_csv(fifo_search / "leaderboard.csv", dtype={"trial_id": str}).set_index("trial_id")
     assert sorted(trials.index) == sorted(board.index)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
 
-from search.calibration import apply_temperature, calibration, expected_calibration_error, fit_temperature
-from search.ensemble import calibrate, score_model
-from trainables.ingest.dataset import Dataset
+from search.outputs.calibration import apply_temperature, calibration, expected_calibration_error, fit_temperature
+from search.final.ensemble import calibrate, score_model
+from ingest.dataset import Dataset
 
 
 def _probs(rng, labels, sharpness):
@@ -85,7 +85,7 @@ def test_the_final_model_is_scaled_only_when_validation_supports_it(sharpness, a
 def test_the_temperatures_gain_is_measured_on_images_it_was_not_fitted_on():
     """On calibrated probabilities a fitted temperature only fits noise: its log-loss gain on its own
     images is never below 0, on held-out images it is a loss on average. The guard must see the latter."""
-    from search.calibration import choose_temperature
+    from search.outputs.calibration import choose_temperature
     gains = []
     for seed in range(10):
         rng = np.random.default_rng(seed)

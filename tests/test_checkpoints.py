@@ -13,9 +13,9 @@ import torch
 
 import slow_save
 from conftest import RAY_CPUS
-from search.checkpoints import registered, results, unregistered
-from search.experiment import run_search
-from search.final_model import finalize, remove_unused_checkpoints
+from search.engine.checkpoints import registered, results, unregistered
+from search.run import run_search
+from search.final.pipeline import finalize, remove_unused_checkpoints
 from search.options import FinalizeOptions, SearchOptions
 from trainables.trainable import CHECKPOINT_FILE
 

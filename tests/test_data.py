@@ -7,8 +7,8 @@ from PIL import Image
 
 from conftest import shared
 from core.errors import UserError
-from trainables.ingest.dataset import SPLITS, load_dataset
-from trainables.ingest.image_file import decode_image
+from ingest.dataset import SPLITS, load_dataset
+from ingest.image_file import decode_image
 
 
 def test_npz_keeps_the_medmnist_split(pneumonia_npz):
@@ -291,7 +291,7 @@ def _encodings():
 
 @pytest.mark.parametrize("encoding", ["float01", "signed_hu", "uint16"])
 def test_every_encoding_decodes_the_same_from_files_from_npz_and_for_predict(tmp_path, encoding):
-    from trainables.ingest.decoding import decode_images
+    from ingest.decoding import decode_images
     pixels, expected = _encodings()[encoding]
     for name in ("a", "b"):
         (tmp_path / "folder" / name).mkdir(parents=True)
@@ -371,7 +371,7 @@ def test_a_manifest_saved_by_a_european_spreadsheet_is_read(tmp_path):
 def test_dropping_leaked_copies_that_empties_a_class_of_a_split_is_one_clear_error(tmp_path):
     """val's only image of class b is a copy of a test image: once the copy is dropped, val has no b;
     that is said before any trial, not by scikit-learn inside every trial."""
-    from search.data_setup import audited
+    from search.data.search_data import audited
     rng = np.random.default_rng(0)
     for name, n in {"train/a": 6, "train/b": 6, "val/a": 2, "test/a": 2, "test/b": 2}.items():
         (tmp_path / name).mkdir(parents=True)
@@ -386,7 +386,7 @@ def test_dropping_leaked_copies_that_empties_a_class_of_a_split_is_one_clear_err
 
 
 def test_the_audit_warns_of_a_class_with_fewer_than_10_images_in_a_split(tmp_path):
-    from trainables.ingest.leakage import audit_dataset
+    from ingest.leakage import audit_dataset
     _folder(tmp_path, {"train/a": 12, "train/b": 12, "val/a": 10, "val/b": 10, "test/a": 10, "test/b": 3})
     warnings = audit_dataset(load_dataset(tmp_path, image_size=8))["warnings"]
     assert [w for w in warnings if w.startswith("FEW")] == [

@@ -16,8 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from conftest import ROOT
 from core.errors import UserError
-from trainables.ingest.dataset import load_dataset
-from trainables.ingest.image_file import decode_image
+from ingest.dataset import load_dataset
+from ingest.image_file import decode_image
 
 
 def _dicom(path, pixels: np.ndarray, *, modality="DX", photometric="MONOCHROME2", bits=16, slope=None,
@@ -120,7 +120,7 @@ def test_multiframe_and_imageless_dicom_and_stray_files_are_named_or_counted(tmp
     assert len(data.labels) == 21 and any(p.endswith("IM0001") for p in data.paths)
     assert data.unread == {"DICOM objects without pixel data (SR)": 1, ".txt files": 1,
                            "files with no extension (not DICOM)": 1, "hidden files": 1}
-    from trainables.ingest.leakage import audit_dataset, render
+    from ingest.leakage import audit_dataset, render
     report = render(audit_dataset(data))
     assert "4 file(s) under the data were not read as images" in report and "1 .txt files" in report
     _dicom(tmp_path / "b" / "cine.dcm", pixels, frames=3)
@@ -172,11 +172,11 @@ def mixed_folder(tmp_path_factory, pneumonia_npz):
 
 def test_a_folder_mixing_dicom_and_png_searches_finalizes_and_predicts_the_same_pixels(mixed_folder, tmp_path,
                                                                                         monkeypatch):
-    from search import strata
-    from search.experiment import run_search
+    from search.final import strata
+    from search.run import run_search
     from search.options import SearchOptions
-    from search.saved_model import load_model
-    from trainables.ingest.decoding import decode_images
+    from search.final.saved_model import load_model
+    from ingest.decoding import decode_images
     monkeypatch.setattr(strata, "MIN_IMAGES", 3)  # this test split holds 12 images: strata of 3 shown
     folder = run_search(SearchOptions(space="tiny", data=str(mixed_folder), storage=str(tmp_path), name="dicom", stop_rule=False,
                                       num_samples=2, max_epochs=2, grace_period=1, image_size=28, folds=1, top_k=1,

@@ -9,7 +9,7 @@ import pytest
 import ray
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from search.tuner import StudySearch, load_study, make_scheduler
+from search.engine.tuner import StudySearch, load_study, make_scheduler
 
 SUPPORTED = "ray 2.60 (pyproject.toml pins the range)"
 
@@ -31,12 +31,12 @@ def test_ray_internals_the_searcher_and_scheduler_use_still_exist(tmp_path):
     searcher = _searcher(tmp_path)
     for name in ("_ot_trials", "_ot_study", "_completed_trials", "_metric", "_mode"):
         assert hasattr(searcher, name), (f"ray {ray.__version__}: OptunaSearch has no attribute {name!r}; "
-                                         f"search/tuner.py StudySearch was written for {SUPPORTED}")
+                                         f"search/engine/tuner.py StudySearch was written for {SUPPORTED}")
     assert isinstance(searcher._ot_study, optuna.Study), f"ray {ray.__version__}: OptunaSearch._ot_study changed"
     scheduler = make_scheduler(metric="val_auc", mode="max", max_epochs=4, grace_period=1)
     for name in ("_time_attr", "_max_t", "_num_stopped", "_brackets", "STOP", "CONTINUE"):
         assert hasattr(scheduler, name), (f"ray {ray.__version__}: ASHAScheduler has no attribute {name!r}; "
-                                          f"search/tuner.py RecordingASHA was written for {SUPPORTED}")
+                                          f"search/engine/tuner.py RecordingASHA was written for {SUPPORTED}")
     rungs = scheduler._brackets[0]._rungs
     assert all(isinstance(m, (int, float)) and isinstance(recorded, dict) for m, recorded in rungs), (
         f"ray {ray.__version__}: an ASHA bracket's _rungs is no longer [(milestone, {{trial: score}})]; "
@@ -151,7 +151,7 @@ def test_a_trial_stopped_at_a_rung_and_run_again_by_a_fault_stays_stopped():
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "gp"])
 def test_every_sampler_the_options_offer_builds(sampler):
-    from search.samplers import SAMPLERS
+    from search.engine.samplers import SAMPLERS
     assert isinstance(SAMPLERS[sampler](0), optuna.samplers.BaseSampler)
 
 
@@ -159,7 +159,7 @@ def test_every_sampler_the_options_offer_builds(sampler):
 def test_the_first_trials_are_the_samplers_start(tmp_path, first, startup):
     """With first trials (one per backbone), TPE models from the trial after them; at a CT budget of
     9-12 trials, Optuna's 10 random start-up trials would leave nothing for it to model."""
-    from search.tuner import make_searcher
+    from search.engine.tuner import make_searcher
     points = [{"backbone": f"b{k}"} for k in range(first)]
     limiter = make_searcher(_space, metric="val_auc", mode="max", sampler="tpe", seed=0, max_epochs=3,
                             max_concurrent=1, points=points, folder=tmp_path)
@@ -170,7 +170,7 @@ def test_a_journal_cut_short_by_a_crash_is_repaired_before_the_next_append(tmp_p
     """A crash in mid-append leaves half a line; the next append would land on it and Optuna could
     read nothing. It is cut off (and kept) first; a journal damaged in its middle is set aside and
     written again from the searcher's study. Optuna's own JournalStorage reads every trial after."""
-    from search.tuner import STUDY_FILE
+    from search.engine.tuner import STUDY_FILE
     searcher = _searcher(tmp_path)
     for k, trial_id in enumerate(("a", "b", "c")):
         searcher.suggest(trial_id)
@@ -198,7 +198,7 @@ def test_engine_messages_go_on_when_engine_log_cannot_be_written(tmp_path, capfd
     """A full or read-only disk: the console keeps its one engine: line, and logging prints no trace."""
     import logging
 
-    from search.cluster import engine_messages
+    from search.engine.cluster import engine_messages
     (tmp_path / "engine.log").mkdir()  # cannot be opened as a file, as on a full disk
     with engine_messages(tmp_path):
         logging.getLogger("ray.tune.execution.tune_controller").error("Trial a failed\nTraceback ...")

@@ -6,9 +6,9 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score, roc_curve
 
 from core.errors import UserError
-from search.ensemble import ensemble_weights
-from search.evaluate import (auc, confidence_intervals, decide, evaluate, paired_difference, positive_class, rates,
-                             score, stratified_resamples, wilson, youden_threshold)
+from search.final.ensemble import ensemble_weights
+from search.outputs.evaluate import (auc, confidence_intervals, decide, evaluate, paired_difference, positive_class, rates,
+                                     score, stratified_resamples, wilson, youden_threshold)
 
 
 def test_youden_threshold_is_j_optimal_and_in_the_middle_of_the_gap():
@@ -155,7 +155,7 @@ def test_an_imbalanced_read_out_gives_pr_auc_balanced_accuracy_and_the_majority_
     positive scores an accuracy below calling every image normal; the read-out says so."""
     from sklearn.metrics import average_precision_score, balanced_accuracy_score
 
-    from search.report import _majority
+    from search.final.report import _majority
     rng = np.random.default_rng(0)
     labels = np.r_[np.zeros(600, int), np.ones(30, int)]
     p = np.clip(np.r_[rng.normal(0.2, 0.15, 600), rng.normal(0.7, 0.15, 30)], 0.001, 0.999)
@@ -176,8 +176,8 @@ def test_a_manifest_site_column_breaks_the_test_figures_down_by_site_and_flags_a
     from PIL import Image
     from sklearn.metrics import roc_auc_score
 
-    from search.strata import strata_figures, strata_lines
-    from trainables.ingest.dataset import load_dataset
+    from search.final.strata import strata_figures, strata_lines
+    from ingest.dataset import load_dataset
     arrays = np.load(pneumonia_npz)
     rows = []
     for label, name in enumerate(("normal", "pneumonia")):
@@ -199,7 +199,7 @@ def test_a_manifest_site_column_breaks_the_test_figures_down_by_site_and_flags_a
     rng = np.random.default_rng(0)
     score = np.where(site == "north", labels * 0.8 + rng.random(len(test)) * 0.3, rng.random(len(test)))
     probs = np.column_stack([1 - score, score])
-    from search.evaluate import evaluate
+    from search.outputs.evaluate import evaluate
     model = {"test_probs": probs, "val": {"threshold": 0.5},
              "test": evaluate(labels, probs, data.class_names, positive=1, threshold=0.5, resamples=200)}
     figures = strata_figures(data, model, positive=1, resamples=200)["site"]

@@ -11,8 +11,9 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import one_error, run_cli, run_in_process
 from core.errors import UserError
-from search.external import check_externals, external_lines, file_stem, match_classes, parse_class_map
-from search.final_model import finalize
+from search.data.external_sets import check_externals, match_classes, parse_class_map
+from search.final.external import external_lines, file_stem
+from search.final.pipeline import finalize
 from search.options import FinalizeOptions
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from search.experiment import run_search
+from search.run import run_search
 from search.options import SearchOptions
 
 SEARCH = ["--space", "tiny", "--image-size", "28", "--subset", "400", "--folds", "1", "--grace-period", "1", "--no-stop-rule",
@@ -77,7 +77,7 @@ def test_the_core_budget_lives_on_the_drivers_node_and_its_loss_fails_no_trial(c
     be lost anyway, trials read the CPUs they asked for."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    from search.cores import core_budget, share_among_tasks
+    from search.engine.cores import core_budget, share_among_tasks
     from trainables.trainable import allowed_threads
     c, _ = cluster
     ray.init(address=c.address, log_to_driver=False)
@@ -109,7 +109,7 @@ def test_a_cluster_where_no_node_fits_a_trial_waits_for_one_then_stops_with_one_
     """No autoscaler here: the search asks for a node, waits, and stops with one line instead of
     leaving its trials pending for ever; with such a node there, it goes on at once."""
     import ray
-    from search.cluster import check_fits
+    from search.engine.cluster import check_fits
     from core.errors import UserError
     c, _ = cluster
     ray.init(address=c.address, log_to_driver=False)
@@ -267,7 +267,7 @@ def _one_mlflow_run_per_trial(folder, board):
     one value per epoch it ran, ASHA's stops tagged; the parent's leaderboard artifact in the folder."""
     from mlflow.tracking import MlflowClient
 
-    from search.tracking import tracking_uri
+    from search.engine.tracking import tracking_uri
     client = MlflowClient(tracking_uri(folder, "experiment"))
     runs = client.search_runs([client.get_experiment_by_name(folder.name).experiment_id])
     parents = [r for r in runs if r.data.tags.get("role") == "search"]

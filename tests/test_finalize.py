@@ -11,17 +11,17 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from conftest import one_error, run_cli, run_in_process
 from core.errors import UserError
-from search.experiment import run_search
-from search.final_model import finalize
+from search.run import run_search
+from search.final.pipeline import finalize
 from search.options import FinalizeOptions, SearchOptions
-from search.retrain import outcome, retrain
+from search.final.retrain import outcome, retrain
 
 
 def test_mlflow_keeps_the_leaderboard_report_and_final_model_on_the_parent_run(experiment):
     from mlflow.tracking import MlflowClient
 
-    from search.saved_model import load_model
-    from search.tracking import tracking_uri
+    from search.final.saved_model import load_model
+    from search.engine.tracking import tracking_uri
     folder, _ = experiment
     client = MlflowClient(tracking_uri(folder, "experiment"))
     runs = client.search_runs([client.get_experiment_by_name(folder.name).experiment_id])
@@ -110,7 +110,7 @@ def test_the_choice_states_its_validation_margin_over_the_runner_up(experiment):
 
 
 def test_threshold_is_chosen_on_validation_not_test(experiment):
-    from search.evaluate import youden_threshold
+    from search.outputs.evaluate import youden_threshold
     folder, metrics = experiment
     chosen = metrics["models"][metrics["chosen"]]
     pos, threshold = chosen["test"]["positive_class"], chosen["test"]["threshold"]
@@ -152,7 +152,7 @@ def test_model_directory_records_what_it_needs_and_holds_no_pickles(experiment):
     assert record["class_names"] == ["normal lung", "viral pneumonia"]
     assert record["threshold"] == metrics["models"][metrics["chosen"]]["val"]["threshold"]
     assert record["preprocessing"] == {"image_size": 28, "channels": 1, "ct_window": "lung",
-                                       "decode": "trainables.ingest.image_file.decode_image"}
+                                       "decode": "ingest.image_file.decode_image"}
     assert record["data"]["fingerprint"] == metrics["data"]["fingerprint"] and "torch" in record["versions"]
     assert all(m["config"]["backbone"] for m in record["members"])
     assert {p.suffix for p in model.iterdir()} == {".json", ".safetensors"}
@@ -179,7 +179,7 @@ def test_a_member_its_trial_already_trained_is_kept_not_retrained(experiment):
 def test_retraining_goes_on_from_a_trials_state(png_folder):
     """From a state at the member's epochs: the network is only scored; from an earlier one: the
     missing epochs are trained, continuing the schedule."""
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     from trainables.train import Training
     data = load_dataset(png_folder, image_size=28, seed=0)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 3, "batch_size": 32}
@@ -200,7 +200,7 @@ def test_a_warm_restart_goes_on_from_the_network_with_a_fresh_cycle(png_folder):
     """After its schedule a network trains one more cycle from half the learning rate: going on from
     a trial's state gives the network retraining from scratch gives (the same run), and the cycle
     changes it."""
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     from trainables.train import Training
     data = load_dataset(png_folder, image_size=28, seed=0)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32,
@@ -219,8 +219,8 @@ def test_a_warm_restart_goes_on_from_the_network_with_a_fresh_cycle(png_folder):
 def test_finalize_gives_the_cores_of_finished_retrainings_to_those_still_running(pneumonia_npz):
     """Two 1-CPU retraining tasks on 2 CPUs: once the short one ends, the long one trains on both."""
     import ray
-    from search.retrain import retrain_all
-    from trainables.ingest.dataset import load_dataset
+    from search.final.retrain import retrain_all
+    from ingest.dataset import load_dataset
     data = load_dataset(pneumonia_npz, image_size=28, seed=0, subset=300)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32}
     members = [{"name": "short", "config": config, "epochs": 1, "warm_restart_epochs": 0},
@@ -235,7 +235,7 @@ def test_finalize_gives_the_cores_of_finished_retrainings_to_those_still_running
 
 
 def test_refit_on_val_keeps_validation_predictions_from_the_train_only_model(png_folder):
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     data = load_dataset(png_folder, image_size=28, seed=0)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 2, "batch_size": 32}
     plain = retrain(config, data, epochs=2, refit_on_val=False)
@@ -328,7 +328,7 @@ def test_small_data_is_cross_validated_by_the_auto_rule(cv_experiment):
 
 
 def test_cross_validated_finalize_chooses_on_out_of_fold_predictions(cv_experiment):
-    from search.evaluate import youden_threshold
+    from search.outputs.evaluate import youden_threshold
     folder, metrics = cv_experiment
     pool = sum(metrics["data"]["counts"]["train"].values()) + sum(metrics["data"]["counts"]["val"].values())
     assert metrics["selection"]["mode"] == "cross-validation" and metrics["selection"]["images"] == pool
@@ -368,7 +368,7 @@ def test_cross_validated_model_predicts_like_finalize(cv_experiment, tmp_path):
 
 
 def _ece(labels, probs, bins=10):
-    """Expected calibration error, written out bin by bin (independently of search.calibration)."""
+    """Expected calibration error, written out bin by bin (independently of search.outputs.calibration)."""
     confidence, correct = probs.max(1), probs.argmax(1) == labels
     total = 0.0
     for b in range(bins):
@@ -381,7 +381,7 @@ def _ece(labels, probs, bins=10):
 def test_calibration_figures_agree_with_the_predictions_file(cv_experiment):
     from sklearn.metrics import brier_score_loss, log_loss
 
-    from search.calibration import apply_temperature, cross_fitted
+    from search.outputs.calibration import apply_temperature, cross_fitted
     folder, metrics = cv_experiment
     names = ["Covid", "Normal", "Viral Pneumonia"]
     calibration = metrics["models"][metrics["chosen"]]["calibration"]
@@ -429,7 +429,7 @@ def test_importances_are_fanova_over_the_sampled_trials_only():
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
-    from search.importance import importances
+    from search.final.importance import importances
     rng = np.random.default_rng(0)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
 
@@ -508,7 +508,7 @@ def test_a_failed_trial_is_never_a_member_and_a_failed_retraining_is_replaced(ex
     assert "Retraining failed" in (final / "report.md").read_text() and failed["name"] in (final / "report.md").read_text()
     # --keep-checkpoints used: the failed trial keeps its checkpoint (--resume retries it from there); a
     # finished trial no member came from loses its own
-    from search.final_model import remove_unused_checkpoints
+    from search.final.pipeline import remove_unused_checkpoints
     remove_unused_checkpoints(copy, board, keep=set(members))
     assert list((copy / f"trial_{board['trial_id'][0]}").glob("checkpoint_*"))
     assert not list((copy / f"trial_{board['trial_id'][1]}").glob("checkpoint_*"))
@@ -517,7 +517,7 @@ def test_a_failed_trial_is_never_a_member_and_a_failed_retraining_is_replaced(ex
 def test_the_gpu_profile_runs_end_to_end_on_a_cpu(tmp_path, pneumonia_npz):
     """The gpu profile's settings (224 px, bfloat16 autocast, channels-last), its epochs and trials
     scaled down to a tiny subset and its GPU swapped for a CPU core: search, finalize, predict."""
-    from search.saved_model import load_model
+    from search.final.saved_model import load_model
     folder = run_search(SearchOptions(space="backbones", backbones="mobilenetv3_small_100", data=str(pneumonia_npz), stop_rule=False,
                                       profile="gpu", gpus_per_trial=0, cpus_per_trial=1, max_concurrent=2,
                                       num_samples=2, max_epochs=2, grace_period=1, subset=16, folds=1,
@@ -534,14 +534,14 @@ def test_the_gpu_profile_runs_end_to_end_on_a_cpu(tmp_path, pneumonia_npz):
     (net, prep), = model.members[0][1]
     assert prep.autocast == (True, torch.bfloat16) and prep.channels_last and prep.input_size == 224
     test = pd.read_csv(folder / "final" / "test_predictions.csv")
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     images = load_dataset(pneumonia_npz, image_size=224, subset=16).arrays("test")[0]
     assert np.allclose(model.predict_proba(images)[:, 1], test["p_pneumonia"].to_numpy(), atol=1e-4)
 
 
 def test_a_final_folder_that_fails_half_way_leaves_no_temporary_folder_and_keeps_the_old_one(experiment, tmp_path,
                                                                                           monkeypatch):
-    from search import final_model as final_module
+    from search.final import pipeline as final_module
     folder, _ = experiment
     copy = tmp_path / folder.name
     shutil.copytree(folder, copy)

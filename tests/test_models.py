@@ -128,7 +128,7 @@ def test_unknown_backbone_names_close_matches():
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 def test_every_precision_and_memory_format_trains_an_epoch_on_the_cpu(pneumonia_npz, precision, memory_format):
     """The GPU profile's paths (autocast, loss scaling for fp16, channels-last) run on a CPU too."""
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     from trainables.train import Training
     data = load_dataset(pneumonia_npz, image_size=32, subset=64)
     run = Training({"backbone": "resnet10t", "weights": "random", "image_size": 32, "max_epochs": 1, "batch_size": 16,
@@ -179,7 +179,7 @@ def test_auto_execution_is_measured_once_per_backbone_and_machine_then_read_from
 
 
 def test_the_first_epochs_train_and_validate_at_the_early_size(pneumonia_npz):
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     from trainables.train import Training
     data = load_dataset(pneumonia_npz, image_size=32, subset=64)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 32, "max_epochs": 3, "batch_size": 16,
@@ -205,7 +205,7 @@ def test_an_epoch_trained_again_from_a_checkpoint_is_the_epoch_the_uninterrupted
     """A trial restarted from its epoch-2 state in a fresh process (whose global RNG is wherever it is)
     trains epoch 3 to the same weights as the trial that never stopped: dropout's masks and the
     shuffle are the epoch's own, so a fault changes no score ASHA and the sampler see."""
-    from trainables.ingest.dataset import load_dataset
+    from ingest.dataset import load_dataset
     from trainables.train import Training
     data = load_dataset(pneumonia_npz, image_size=28, seed=0, subset=200)
     config = {"backbone": "small_cnn", "weights": "random", "image_size": 28, "max_epochs": 3, "batch_size": 32,

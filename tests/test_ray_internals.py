@@ -1,4 +1,4 @@
-"""Each private attribute of Ray or Optuna the search relies on (`search/ray_internals.py`), checked
+"""Each private attribute of Ray or Optuna the search relies on (`search/engine/ray_internals.py`), checked
 on the installed versions: an upgrade that renames or reshapes one fails here, by name. What the
 search does with them is tested by the searches themselves (resume into a copy and ASHA's rungs:
 tests/test_fault_tolerance.py; a lost node's requeued trial: tests/test_soak.py; every epoch told
@@ -17,8 +17,8 @@ from ray.tune.logger import TBXLoggerCallback
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from search import ray_internals as internals
-from search.tuner import make_scheduler
+from search.engine import ray_internals as internals
+from search.engine.tuner import make_scheduler
 
 
 def _space(trial):

@@ -4,9 +4,9 @@ the square, so a model that learned the task must look there, and Grad-CAM must 
 import numpy as np
 from PIL import Image
 
-from search.saliency import grad_cam, overlay
-from search.saved_model import SavedModel
-from trainables.ingest.dataset import Dataset, load_dataset
+from search.final.saliency import grad_cam, overlay
+from search.final.saved_model import SavedModel
+from ingest.dataset import Dataset, load_dataset
 from trainables.train import Training
 
 SIZE, MARK = 64, 14

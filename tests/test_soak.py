@@ -21,15 +21,17 @@ def test_a_search_through_a_lost_node_killed_workers_and_drivers_and_a_move_ends
     epochs; the Optuna journal replays after every fault and ends with every trial COMPLETE or PRUNED;
     one MLflow run per trial; each Ctrl-C exits 130 naming the command that continues, and a half line
     a SIGKILL left in the journal is cut off on resume; Ray's errors are one `engine:` line each. The
-    faults come one at a time, then two at once: a worker killed as its node is lost, the driver killed
-    during a save."""
-    kinds = KINDS + PAIRED
-    row = run(tmp_path / "soak", trials=8, faults=len(kinds), max_epochs=3, workers=2, seed=0, fault_seed=0, gap=(1, 1),
+    faults come one at a time (a worker killed in a save, the driver interrupted and killed, the
+    experiment moved), then two at once: a worker killed as its node is lost, the driver killed during
+    a save."""
+    # each single fault that a paired one holds (a worker killed in training, a node lost) is left to it
+    kinds = tuple(k for k in KINDS if k not in ("worker_train", "node_lost")) + PAIRED
+    row = run(tmp_path / "soak", trials=6, faults=len(kinds), max_epochs=3, workers=2, seed=0, fault_seed=0, gap=(1, 1),
               kinds=kinds)
     assert row["mode"] == "single + paired" and row["max_retries"] == len(kinds) + 2, row
     assert row["faults"] == len(kinds) and all(row[k] == 1 for k in kinds), row
     assert row["save_kills_landed"] <= row["worker_save"] + row["driver_during_save"], row
-    assert row["trials"] == 8 and row["lost"] == 0 and row["duplicated"] == 0, row
+    assert row["trials"] == 6 and row["lost"] == 0 and row["duplicated"] == 0, row
     assert row["journal_ok"] and row["continuity_ok"] and row["asha_same"] and row["mlflow_ok"], row
     assert row["drivers_ok"] and row["engine_lines"] >= 2, row  # a worker killed, a node lost: at least two
     assert row["max_stall_s"] <= STALL_LIMIT, row

@@ -20,11 +20,11 @@ from PIL import Image
 from conftest import ROOT
 from core.errors import UserError
 from search.options import SearchOptions, check_search
-from trainables.ingest.dataset import load_dataset
+from ingest.dataset import load_dataset
 import torch
 
-from trainables.ingest.decoding import Decoding, decode_files
-from trainables.ingest.stores import DiskImages
+from ingest.decoding import Decoding, decode_files
+from ingest.stores import DiskImages
 from trainables.train import Training, read_batches
 
 
@@ -57,7 +57,7 @@ def test_decoding_prints_its_progress_and_hashes_the_bytes(png_folder, capsys):
 
 def test_a_quiet_search_still_prints_each_running_trials_epoch(tmp_path, capsys):
     from types import SimpleNamespace
-    from search.leaderboard import LeaderboardCallback
+    from search.engine.leaderboard import LeaderboardCallback
     board = LeaderboardCallback(tmp_path, metric="val_auc", mode="max", num_samples=4, time_budget=None,
                                 scheduler=None, print_every=0)
     trials = [SimpleNamespace(trial_id="a1", status="RUNNING", config={"backbone": "resnet50"},
@@ -104,7 +104,7 @@ def test_data_store_options_fail_with_one_clear_line(tmp_path, png_folder):
 
 
 def test_a_half_written_cache_entry_is_never_reused(png_folder, tmp_path, monkeypatch):
-    import trainables.ingest.decoding as decoding
+    import ingest.decoding as decoding
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -134,8 +134,8 @@ def test_a_full_decode_cache_costs_one_warning_and_the_images_decode_into_memory
                                                                                   monkeypatch, capsys):
     """A stand-in for a full disk: every write of decoded rows fails as a full file system does (ENOSPC),
     in the decoding tasks and in the driver; for a .npz, the entry's completion does."""
-    import trainables.ingest.decode_tasks as tasks
-    import trainables.ingest.decoding as decoding
+    import ingest.decode_tasks as tasks
+    import ingest.decoding as decoding
     monkeypatch.setattr(tasks, "write_rows", _no_space)
     monkeypatch.setattr(decoding, "write_rows", _no_space)
     monkeypatch.setattr(decoding, "place", _no_space)
@@ -155,7 +155,7 @@ def test_a_read_only_decode_cache_is_read_where_it_holds_the_entry_and_skipped_w
                                                                                          monkeypatch, capsys):
     """A stand-in for a read-only mount: the cache's lock cannot be opened (EROFS), as on a shared cache
     that a cluster's nodes may only read."""
-    import trainables.ingest.decoding as decoding
+    import ingest.decoding as decoding
     first = load_dataset(png_folder, image_size=16, cache=str(tmp_path / "shared"))
     monkeypatch.setattr(decoding, "key_lock", lambda *a: _raises(OSError(errno.EROFS, "Read-only file system")))
     capsys.readouterr()
@@ -206,7 +206,7 @@ def test_rows_a_task_wrote_but_the_file_system_lost_are_found_and_written_again(
     """A file system that keeps one writer's copy of a file (gcsfuse, s3fs) loses the rows other tasks
     wrote: here the rows of every second task are zeroed once it reports. The driver reads each task's
     rows back against its checksum and writes the lost ones itself."""
-    from trainables.ingest.decoding import _threads, chunk_size
+    from ingest.decoding import _threads, chunk_size
 
     def last_writer_wins(fn, chunks, kwargs):
         for k, result in _threads(fn, chunks, kwargs):
@@ -241,8 +241,8 @@ def test_a_damaged_cache_entry_is_found_by_its_checksums_and_decoded_again(png_f
 _DECODE = """
 import sys, time
 from pathlib import Path
-from trainables.ingest.dataset import load_dataset
-from trainables.ingest.decoding import _threads
+from ingest.dataset import load_dataset
+from ingest.decoding import _threads
 folder, cache, started = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 
 def slow(fn, chunks, kwargs):  # the first search decodes for 5 s: the second starts meanwhile
@@ -270,9 +270,9 @@ def test_two_searches_of_the_same_new_data_share_one_decode(png_folder, tmp_path
 
 
 def test_tasks_write_their_rows_into_the_cache_and_a_task_elsewhere_sends_them_back(png_folder, tmp_path):
-    from trainables.ingest.image_file import decode_chunk
-    from trainables.ingest.stores import npy_for_rows
-    from trainables.ingest.decode_tasks import decode_chunk_into
+    from ingest.image_file import decode_chunk
+    from ingest.stores import npy_for_rows
+    from ingest.decode_tasks import decode_chunk_into
     files = sorted(str(p) for p in png_folder.rglob("*.png"))[:6]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
@@ -316,7 +316,7 @@ def test_tasks_write_their_rows_into_the_cache_and_a_task_elsewhere_sends_them_b
 
 
 def test_read_npy_reads_what_np_load_reads_and_names_a_truncated_file(tmp_path):
-    from trainables.ingest.stores import read_npy
+    from ingest.stores import read_npy
     for shape, dtype in (((1000, 7, 3), np.uint8), ((0, 4), np.uint8), ((333,), np.float32)):
         array = np.random.default_rng(0).integers(0, 255, shape).astype(dtype)
         np.save(tmp_path / "a.npy", array)
@@ -385,3 +385,97 @@ def test_address_auto_with_no_cluster_running_is_one_line(tmp_path, png_folder):
     assert len(errors) == 1 and errors[0].startswith("error: cannot join a Ray cluster at --address auto: Could not "
                                                      "find any running Ray instance"), run.stderr[-2000:]
     assert ".." not in errors[0]
+
+
+UNWRITABLE = """import builtins, errno, io, os
+_root, _kind = os.path.realpath(os.environ["UNWRITABLE_ROOT"]), os.environ["UNWRITABLE_KIND"]
+_code = errno.ENOSPC if _kind == "full" else errno.EROFS
+_open, _io_open, _os_open, _pwrite, _write = builtins.open, io.open, os.open, os.pwrite, os.write
+_mkdir, _rename, _replace = os.mkdir, os.rename, os.replace
+
+
+def _inside(path):
+    if isinstance(path, int):
+        path = os.readlink(f"/proc/self/fd/{path}")
+    return os.path.realpath(os.fsdecode(path)).startswith(_root)
+
+
+def _refuse(path):
+    raise OSError(_code, os.strerror(_code), os.fsdecode(path) if not isinstance(path, int) else None)
+
+
+def _writes(mode):
+    return any(c in str(mode) for c in "wax+")
+
+
+def open_(file, mode="r", *args, **kwargs):
+    if _writes(mode) and not isinstance(file, int) and _inside(file):
+        _refuse(file)
+    return _io_open(file, mode, *args, **kwargs)
+
+
+def pwrite(fd, data, at):
+    return _refuse(fd) if _inside(fd) else _pwrite(fd, data, at)
+
+
+def write(fd, data):
+    return _refuse(fd) if fd > 2 and _inside(fd) else _write(fd, data)
+
+
+def os_open(path, flags, *args, **kwargs):  # a full disk still makes files; a read-only one does not
+    if _kind == "read-only" and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and _inside(path):
+        _refuse(path)
+    return _os_open(path, flags, *args, **kwargs)
+
+
+def mkdir(path, *args, **kwargs):
+    if _kind == "read-only" and _inside(path):
+        _refuse(path)
+    return _mkdir(path, *args, **kwargs)
+
+
+def rename(src, dst, *args, **kwargs):
+    if _kind == "read-only" and _inside(src):
+        _refuse(src)
+    return _rename(src, dst, *args, **kwargs)
+
+
+builtins.open = io.open = open_
+os.pwrite, os.write, os.open, os.mkdir, os.rename = pwrite, write, os_open, mkdir, rename
+"""
+
+
+def _search_with_cache(folder, data, cache, tmp_path, name, kind=None):
+    """A small search of `data` through the decode cache `cache`; `kind` "full" or "read-only" makes the
+    cache folder act as a full or read-only file system in every process of the search (a
+    `sitecustomize`: data written there fails with ENOSPC, or anything written with EROFS; no mount,
+    so any user runs it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if kind:
+        (tmp_path / "unwritable").mkdir(exist_ok=True)
+        (tmp_path / "unwritable" / "sitecustomize.py").write_text(UNWRITABLE)
+        env.update(PYTHONPATH=f"{tmp_path / 'unwritable'}:{ROOT}", UNWRITABLE_ROOT=str(cache.resolve()),
+                   UNWRITABLE_KIND=kind)
+    return subprocess.run([sys.executable, "-m", "search.run", "--space", "tiny", "--backbones", "small_cnn", "--data",
+                           str(data), "--image-size", "28", "--data-store", "disk", "--data-cache", str(cache),
+                           "--num-samples", "1", "--max-epochs", "1", "--folds", "1", "--no-stop-rule", "--no-finalize",
+                           "--storage", str(folder), "--name", name], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_a_search_whose_decode_cache_is_full_or_read_only_ends_with_one_warning_naming_it(png_folder, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for kind, instead in (("full", "decoding into memory"), ("read-only", "reading the entry it already holds")):
+        if kind == "read-only":  # the entry a search of the same files and size wrote before
+            load_dataset(png_folder, image_size=28, cache=str(cache), store="disk")
+        run = _search_with_cache(tmp_path / "runs", png_folder, cache, tmp_path, kind, kind)
+        out = run.stdout + run.stderr
+        assert run.returncode == 0 and "Traceback" not in out, out[-3000:]
+        board = pd.read_csv(tmp_path / "runs" / kind / "leaderboard.csv")
+        assert list(board["status"]) == ["TERMINATED"], board
+        warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith(f"warning: the decode cache {cache} cannot be written") and instead in warnings[0]
+        if kind == "full":
+            assert _entries(cache) == [] and not list(cache.glob(".*.tmp-*")), list(cache.iterdir())

@@ -1,7 +1,8 @@
-"""The code's shape: data flows one way (no import cycles, nothing imports an entry point, the trial
-side never imports the search side, the data ingest imports none of the trial's own code, the ground
-floor `core` imports nothing but the standard library), every
-module has a file name of its own, functions and modules stay short, and predict needs no Ray."""
+"""The code's shape: data flows one way (no import cycles, nothing imports an entry point, the stages
+of the search import downward only, the trial side never imports the search side, the data ingest
+imports none of the trial's code, the ground floor `core` imports nothing but the standard library),
+the commands alone at the top of `search/`, every module has a file name of its own, functions and
+modules stay short, and predict needs no Ray."""
 import ast
 import subprocess
 import sys
@@ -11,11 +12,17 @@ import pytest
 
 from conftest import ROOT
 
-PACKAGES = ("core", "search", "trainables", "spaces")
+PACKAGES = ("core", "spaces", "ingest", "trainables", "search")
 ENTRY_POINTS = {"search.run", "search.finalize", "search.predict", "search.audit"}
+# the top of search/: the commands, what they share (flags and the error handler; the options as plain data)
+TOP_OF_SEARCH = ENTRY_POINTS | {"search", "search.cli", "search.options"}
+# the search's stages, each a subpackage, lowest first: each may import those before it, none after
+STAGES = ("search.outputs", "search.data", "search.engine", "search.final")
+COMMAND_SIDE = tuple(sorted(TOP_OF_SEARCH - {"search", "search.options"}))
 # a module of the first package may import none of the second's
-FORBIDDEN = {"core": ("search", "trainables", "spaces"), "spaces": ("trainables", "search"),
-             "trainables": ("search", "spaces"), "trainables.ingest": ("trainables", "search", "spaces")}
+FORBIDDEN = {"core": ("spaces", "ingest", "trainables", "search"), "spaces": ("ingest", "trainables", "search"),
+             "ingest": ("trainables", "search", "spaces"), "trainables": ("search", "spaces"),
+             **{stage: STAGES[i + 1:] + COMMAND_SIDE for i, stage in enumerate(STAGES)}}
 MAX_FUNCTION_LINES, MAX_MODULE_LINES = 80, 400
 
 
@@ -67,7 +74,7 @@ def test_the_import_graph_check_finds_what_it_looks_for():
     assert cycles({"a": {"b"}, "b": set()}) == []
     graph = import_graph(_modules())
     assert "trainables.train" in graph["trainables.trainable"]  # a real edge is seen
-    assert "search.experiment" in graph["search.run"]
+    assert "search.engine.experiment" in graph["search.run"]
 
 
 def test_no_import_cycles():
@@ -81,7 +88,8 @@ def test_no_module_imports_an_entry_point():
 
 
 def _package(module: str) -> str:
-    return "trainables.ingest" if module.startswith("trainables.ingest") else module.split(".")[0]
+    """The package a module belongs to for the import rules: a stage of the search, or a top-level package."""
+    return next((stage for stage in STAGES if module == stage or module.startswith(stage + ".")), module.split(".")[0])
 
 
 def test_imports_go_one_way_between_packages():
@@ -91,8 +99,16 @@ def test_imports_go_one_way_between_packages():
            and any(b.startswith(p) if p.endswith(".") else b == p or b.startswith(p + ".")
                    for p in FORBIDDEN[_package(a)])]
     assert bad == []
-    assert "trainables.ingest.dataset" in graph["trainables.train"]  # the trial reads the ingest's Dataset
-    assert "core.errors" in graph["trainables.ingest.dataset"]       # and everything stands on the ground floor
+    assert "ingest.dataset" in graph["trainables.train"]  # the trial reads the ingest's Dataset
+    assert "core.errors" in graph["ingest.dataset"]       # and everything stands on the ground floor
+    assert "search.engine.checkpoints" in graph["search.final.retrain"]  # a later stage reads an earlier one's
+
+
+def test_the_commands_are_alone_at_the_top_of_search():
+    top = {name for name in _modules() if name.startswith("search") and name.count(".") <= 1 and name not in STAGES}
+    assert top == TOP_OF_SEARCH
+    inside = [name for name in _modules() if name.startswith("search.") and name not in TOP_OF_SEARCH | set(STAGES)]
+    assert inside and all(_package(name) in STAGES for name in inside)
 
 
 def test_the_ground_floor_imports_the_standard_library_only():
@@ -115,7 +131,7 @@ def test_the_ground_floor_imports_the_standard_library_only():
 def test_each_allowed_value_is_written_once_and_its_builders_agree():
     from core import choices
     from search.options import SearchOptions
-    from search.samplers import SAMPLERS
+    from search.engine.samplers import SAMPLERS
     from trainables.config import CHOICES
     assert tuple(SAMPLERS) == choices.SAMPLER_NAMES
     assert (CHOICES["weights"], CHOICES["precision"], CHOICES["memory_format"]) == \
@@ -126,7 +142,7 @@ def test_each_allowed_value_is_written_once_and_its_builders_agree():
 
 
 def test_no_two_modules_share_a_file_name():
-    """Across the library and the benchmarks: `bench/stop_rule.py` beside `search/stop_rule.py` sent
+    """Across the library and the benchmarks: `bench/stop_rule.py` beside `search/engine/stop_rule.py` sent
     readers (and tracebacks) to the wrong file."""
     names = {}
     for name, path in _with_bench().items():
@@ -153,7 +169,7 @@ def test_functions_and_modules_stay_short():
     assert long == []
 
 
-@pytest.mark.parametrize("module", ["search.predict", "search.saved_model"])
+@pytest.mark.parametrize("module", ["search.predict", "search.final.saved_model"])
 def test_predict_imports_without_ray(module):
     code = f"import sys; sys.modules['ray'] = None; import {module}"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -161,7 +177,7 @@ def test_predict_imports_without_ray(module):
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
-    from search.records import write_atomic
+    from search.outputs.records import write_atomic
     path = tmp_path / "leaderboard.csv"
     path.write_text("old\n")
 
@@ -230,7 +246,7 @@ def _private_uses(path) -> list[str]:
 
 
 def test_every_private_attribute_of_ray_or_optuna_is_reached_through_one_module():
-    door = ROOT / "search" / "ray_internals.py"
+    door = ROOT / "search" / "engine" / "ray_internals.py"
     assert _private_uses(door)  # the check sees what it looks for
     elsewhere = [use for name, path in _modules().items() if path != door for use in _private_uses(path)]
     assert elsewhere == []
@@ -251,6 +267,6 @@ def test_the_ingest_words_its_messages_in_the_datas_terms_and_the_command_line_a
     flag = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
     assert flag.search("pass --data-cache") and not flag.search("a-b --")  # the check sees what it looks for
     named = [f"{path.relative_to(ROOT)}: {text!r}" for name, path in _modules().items()
-             if name.startswith("trainables.ingest") or name == "trainables.models"
+             if name.startswith("ingest") or name == "trainables.models"
              for text in _messages(path) if flag.search(text)]
     assert named == []

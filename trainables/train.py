@@ -1,6 +1,6 @@
 """The training loop: one model, its optimizer and schedule, trained epoch by epoch on a Dataset,
 and the preprocessing and prediction that every later stage shares. No Ray here:
-`trainables.trainable` runs this loop inside Ray Tune, `search.retrain` as Ray tasks, and
+`trainables.trainable` runs this loop inside Ray Tune, `search.final.retrain` as Ray tasks, and
 `search.predict` uses `Preprocess` and `predict_proba` without Ray.
 
 Example:
@@ -24,8 +24,8 @@ from torch import nn
 from trainables.augment import augment_batch
 from trainables.config import parse_class_weights, validate_config
 from trainables.execution import choose_execution, resolve
-from trainables.ingest.dataset import Dataset
-from trainables.ingest.stores import Rows, rows
+from ingest.dataset import Dataset
+from ingest.stores import Rows, rows
 from trainables.metrics import classification_metrics
 from trainables.models import Classifier, build_model, min_input_size
 
@@ -34,7 +34,7 @@ class Training:
     """One model, its optimizer and schedule, trained epoch by epoch on the images `train` (indices
     into `data`; default the train split) and validated on `val` (default the val split).
 
-    Example (outside Ray Tune, as search/retrain.py does):
+    Example (outside Ray Tune, as search/final/retrain.py does):
         >>> run = Training(config, data, train=np.concatenate([data.indices("train"), data.indices("val")]))
         >>> history = list(run.epochs(until=8))
         >>> test_probs = run.predict(data.arrays("test")[0])

@@ -22,7 +22,7 @@ import ray
 import torch
 from ray import tune
 
-from trainables.ingest.dataset import Dataset
+from ingest.dataset import Dataset
 from core.choices import METRIC_MODES
 from trainables.train import Training
 

@@ -1,9 +1,0 @@
-"""The data a trial reads: image files found, decoded (DICOM included), cached, fingerprinted,
-split and checked for leaks, up to the `Dataset`. The search's driver calls it, and its decoding
-tasks run on the workers. It imports nothing of the trial's own code (`trainables.*` outside this
-package) nor of `search/` or `spaces/`; the trial's code imports from here.
-
-Example:
-    >>> from trainables.ingest.dataset import load_dataset
-    >>> data = load_dataset("../shared/data/pneumoniamnist/pneumoniamnist.npz", image_size=32)
-"""
