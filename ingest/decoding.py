@@ -165,9 +165,9 @@ def cache_arrays(images: np.ndarray, fingerprint: str, decoding: Decoding) -> Di
 
 
 def _unwritable(cache: Path, exc: OSError, instead: str) -> None:
-    print(f"warning: the decode cache {cache} cannot be written ({exc.strerror or exc}): {instead}; these decoded "
-          f"images are not kept for later searches (free space there, or give the decode cache a writable folder)",
-          flush=True)
+    kept = "" if instead.startswith("reading") else ("; these decoded images are not kept for later searches (free "
+                                                     "space there, or give the decode cache a writable folder)")
+    print(f"warning: the decode cache {cache} cannot be written ({exc.strerror or exc}): {instead}{kept}", flush=True)
 
 
 # ---- decoding ----------------------------------------------------------------------------------
