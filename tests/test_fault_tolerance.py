@@ -208,7 +208,7 @@ def test_a_copied_search_cut_again_and_again_resumes_into_the_copy_and_asha_judg
     experiment (Ray restores no scheduler) and be the latest ones at every resume. With --mlflow, each
     trial keeps one MLflow run through the cuts, and the copy's store writes into the copy."""
     base = dict(space="tiny", data=str(pneumonia_npz), stop_rule=False, subset=200, image_size=28, folds=1, max_epochs=3,
-                grace_period=1, num_samples=5, max_concurrent=1, cpus_per_trial=1, seed=0, finalize=False,
+                grace_period=1, num_samples=6, max_concurrent=1, cpus_per_trial=1, seed=0, finalize=False,
                 mlflow="experiment")
     whole_folder = run_search(SearchOptions(**base, storage=str(tmp_path / "a"), name="whole"))
     whole = pd.read_csv(whole_folder / "leaderboard.csv")
@@ -222,7 +222,7 @@ def test_a_copied_search_cut_again_and_again_resumes_into_the_copy_and_asha_judg
         return int(board["epochs"].sum()), int((board["status"] == "TERMINATED").sum())
 
     boards = [pd.read_csv(copy / "leaderboard.csv")]
-    while not (len(boards[-1]) == 5 and (boards[-1]["status"] == "TERMINATED").all()):
+    while not (len(boards[-1]) == 6 and (boards[-1]["status"] == "TERMINATED").all()):
         assert len(boards) < 12, [progress(b) for b in boards]
         run_search(SearchOptions(**base, storage=str(tmp_path / "b"), name="cut", resume=True, time_budget=budget))
         boards.append(pd.read_csv(copy / "leaderboard.csv"))
