@@ -566,6 +566,27 @@ def test_the_stop_rule_goes_on_through_a_run_of_small_gains_that_add_up_to_more_
     assert "last resolved improvement (trial p4, val_auc 0.8400)" in rule.reason("val_auc") and rule.best_trial == "p8"
 
 
+def test_stagnation_waits_for_a_running_trial_that_already_beats_the_baseline_by_more_than_the_error():
+    from search.engine.stop_rule import StopRule
+    # sarscov2-ct seed 2 (bf6d38f): the 4th proposal in a row ended below 0.9804 +- 0.0089 while a running
+    # DenseNet121 had reported 0.9919 at epoch 2; the rule stopped it, and the full run's DenseNet121 reached 0.998
+    rule = StopRule(patience=4, mode="max")
+    assert not rule.update("first", 0.9804, 0.0089, proposed=False)
+    for k in range(1, 4):
+        assert not rule.update(f"p{k}", 0.96, 0.01, proposed=True, running=(0.9919,))
+    assert not rule.update("p4", 0.8685, 0.02, proposed=True, running=(0.9919, 0.85))  # 0.9919 > 0.9804 + 0.0089
+    assert rule.since == 4 and not rule.stopped
+    assert not rule.update("densenet", 0.9935, 0.0060, proposed=True)  # it ends: a resolved improvement
+    assert rule.since == 0 and rule.baseline_trial == "densenet"
+    late = StopRule(patience=1, mode="max")
+    late.update("first", 0.9804, 0.0089, proposed=False)
+    assert late.update("p1", 0.97, 0.01, proposed=True, running=(0.9890,))  # within the error: it stops
+    for running, stops in (((0.25,), False), ((0.295,), True), ((), True)):  # a loss: lower is better
+        loss = StopRule(patience=1, mode="min")
+        loss.update("first", 0.30, 0.01, proposed=False)
+        assert loss.update("p1", 0.31, 0.01, proposed=True, running=running) is stops
+
+
 def test_the_free_space_of_the_storage_is_compared_with_what_the_checkpoints_take(tmp_path):
     import shutil
     from search.engine.checkpoints import check_free_space, checkpoint_sizes, low_space

@@ -30,8 +30,11 @@ at the first that holds:
   baseline moved by every small gain would call each step unresolved and stop after four.
 
 A trial counts at its best epoch, the value the leaderboard ranks it by, whether it ran to the end
-or ASHA stopped it. When the rule holds, no trial starts and the running ones stop where they are
-(the same bound holds for them; they keep their checkpoints, and finalize goes on from them).
+or ASHA stopped it. A running trial counts too, at its best epoch so far: stagnation does not hold
+while one has already beaten the baseline by more than its error (it will end as a resolved
+improvement; stopping it would throw that away). When the rule holds, no trial starts and the running
+ones stop where they are (the same bound holds for them; they keep their checkpoints, and finalize
+goes on from them).
 
 The error is what validation can resolve: with K folds, Optuna's CrossValidationErrorEvaluator
 (the fold scores' spread times sqrt(1/K + 1/(K-1))); with one validation split, the standard error
@@ -90,9 +93,10 @@ class StopRule:
     ended: int = 0
     stopped: str | None = None  # which bound held: "ceiling" or "stagnation"
 
-    def update(self, trial_id: str, value: float | None, error: float | None, *, proposed: bool) -> bool:
-        """Take one ended trial (`value` None: it failed or reported nothing); returns whether the
-        search should stop now."""
+    def update(self, trial_id: str, value: float | None, error: float | None, *, proposed: bool,
+               running: tuple[float, ...] = ()) -> bool:
+        """Take one ended trial (`value` None: it failed or reported nothing) and the best value so far
+        of each trial still running; returns whether the search should stop now."""
         self.ended += 1
         if not proposed:
             self.first = max(self.first - 1, 0)
@@ -109,7 +113,8 @@ class StopRule:
             return bool(self.stopped)
         if self.ceiling is not None and self.mode == "max" and self.ceiling - self.best <= self.best_error:
             self.stopped = "ceiling"
-        elif self.first == 0 and self.since >= self.patience:
+        elif self.first == 0 and self.since >= self.patience and not any(
+                self._beats(v, self.baseline, self.baseline_error or 0.0) for v in running):
             self.stopped = "stagnation"
         return bool(self.stopped)
 

@@ -104,13 +104,17 @@ class StudySearch(OptunaSearch):
         return True
 
     def _judge(self, trial_id: str) -> None:
-        """Tell the stop rule the trial's best epoch and its error; say so when the rule stops the search."""
+        """Tell the stop rule the trial's best epoch and its error, and the best epoch so far of each
+        trial still running; say so when the rule stops the search."""
         seen, errors, pick = self.reported.get(trial_id, {}), self.errors.get(trial_id, {}), max if self.mode == "max" else min
         steps = [s for s, v in seen.items() if not math.isnan(v)]
         step = pick(steps, key=seen.get) if steps else None
+        ended = internals.completed_trials(self)
+        running = tuple(pick(values) for other, epochs in self.reported.items() if other not in ended
+                        if (values := [v for v in epochs.values() if not math.isnan(v)]))
         was = self.stop_rule.stopped
-        if self.stop_rule.update(trial_id, seen.get(step), errors.get(step), proposed=trial_id not in self.fixed) \
-                and not was:
+        if self.stop_rule.update(trial_id, seen.get(step), errors.get(step), proposed=trial_id not in self.fixed,
+                                 running=running) and not was:
             print(f"stop rule: {self.stop_rule.reason(self.metric)}; no more trials start and the running ones stop "
                   f"where they are (--no-stop-rule runs the whole budget)", flush=True)
             os.kill(os.getpid(), signal.SIGUSR1)  # Ray's stop on a signal: running trials keep their checkpoints
