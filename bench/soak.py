@@ -193,7 +193,7 @@ class Soak:
         self.struck_at.append(time.time())
         self.check_journal()
         journal_file = self.folder / "optuna.journal"
-        if kind == "driver_sigkill" and journal_file.is_file() and journal_file.read_bytes().endswith(b"\n"):
+        if killed and journal_file.is_file() and journal_file.read_bytes().endswith(b"\n"):
             with open(journal_file, "a") as journal:  # a kill in the middle of an append
                 journal.write('{"op_code": 5, "worker_id": "0-1", "trial_id": 1, "state": 1, "val')
             self.torn_appends += 1

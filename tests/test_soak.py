@@ -21,12 +21,13 @@ def test_a_search_through_a_lost_node_killed_workers_and_drivers_and_a_move_ends
     epochs; the Optuna journal replays after every fault and ends with every trial COMPLETE or PRUNED;
     one MLflow run per trial; each Ctrl-C exits 130 naming the command that continues, and a half line
     a SIGKILL left in the journal is cut off on resume; Ray's errors are one `engine:` line each. The
-    faults come one at a time (a worker killed in a save, the driver killed, the driver interrupted and
-    the experiment moved), then two at once: a worker killed as its node is lost, the driver killed during
-    a save."""
+    faults come one at a time (a worker killed in a save, the driver interrupted and the experiment
+    moved), then two at once: a worker killed as its node is lost, the driver killed during a save."""
     # each single fault that another kind holds is left to it: a worker killed in training and a node lost
-    # to the paired one, a Ctrl-C to the move (a Ctrl-C, then the folder moved, then --resume)
-    kinds = tuple(k for k in KINDS if k not in ("worker_train", "node_lost", "driver_sigint")) + PAIRED
+    # to the paired one, the driver killed to the one during a save, a Ctrl-C to the move (a Ctrl-C, then
+    # the folder moved, then --resume)
+    kinds = (tuple(k for k in KINDS if k not in ("worker_train", "node_lost", "driver_sigint", "driver_sigkill"))
+             + PAIRED)
     row = run(tmp_path / "soak", trials=6, faults=len(kinds), max_epochs=3, workers=2, seed=0, fault_seed=0, gap=(1, 1),
               kinds=kinds)
     assert row["mode"] == "single + paired" and row["max_retries"] == len(kinds) + 2, row
